@@ -1,0 +1,95 @@
+"""Aggregation as a small replaceable object (Flower's Strategy idea), as a callback."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from pl_federated.callbacks.base import FederatedCallback
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+
+class Aggregator(FederatedCallback, ABC):
+    """Turns the uploads of one round into the new server state. Exactly one is active.
+
+    The module calls :meth:`reset` at the start of a round, :meth:`update` once per client whose
+    upload is finite (clients with NaN/Inf are excluded before they reach the aggregator), and
+    :meth:`aggregate` once at the end of the round. Streaming the uploads (instead of holding all
+    of them) keeps memory at O(model) for averaging rules.
+    """
+
+    def reset(self, fed: FederatedModule) -> None:
+        """Forget the previous round's uploads."""
+
+    @abstractmethod
+    def update(
+        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
+    ) -> None:
+        """Take client ``client``'s upload (the worker's tensors: read, do not keep references)."""
+
+    @abstractmethod
+    def aggregate(
+        self, fed: FederatedModule, server_state: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Return the new server state, given the current one."""
+
+
+class WeightedSum:
+    """Running weighted sum of state dicts: ``sum_k w_k * state_k`` and ``sum_k w_k``.
+
+    Shaped like a torchmetrics ``Metric`` (update/compute/reset, sum reduction across ranks), but
+    hand-written because torchmetrics' sync all-gathers every state (K copies of the model) where
+    a sum all-reduce is all that is needed. Integer entries (e.g. BN ``num_batches_tracked``)
+    accumulate in float64 and come back as the rounded weighted mean in their own dtype.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] | None = None
+        self.weight = 0.0
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, state: Mapping[str, Tensor], weight: float) -> None:
+        if self.sums is None:
+            self.sums = {
+                k: torch.zeros_like(t, dtype=t.dtype if t.is_floating_point() else torch.float64)
+                for k, t in state.items()
+            }
+        floats = [k for k, t in state.items() if t.is_floating_point()]
+        torch._foreach_add_(
+            [self.sums[k] for k in floats], [state[k].detach() for k in floats], alpha=weight
+        )
+        for k, t in state.items():
+            if not t.is_floating_point():
+                self.sums[k].add_(t.to(torch.float64), alpha=weight)
+        self.weight += float(weight)
+        self.count += 1
+
+    def sync(self, strategy) -> None:
+        """Sum partial sums over ranks (no-op in one process)."""
+        if strategy is None or getattr(strategy, "world_size", 1) == 1 or self.sums is None:
+            return
+        for k in self.sums:
+            self.sums[k] = strategy.reduce(self.sums[k], reduce_op="sum")
+        w = strategy.reduce(torch.tensor([self.weight, float(self.count)]), reduce_op="sum")
+        self.weight, self.count = float(w[0]), int(w[1])
+
+    @torch.no_grad()
+    def compute(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The weighted mean, cast to the dtypes of ``like``."""
+        if self.sums is None or self.weight <= 0:
+            raise RuntimeError("WeightedSum.compute() called before any update.")
+        out = {}
+        for k, t in like.items():
+            mean = self.sums[k] / self.weight
+            out[k] = mean.to(t.dtype) if t.is_floating_point() else mean.round().to(t.dtype)
+        return out

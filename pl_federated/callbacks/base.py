@@ -1,0 +1,48 @@
+"""The hooks a federated algorithm may implement, on top of Lightning's own Callback hooks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+
+class FederatedCallback(Callback):
+    """Base class of every federated algorithm: a Lightning Callback with round/client hooks.
+
+    All hooks are optional. The :class:`~pl_federated.module.FederatedModule` calls them in this
+    order within one round (= one Lightning training epoch)::
+
+        on_round_start(trainer, fed, round)
+        for each selected client k (one training step per slot):
+            on_client_start(trainer, fed, k)        # after k's state is loaded into the workers
+            client_loss(fed, k, role, batch, out)   # every local batch; added to the loss
+            on_client_end(trainer, fed, k)          # after local training, before the upload
+        aggregate  (the one Aggregator only)
+        on_round_end(trainer, fed, round)           # after aggregation, before evaluation
+
+    Stateful callbacks implement ``state_dict``/``load_state_dict`` (Lightning checkpoints them).
+    """
+
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        """A round begins; ``fed.selected_clients`` holds this round's clients."""
+
+    def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        """Client ``client``'s state is loaded into the workers; local training follows."""
+
+    def client_loss(
+        self, fed: FederatedModule, client: int, role: str, batch: Any, out: dict[str, Any]
+    ) -> Tensor | None:
+        """An extra loss term for ``role`` on this batch (e.g. a proximal term), or ``None``."""
+        return None
+
+    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        """Local training of ``client`` finished; its shared role is uploaded next."""
+
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        """Aggregation is done; ``fed.server_state`` holds the new server state."""

@@ -1,0 +1,81 @@
+"""FedAvg (McMahan et al., 2017): the sample-weighted average of the clients' state dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from pl_federated.callbacks.aggregator import Aggregator, WeightedSum
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+_OVER = ("selected", "all")
+_WEIGHTING = ("samples", "uniform")
+
+
+class FedAvg(Aggregator):
+    """Average the uploaded state dicts (parameters AND buffers) into one global model.
+
+    Float entries (weights, BN running statistics) are averaged; integer buffers such as
+    ``num_batches_tracked`` become the rounded weighted mean, in their own dtype.
+
+    Args:
+        over: ``"selected"`` averages the clients trained this round (the common implementation);
+            ``"all"`` averages over all K clients, where a client not trained this round (or
+            excluded for a non-finite update) contributes the model it received, i.e. the
+            current server state, with its own weight.
+        weighting: ``"samples"`` weights client k by its number of training samples n_k (the
+            paper); ``"uniform"`` weights all clients equally.
+
+    Raises:
+        ValueError: an unknown ``over`` or ``weighting``.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(max_epochs=3, callbacks=[FedAvg(over="all")])  # doctest: +SKIP
+    """
+
+    def __init__(self, over: str = "selected", weighting: str = "samples") -> None:
+        if over not in _OVER:
+            raise ValueError(f"`FedAvg.over` must be one of {_OVER}, got {over!r}.")
+        if weighting not in _WEIGHTING:
+            raise ValueError(f"`FedAvg.weighting` must be one of {_WEIGHTING}, got {weighting!r}.")
+        self.over = over
+        self.weighting = weighting
+        self._sum = WeightedSum()
+
+    def _weight(self, fed: FederatedModule, client: int) -> float:
+        return float(fed.client_num_samples[client]) if self.weighting == "samples" else 1.0
+
+    @override
+    def reset(self, fed: FederatedModule) -> None:
+        self._sum.reset()
+
+    @override
+    def update(
+        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
+    ) -> None:
+        self._sum.update(state, self._weight(fed, client))
+
+    @override
+    @torch.no_grad()
+    def aggregate(
+        self, fed: FederatedModule, server_state: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        self._sum.sync(fed.trainer.strategy if fed._trainer is not None else None)
+        if self._sum.count == 0:
+            rank_zero_warn("FedAvg: no client uploaded a finite update; server state unchanged.")
+            return {k: t.clone() for k, t in server_state.items()}
+        if self.over == "all":
+            # Every client that did not upload keeps (and contributes) the model it received.
+            total = sum(self._weight(fed, k) for k in range(fed.num_clients))
+            rest = total - self._sum.weight
+            if rest > 1e-9:
+                self._sum.update(server_state, rest)
+        return self._sum.compute(server_state)

@@ -1,0 +1,87 @@
+"""FederatedSummary: the per-round and per-client result tables at the end of fit."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+ROUND_COLUMNS = (
+    ("round", "round"),
+    ("global/acc", "global_acc"),
+    ("global/f1", "global_f1"),
+    ("personal/acc_mean", "pers_acc_mean"),
+    ("personal/acc_min", "pers_acc_worst"),
+    ("train/loss", "train_loss"),
+    ("round/excluded_clients", "excluded"),
+    ("round/seconds", "seconds"),
+)
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with right-aligned columns."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.4f}"
+        return str(v)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in text)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in text]
+    return "\n".join(lines)
+
+
+class FederatedSummary(Callback):
+    """Print (and save) the round table and the per-client table when fit ends.
+
+    The round table has one row per round: round, global accuracy/F1, mean and worst
+    personalized accuracy, train loss, excluded clients and seconds. The client table has one
+    row per client: samples and the latest evaluated global/personal accuracy and F1. Both are
+    written as CSV to ``trainer.log_dir`` when a logger is configured, and the client table is
+    logged with ``log_table`` to a :class:`~lightning.pytorch.loggers.WandbLogger`.
+
+    Args:
+        print_tables: print the tables to stdout (rank zero).
+    """
+
+    def __init__(self, print_tables: bool = True) -> None:
+        self.print_tables = print_tables
+
+    def round_table(self, history: Sequence[dict[str, float]]) -> tuple[list[str], list[list]]:
+        present = [(k, name) for k, name in ROUND_COLUMNS if any(k in h for h in history)]
+        rows = [[h.get(k, float("nan")) for k, _ in present] for h in history]
+        counts = {i for i, (k, _) in enumerate(present) if k in ("round", "round/excluded_clients")}
+        rows = [[int(v) if i in counts and v == v else v for i, v in enumerate(r)] for r in rows]
+        return [name for _, name in present], rows
+
+    @override
+    @rank_zero_only
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not getattr(pl_module, "history", None):
+            return
+        tables = {
+            "rounds": self.round_table(pl_module.history),
+            "clients": pl_module.client_table(),
+        }
+        if self.print_tables:
+            for name, (columns, rows) in tables.items():
+                print(f"\n{name}\n{format_table(columns, rows)}")
+        if trainer.loggers and trainer.log_dir:
+            os.makedirs(trainer.log_dir, exist_ok=True)
+            for name, (columns, rows) in tables.items():
+                with open(os.path.join(trainer.log_dir, f"{name}.csv"), "w", newline="") as f:
+                    csv.writer(f).writerows([columns, *rows])
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                columns, rows = tables["clients"]
+                logger.log_table(key="clients", columns=columns, data=rows)

@@ -1,0 +1,16 @@
+"""Datasets, partitions and the FederatedDataModule."""
+
+from pl_federated.data.datamodule import ClientSlots, FederatedDataModule
+from pl_federated.data.datasets import DATASETS, load_dataset
+from pl_federated.data.partition import IID, Dirichlet, Partition, Partitioner
+
+__all__ = [
+    "DATASETS",
+    "IID",
+    "ClientSlots",
+    "Dirichlet",
+    "FederatedDataModule",
+    "Partition",
+    "Partitioner",
+    "load_dataset",
+]

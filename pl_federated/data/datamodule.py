@@ -1,0 +1,148 @@
+"""FederatedDataModule: one dataset, partitioned into per-client train/test tensors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+from pl_federated.data.datasets import load_dataset
+from pl_federated.data.partition import Dirichlet, Partition, Partitioner
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """Partition a dataset over ``num_clients`` clients, each with its own train/test split.
+
+    The data live in memory as tensors; a client's batches are index slices of its own
+    tensors (no per-sample ``__getitem__``). The training "dataloader" yields client slots for
+    the :class:`~pl_federated.module.FederatedModule` (one Lightning step = one slot).
+
+    Args:
+        dataset: a name in :data:`pl_federated.data.datasets.DATASETS` (``digits`` is embedded).
+        num_clients: K.
+        partition: a :class:`~pl_federated.data.partition.Partitioner`; default
+            ``Dirichlet(alpha=0.5)``.
+        test_fraction: share of each client's samples held out as its test split.
+        batch_size: local training batch size.
+        seed: seeds the partition and the train/test split.
+        path: file for file-based datasets (``npz``).
+
+    Raises:
+        ValueError: unknown dataset, bad fractions or sizes, or a partition that cannot give
+            every client ``min_size`` samples.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        num_clients: int = 10,
+        partition: Partitioner | None = None,
+        test_fraction: float = 0.2,
+        batch_size: int = 32,
+        seed: int = 0,
+        path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}.")
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"`test_fraction` must be in [0, 1), got {test_fraction!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+        self.dataset = dataset
+        self.num_clients = num_clients
+        self.partition = partition if partition is not None else Dirichlet(alpha=0.5)
+        self.test_fraction = test_fraction
+        self.batch_size = batch_size
+        self.seed = seed
+        self.path = path
+        self._prepared = False
+
+    # --------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        """Load, partition and split once (idempotent); all errors surface here, before training."""
+        if self._prepared:
+            return
+        x, y = load_dataset(self.dataset, self.path)
+        if len(x) != len(y):
+            raise ValueError(f"Dataset {self.dataset!r}: {len(x)} inputs but {len(y)} labels.")
+        self.num_classes = int(y.max()) + 1
+        self.input_shape = tuple(x.shape[1:])
+        self.split: Partition = self.partition(y.numpy(), self.num_clients, seed=self.seed)
+        rng = np.random.default_rng(self.seed + 1)
+        self.train_x, self.train_y, self.test_x, self.test_y = [], [], [], []
+        for k, idx in enumerate(self.split.indices):
+            idx = rng.permutation(idx)
+            n_test = 0 if self.test_fraction == 0 else max(1, round(len(idx) * self.test_fraction))
+            if len(idx) - n_test < 1:
+                raise ValueError(
+                    f"Client {k} has {len(idx)} samples: none left for training after "
+                    f"`test_fraction`={self.test_fraction}."
+                )
+            test, train = torch.from_numpy(idx[:n_test]), torch.from_numpy(idx[n_test:])
+            self.train_x.append(x[train].contiguous())
+            self.train_y.append(y[train].contiguous())
+            self.test_x.append(x[test].contiguous())
+            self.test_y.append(y[test].contiguous())
+        self.num_train = torch.tensor([len(t) for t in self.train_y])
+        self.num_test = torch.tensor([len(t) for t in self.test_y])
+        self._prepared = True
+
+    # ------------------------------------------------------------- access
+    def client_train(self, client: int) -> tuple[Tensor, Tensor]:
+        return self.train_x[client], self.train_y[client]
+
+    def client_test(self, client: int) -> tuple[Tensor, Tensor]:
+        return self.test_x[client], self.test_y[client]
+
+    def pooled_test(self) -> tuple[Tensor, Tensor, Tensor]:
+        """All clients' test splits concatenated, plus each sample's client id."""
+        owner = torch.repeat_interleave(torch.arange(self.num_clients), self.num_test)
+        return torch.cat(self.test_x), torch.cat(self.test_y), owner
+
+    # -------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> ClientSlots:
+        from pl_federated.module import FederatedModule
+
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if not isinstance(module, FederatedModule):
+            raise TypeError(
+                "FederatedDataModule trains a FederatedModule; got "
+                f"{type(module).__name__}. Wrap your LightningModule: FederatedModule(client=...)."
+            )
+        return ClientSlots(module)
+
+    def test_dataloader(self) -> range:
+        """One step per client for ``trainer.test``; each step evaluates that client."""
+        return range(self.num_clients)
+
+    def val_dataloader(self) -> range:
+        """One step per client for ``trainer.validate``. Empty during fit: the FederatedModule
+        evaluates after aggregation itself, which Lightning's in-epoch validation loop (run
+        before ``on_train_epoch_end``) cannot do."""
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        return range(0) if fitting else range(self.num_clients)
+
+
+class ClientSlots:
+    """The round's training iterable: lists of client ids (``clients_per_step`` per slot).
+
+    Lazy: the selection is read when Lightning starts iterating the epoch, so it always follows
+    the module's current round (seed + round), also after a resume.
+    """
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __len__(self) -> int:
+        return math.ceil(self.module.num_selected / self.module.clients_per_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        clients = self.module.select_clients(self.module.current_round)
+        step = self.module.clients_per_step
+        for i in range(0, len(clients), step):
+            yield clients[i : i + step]

@@ -1,0 +1,587 @@
+"""FederatedModule: a whole federation (rounds, clients, aggregation, evaluation) in one fit."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from pl_federated.callbacks.aggregator import Aggregator
+from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.callbacks.fedavg import FedAvg
+from pl_federated.store import ClientStore, all_finite
+
+SHARED_ROLE = "model"
+
+
+class _LogRouter:
+    """Replaces a client's ``self.log``: a client has no Trainer of its own, so its logged
+    values are accumulated here and logged by the FederatedModule as per-round means under
+    ``client/<name>``."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        value = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
+        if name in self.sums:
+            self.sums[name] = self.sums[name] + value.to(self.sums[name].device)
+            self.counts[name] += 1
+        else:
+            self.sums[name], self.counts[name] = value.clone(), 1
+
+    def log_dict(self, dictionary: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
+        for name, value in dictionary.items():
+            self(name, value)
+
+    def pop_means(self) -> dict[str, Tensor]:
+        means = {f"client/{k}": (v / self.counts[k]).cpu() for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+
+def _loss_of(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping) and "loss" in out:
+        return out["loss"]
+    raise TypeError(
+        "A client's `training_step` must return the loss tensor or a dict with key 'loss'; got "
+        f"{type(out).__name__}."
+    )
+
+
+def _logits_of(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        "A client's `forward(x)` must return logits (a tensor, a dict with 'logits', or a tuple "
+        f"whose first item is the logits); got {type(out).__name__}."
+    )
+
+
+def _single_optimizer(conf: Any, where: str) -> torch.optim.Optimizer:
+    """The one optimizer of a ``configure_optimizers`` result (schedulers are not supported)."""
+    if isinstance(conf, Mapping):
+        if "lr_scheduler" in conf:
+            raise ValueError(f"{where}: LR schedulers in `configure_optimizers` are not supported.")
+        conf = conf.get("optimizer")
+    if isinstance(conf, (list, tuple)):
+        if len(conf) == 1:
+            return _single_optimizer(conf[0], where)
+        raise ValueError(f"{where}: `configure_optimizers` must return exactly one optimizer.")
+    if not isinstance(conf, torch.optim.Optimizer):
+        raise ValueError(
+            f"{where}: `configure_optimizers` must return a torch optimizer, got "
+            f"{type(conf).__name__}."
+        )
+    return conf
+
+
+class FederatedModule(pl.LightningModule):
+    """Runs a federation of copies of one ordinary LightningModule inside ``Trainer.fit``.
+
+    One Lightning epoch is one communication round; one training step is one client slot (up
+    to ``clients_per_step`` selected clients), in which each client runs its whole local update
+    with its own optimizer (manual optimization). Algorithms are
+    :class:`~pl_federated.callbacks.FederatedCallback` s passed to the Trainer; if none of them
+    aggregates, :class:`~pl_federated.callbacks.FedAvg` is used.
+
+    The client module stays ordinary: ``training_step(batch, batch_idx)`` returns the loss (or a
+    dict with ``loss`` and optionally ``logits``/``features``), ``forward(x)`` returns logits,
+    ``configure_optimizers`` returns one optimizer. Its ``self.log`` calls are collected and
+    logged as per-round means under ``client/<name>``.
+
+    Evaluation (every ``eval_every_n_rounds`` rounds and at the last round):
+
+    * ``global/*``: after aggregation, the new server model on every client's test split;
+      ``global/acc`` and ``global/f1`` (macro) over the pooled test data, plus per-client values.
+    * ``personal/*``: each client trained this round, on its own test split, right after its
+      local training and before aggregation (for FedAvg: the locally fine-tuned model);
+      ``personal/acc_mean``, ``personal/acc_min``, ``personal/f1_mean`` over those clients.
+
+    Args:
+        client: the user's LightningModule (one copy per role is trained for every client).
+        num_clients: K; ``None`` takes it from the datamodule (a mismatch is an error).
+        clients_per_round: an int (clients) or a float in (0, 1] (fraction of K, rounded up).
+        local_epochs: passes over a client's training data per round.
+        local_steps: if set, exactly this many local batches per round instead of epochs.
+        seed: seeds client selection, batch order and client-side randomness per round.
+        persist_optimizer: keep each client's optimizer state between rounds (default: a fresh
+            optimizer state every round, as most papers do).
+        clients_per_step: clients trained in one Lightning step; larger values amortize
+            Lightning's per-step cost when local updates are tiny.
+        eval_every_n_rounds: evaluation interval in rounds (0 disables; the last round always
+            evaluates unless 0).
+        eval_batch_size: batch size of evaluation forward passes.
+
+    Raises:
+        ValueError: invalid arguments (named), before any training.
+    """
+
+    def __init__(
+        self,
+        client: pl.LightningModule,
+        num_clients: int | None = None,
+        clients_per_round: int | float = 1.0,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        seed: int = 0,
+        persist_optimizer: bool = False,
+        clients_per_step: int = 1,
+        eval_every_n_rounds: int = 1,
+        eval_batch_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        # Under LightningCLI the hyperparameters are the config (client as class_path/init_args),
+        # which lets `load_from_checkpoint` rebuild the client; outside it, the client module
+        # itself is saved with the weights, not in hparams.
+        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() else ["client"])
+        if not isinstance(client, pl.LightningModule):
+            raise ValueError(
+                f"`client` must be a LightningModule, got {type(client).__name__}; wrap your "
+                "nn.Module in a LightningModule with training_step and configure_optimizers."
+            )
+        if not client.automatic_optimization:
+            raise ValueError(
+                "`client` uses manual optimization; the FederatedModule drives the client's "
+                "optimizer itself: return the loss from `training_step` instead."
+            )
+        if num_clients is not None and (not isinstance(num_clients, int) or num_clients < 1):
+            raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}.")
+        if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, (int, float)):
+            raise ValueError(
+                f"`clients_per_round` must be int or float, got {clients_per_round!r}."
+            )
+        if clients_per_round <= 0 or (
+            isinstance(clients_per_round, float) and clients_per_round > 1.0
+        ):
+            raise ValueError(
+                f"`clients_per_round` must be an int >= 1 or a fraction in (0, 1], got "
+                f"{clients_per_round!r}."
+            )
+        for name, value in (("local_epochs", local_epochs), ("clients_per_step", clients_per_step)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        if local_steps is not None and (not isinstance(local_steps, int) or local_steps < 1):
+            raise ValueError(f"`local_steps` must be None or an int >= 1, got {local_steps!r}.")
+        if not isinstance(eval_every_n_rounds, int) or eval_every_n_rounds < 0:
+            raise ValueError(
+                f"`eval_every_n_rounds` must be an int >= 0, got {eval_every_n_rounds!r}."
+            )
+        self.automatic_optimization = False
+        self.workers = nn.ModuleDict({SHARED_ROLE: client})
+        self._num_clients_arg = num_clients
+        self.num_clients = num_clients or 0
+        self.clients_per_round = clients_per_round
+        self.local_epochs = local_epochs
+        self.local_steps = local_steps
+        self.seed = seed
+        self.persist_optimizer = persist_optimizer
+        self.clients_per_step = clients_per_step
+        self.eval_every_n_rounds = eval_every_n_rounds
+        self.eval_batch_size = eval_batch_size
+        self.server_state: dict[str, Tensor] = {}
+        self.store: ClientStore | None = None
+        self.excluded: list[int] = []
+        self._log_router = _LogRouter()
+        client.log = self._log_router  # instance attribute shadows LightningModule.log
+        client.log_dict = self._log_router.log_dict
+        self.client_metrics: dict[str, Tensor] = {}
+        self.history: list[dict[str, float]] = []
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def client(self) -> pl.LightningModule:
+        """The worker of the shared role (the user's module)."""
+        return self.workers[SHARED_ROLE]
+
+    @property
+    def current_round(self) -> int:
+        return self.trainer.current_epoch
+
+    @property
+    def num_selected(self) -> int:
+        if isinstance(self.clients_per_round, float):
+            return max(1, math.ceil(self.clients_per_round * self.num_clients))
+        return self.clients_per_round
+
+    @property
+    def datamodule(self):
+        return self.trainer.datamodule
+
+    # ---------------------------------------------------------------- selection
+    def _rng(self, *keys: int) -> torch.Generator:
+        """A generator seeded from the run seed and ``keys`` (round, client, ...)."""
+        h = self.seed
+        for key in keys:
+            h = (h * 1_000_003 + key + 1) % (2**62)
+        return torch.Generator().manual_seed(h)
+
+    def select_clients(self, round: int) -> list[int]:
+        """This round's clients: a seeded sample without replacement, sorted; all when K == m."""
+        if self.num_selected >= self.num_clients:
+            return list(range(self.num_clients))
+        perm = torch.randperm(self.num_clients, generator=self._rng(round, 0))
+        return sorted(perm[: self.num_selected].tolist())
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "client_train"):
+            raise ValueError(
+                "FederatedModule needs a FederatedDataModule: trainer.fit(module, datamodule=dm)."
+            )
+        dm.setup(stage)
+        if self._num_clients_arg is not None and self._num_clients_arg != dm.num_clients:
+            raise ValueError(
+                f"`num_clients`={self._num_clients_arg} but the datamodule has "
+                f"{dm.num_clients} clients; set one of them (or both equal)."
+            )
+        self.num_clients = dm.num_clients
+        if isinstance(self.clients_per_round, int) and self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"`clients_per_round`={self.clients_per_round} is more than `num_clients`="
+                f"{self.num_clients}."
+            )
+        self.num_classes = dm.num_classes
+        self.client_num_samples = dm.num_train.clone()
+        if self.store is None:
+            self.store = ClientStore(self.num_clients)
+        if not self.server_state:
+            self.server_state = {k: v.detach().clone() for k, v in self.client.state_dict().items()}
+        for worker in self.workers.values():
+            worker._trainer = self.trainer  # lets clients read trainer/current_epoch
+        self._setup_callbacks()
+
+    def _setup_callbacks(self) -> None:
+        callbacks = [c for c in self.trainer.callbacks if isinstance(c, FederatedCallback)]
+        aggregators = [c for c in callbacks if isinstance(c, Aggregator)]
+        if len(aggregators) > 1:
+            names = [type(a).__name__ for a in aggregators]
+            raise ValueError(f"Exactly one aggregator callback may be active, got {names}.")
+        if not aggregators:
+            rank_zero_info("pl_federated: no aggregator callback given; using FedAvg().")
+            default = FedAvg()
+            self.trainer.callbacks.append(default)
+            callbacks.append(default)
+            aggregators = [default]
+        self.aggregator: Aggregator = aggregators[0]
+        self._fed_callbacks = callbacks
+        self._loss_callbacks = [
+            c for c in callbacks if type(c).client_loss is not FederatedCallback.client_loss
+        ]
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The workers' optimizers, built once and reset per client (registered with Lightning
+        so the precision plugin scales/unscales them and ``global_step`` counts local steps)."""
+        self._optimizers = {}
+        for role, worker in self.workers.items():
+            opt = _single_optimizer(worker.configure_optimizers(), f"client role {role!r}")
+            self._optimizers[role] = opt
+        return list(self._optimizers.values())
+
+    # ---------------------------------------------------------------- state IO
+    @torch.no_grad()
+    def load_state(self, role: str, state: Mapping[str, Tensor]) -> None:
+        """Copy ``state`` into the worker of ``role`` (in place; parameters and buffers)."""
+        current = self.workers[role].state_dict(keep_vars=True)
+        dst = [current[k].data for k in current]
+        torch._foreach_copy_(dst, [state[k] for k in current], non_blocking=True)
+
+    def worker_state(self, role: str = SHARED_ROLE) -> dict[str, Tensor]:
+        """The live tensors of a worker's state_dict (no copy)."""
+        return self.workers[role].state_dict()
+
+    def incoming_state(self, client: int) -> Mapping[str, Tensor]:
+        """What ``client`` receives from the server: its own row of the store's ``server`` role
+        when the aggregator personalizes (e.g. Fourier aggregation), else the global state."""
+        if self.store is not None and self.store.has("server", client):
+            return self.store.get("server", client)
+        return self.server_state
+
+    # ---------------------------------------------------------------- round loop
+    def on_train_epoch_start(self) -> None:
+        self._round_start = time.perf_counter()
+        self.selected_clients = self.select_clients(self.current_round)
+        self.excluded = []
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_count = 0
+        self._personal: dict[int, tuple[float, float]] = {}
+        self._evaluate_now = self._is_eval_round()
+        self.aggregator.reset(self)
+        self._log_router.pop_means()
+        for cb in self._fed_callbacks:
+            cb.on_round_start(self.trainer, self, self.current_round)
+
+    def training_step(self, slot: list[int], slot_idx: int) -> None:
+        for client in slot:
+            self.train_client(int(client))
+
+    def _reset_optimizer(self, role: str, client: int) -> None:
+        opt = self._optimizers[role]
+        opt.state.clear()
+        if self.persist_optimizer and self.store.has(f"optim/{role}", client):
+            saved = self.store.get(f"optim/{role}", client)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            for name, value in saved.items():
+                i, key = name.split(".", 1)
+                opt.state[params[int(i)]][key] = value.to(params[int(i)].device, copy=True)
+
+    def _save_optimizer(self, role: str, client: int) -> None:
+        opt = self._optimizers[role]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        flat = {
+            f"{i}.{key}": v
+            for i, p in enumerate(params)
+            for key, v in opt.state.get(p, {}).items()
+            if isinstance(v, Tensor)
+        }
+        if flat:
+            self.store.put(f"optim/{role}", client, flat)
+
+    def train_client(self, client: int) -> None:
+        """Client ``client``'s whole local update, upload and (on eval rounds) personal eval."""
+        torch.manual_seed(self._rng(self.current_round, client + 1).initial_seed())
+        self.load_state(SHARED_ROLE, self.incoming_state(client))
+        for cb in self._fed_callbacks:
+            cb.on_client_start(self.trainer, self, client)
+        worker = self.client
+        self._reset_optimizer(SHARED_ROLE, client)
+        opt = self.optimizers()
+        opt = opt[0] if isinstance(opt, list) else opt
+        x, y = self.datamodule.client_train(client)
+        n, bs = len(y), self.datamodule.batch_size
+        gen = self._rng(self.current_round, client + 1, 1)
+        steps_per_epoch = math.ceil(n / bs)
+        total = self.local_steps or self.local_epochs * steps_per_epoch
+        step = 0
+        while step < total:
+            perm = torch.randperm(n, generator=gen)
+            for i in range(steps_per_epoch):
+                if step >= total:
+                    break
+                idx = perm[i * bs : (i + 1) * bs]
+                batch = (
+                    x[idx].to(self.device, non_blocking=True),
+                    y[idx].to(self.device, non_blocking=True),
+                )
+                out = worker.training_step(batch, i)
+                loss = _loss_of(out)
+                for cb in self._loss_callbacks:
+                    extra = cb.client_loss(self, client, SHARED_ROLE, batch, out)
+                    if extra is not None:
+                        loss = loss + extra
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                opt.step()
+                self._loss_sum += loss.detach()
+                self._loss_count += 1
+                step += 1
+        if self.persist_optimizer:
+            self._save_optimizer(SHARED_ROLE, client)
+        for cb in self._fed_callbacks:
+            cb.on_client_end(self.trainer, self, client)
+        upload = self.worker_state(SHARED_ROLE)
+        if all_finite(upload.values()):
+            self.aggregator.update(self, client, upload, int(self.client_num_samples[client]))
+        else:
+            self.excluded.append(client)
+            rank_zero_warn(
+                f"Round {self.current_round}: client {client}'s update has NaN/Inf; excluded "
+                "from aggregation."
+            )
+        if self._evaluate_now:
+            xt, yt = self.datamodule.client_test(client)
+            if len(yt):
+                preds = self.predict_classes(worker, xt)
+                self._personal[client] = self._acc_f1(preds, yt.to(preds.device))
+
+    def on_train_epoch_end(self) -> None:
+        """Aggregate, run ``on_round_end`` callbacks, evaluate and log the round."""
+        self.server_state = self.aggregator.aggregate(self, self.server_state)
+        for cb in self._fed_callbacks:
+            cb.on_round_end(self.trainer, self, self.current_round)
+        metrics: dict[str, Any] = {"round": float(self.current_round)}
+        metrics["round/excluded_clients"] = float(len(self.excluded))
+        if self._loss_count:
+            metrics["train/loss"] = (self._loss_sum / self._loss_count).item()
+        metrics.update({k: v.item() for k, v in self._log_router.pop_means().items()})
+        if self._evaluate_now:
+            metrics.update(self.evaluate_global())
+            if self._personal:
+                acc = torch.tensor([v[0] for v in self._personal.values()])
+                f1 = torch.tensor([v[1] for v in self._personal.values()])
+                metrics["personal/acc_mean"] = acc.mean().item()
+                metrics["personal/acc_min"] = acc.min().item()
+                metrics["personal/f1_mean"] = f1.mean().item()
+                self._store_personal_metrics()
+        metrics["round/seconds"] = time.perf_counter() - self._round_start
+        self.history.append(metrics)
+        self.log_dict(metrics, on_epoch=True, prog_bar=False, sync_dist=False)
+
+    def _is_eval_round(self) -> bool:
+        if self.eval_every_n_rounds == 0:
+            return False
+        last = (
+            self.trainer.max_epochs is not None
+            and self.current_round == self.trainer.max_epochs - 1
+        )
+        return last or (self.current_round + 1) % self.eval_every_n_rounds == 0
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def predict_classes(self, worker: nn.Module, x: Tensor) -> Tensor:
+        """Argmax predictions of ``worker`` on ``x`` in eval mode, batched, under the
+        precision plugin's autocast."""
+        was_training = worker.training
+        worker.eval()
+        preds = []
+        ctx = self.trainer.precision_plugin.forward_context if self._trainer else None
+        for i in range(0, len(x), self.eval_batch_size):
+            xb = x[i : i + self.eval_batch_size].to(self.device, non_blocking=True)
+            if ctx is not None:
+                with ctx():
+                    logits = _logits_of(worker(xb))
+            else:
+                logits = _logits_of(worker(xb))
+            preds.append(logits.argmax(dim=-1))
+        worker.train(was_training)
+        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=self.device)
+
+    def _acc_f1(self, preds: Tensor, target: Tensor) -> tuple[float, float]:
+        c = self.num_classes
+        acc = multiclass_accuracy(preds, target, num_classes=c, average="micro")
+        f1 = multiclass_f1_score(preds, target, num_classes=c, average="macro")
+        return float(acc), float(f1)
+
+    def evaluate_global(self) -> dict[str, float]:
+        """The server model on the pooled test data and on each client's test split."""
+        x, y, owner = self.datamodule.pooled_test()
+        if not len(y):
+            return {}
+        self.load_state(SHARED_ROLE, self.server_state)
+        preds = self.predict_classes(self.client, x).cpu()
+        acc, f1 = self._acc_f1(preds, y)
+        per_acc = torch.full((self.num_clients,), float("nan"))
+        per_f1 = torch.full((self.num_clients,), float("nan"))
+        for k in range(self.num_clients):
+            mask = owner == k
+            if mask.any():
+                per_acc[k], per_f1[k] = self._acc_f1(preds[mask], y[mask])
+        self.client_metrics["global_acc"] = per_acc
+        self.client_metrics["global_f1"] = per_f1
+        return {
+            "global/acc": acc,
+            "global/f1": f1,
+            "global/acc_client_mean": per_acc.nanmean().item(),
+            "global/acc_client_min": per_acc[~per_acc.isnan()].min().item(),
+        }
+
+    def _store_personal_metrics(self) -> None:
+        for name in ("personal_acc", "personal_f1"):
+            if name not in self.client_metrics:
+                self.client_metrics[name] = torch.full((self.num_clients,), float("nan"))
+        for k, (acc, f1) in self._personal.items():
+            self.client_metrics["personal_acc"][k] = acc
+            self.client_metrics["personal_f1"][k] = f1
+
+    def client_table(self) -> tuple[list[str], list[list[Any]]]:
+        """Per-client table (latest evaluated values): client, samples, accuracies, F1s."""
+        names = [
+            n
+            for n in ("global_acc", "global_f1", "personal_acc", "personal_f1")
+            if n in self.client_metrics
+        ]
+        columns = ["client", "samples", *names]
+        rows = [
+            [k, int(self.client_num_samples[k])]
+            + [round(float(self.client_metrics[n][k]), 4) for n in names]
+            for k in range(self.num_clients)
+        ]
+        return columns, rows
+
+    # ---------------------------------------------------------------- test / validate
+    def _eval_start(self) -> None:
+        self.server_state = {k: v.to(self.device) for k, v in self.server_state.items()}
+        self.load_state(SHARED_ROLE, self.server_state)
+        self._eval_preds: list[Tensor] = []
+        self._eval_targets: list[Tensor] = []
+
+    def _eval_step(self, client: Tensor | int, stage: str) -> None:
+        client = int(client)
+        x, y = self.datamodule.client_test(client)
+        if not len(y):
+            return
+        preds = self.predict_classes(self.client, x).cpu()
+        self._eval_preds.append(preds)
+        self._eval_targets.append(y)
+        acc, f1 = self._acc_f1(preds, y)
+        self.log(f"{stage}/acc_client_mean", acc, on_epoch=True, batch_size=1)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if getattr(self, "_eval_preds", None):
+            acc, f1 = self._acc_f1(torch.cat(self._eval_preds), torch.cat(self._eval_targets))
+            self.log_dict({f"{stage}/acc": acc, f"{stage}/f1": f1}, on_epoch=True)
+
+    def test_step(self, client: Tensor, batch_idx: int) -> None:
+        """``trainer.test``: the server model on each client's test split (one step per client)."""
+        self._eval_step(client, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def validation_step(self, client: Tensor, batch_idx: int) -> None:
+        """``trainer.validate``: same as test (clients have no separate validation split yet)."""
+        self._eval_step(client, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    # ---------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["federated"] = {
+            "server_state": {k: v.cpu() for k, v in self.server_state.items()},
+            "store": self.store.state_dict() if self.store is not None else None,
+            "client_metrics": dict(self.client_metrics),
+            "history": list(self.history),
+            "num_clients": self.num_clients,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fed = checkpoint.get("federated")
+        if fed is None:
+            raise ValueError("Checkpoint has no 'federated' entry: not written by FederatedModule.")
+        self.server_state = {k: v.to(self.device) for k, v in fed["server_state"].items()}
+        self.num_clients = fed["num_clients"]
+        self.store = ClientStore(self.num_clients)
+        if fed["store"] is not None:
+            self.store.load_state_dict(fed["store"])
+        self.client_metrics = dict(fed["client_metrics"])
+        self.history = list(fed["history"])
+
+    def on_fit_start(self) -> None:
+        self.server_state = {k: v.to(self.device) for k, v in self.server_state.items()}
+
+    def forward(self, x: Tensor) -> Any:
+        """The shared-role worker's forward (load a state first, e.g. ``load_state``)."""
+        return self.client(x)

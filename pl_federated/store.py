@@ -1,0 +1,152 @@
+"""Per-client state, stacked: one tensor ``[K, *shape]`` per state_dict entry and role.
+
+Why stacked: aggregation over clients becomes one reduction per tensor (FedAvg: a weighted sum,
+Fourier aggregation: one batched FFT) instead of a Python loop over K dictionaries, and a client's
+state is a view ``tensor[k]`` that can be copied into a worker module without allocation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+
+class ClientStore:
+    """Stacked per-client state by role (``"model"``, ``"personal"``, ``"deputy"``, ...).
+
+    A role is allocated lazily, the first time a state is written for it, from that state's
+    shapes and dtypes. Roles nobody writes use no memory: plain FedAvg clients are stateless
+    between rounds and never touch the store.
+
+    Args:
+        num_clients: K, the size of the leading client axis.
+        device: where the stacked tensors live (CPU by default; a GPU device keeps them next
+            to the model).
+        pin_memory: pin CPU tensors, which makes host-to-GPU copies asynchronous.
+
+    Example:
+        >>> store = ClientStore(num_clients=3)
+        >>> store.put("model", 1, {"w": torch.ones(2)})
+        >>> store.get("model", 1)["w"].tolist(), store.get("model", 0)["w"].tolist()
+        ([1.0, 1.0], [0.0, 0.0])
+    """
+
+    def __init__(
+        self, num_clients: int, device: str | torch.device = "cpu", pin_memory: bool = False
+    ) -> None:
+        if not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}.")
+        self.num_clients = num_clients
+        self.device = torch.device(device)
+        self.pin_memory = pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
+        self._roles: dict[str, dict[str, Tensor]] = {}
+        self._written: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ roles
+    @property
+    def roles(self) -> list[str]:
+        """The roles that hold state."""
+        return list(self._roles)
+
+    def has(self, role: str, client: int | None = None) -> bool:
+        """Whether ``role`` is allocated (and, given ``client``, whether it was written)."""
+        if role not in self._roles:
+            return False
+        return client is None or bool(self._written[role][client])
+
+    def allocate(self, role: str, template: Mapping[str, Tensor], fill: bool = False) -> None:
+        """Allocate ``role`` with the shapes/dtypes of ``template``; ``fill`` copies it to all."""
+        stacked = {}
+        for name, t in template.items():
+            buf = torch.zeros((self.num_clients, *t.shape), dtype=t.dtype, device=self.device)
+            if self.pin_memory:
+                buf = buf.pin_memory()
+            if fill:
+                buf.copy_(t.detach().unsqueeze(0).expand_as(buf))
+            stacked[name] = buf
+        self._roles[role] = stacked
+        self._written[role] = torch.full((self.num_clients,), fill, dtype=torch.bool)
+
+    def stacked(self, role: str) -> dict[str, Tensor]:
+        """The stacked tensors of ``role``: ``name -> Tensor[K, *shape]`` (no copy)."""
+        self._check_role(role)
+        return self._roles[role]
+
+    # --------------------------------------------------------------- clients
+    def get(self, role: str, client: int) -> dict[str, Tensor]:
+        """Client ``client``'s state for ``role`` as views into the stacked tensors."""
+        self._check_role(role)
+        self._check_client(client)
+        return {name: t[client] for name, t in self._roles[role].items()}
+
+    def put(self, role: str, client: int, state: Mapping[str, Tensor]) -> None:
+        """Copy ``state`` into client ``client``'s slot of ``role`` (allocating on first use)."""
+        self._check_client(client)
+        if role not in self._roles:
+            self.allocate(role, state)
+        stacked = self._roles[role]
+        if stacked.keys() != state.keys():
+            missing = sorted(set(stacked) ^ set(state))
+            raise ValueError(f"State for role {role!r} does not match the store; keys {missing}.")
+        with torch.no_grad():
+            dst = [stacked[name][client] for name in stacked]
+            src = [state[name].detach() for name in stacked]
+            torch._foreach_copy_(dst, src, non_blocking=True)
+        self._written[role][client] = True
+
+    def owner(self, client: int, world_size: int) -> int:
+        """The rank that trains ``client`` when clients are sharded over ``world_size`` ranks."""
+        return client % world_size
+
+    def owned(self, rank: int, world_size: int) -> list[int]:
+        """The clients owned by ``rank``."""
+        return list(range(rank, self.num_clients, world_size))
+
+    def nbytes(self) -> int:
+        """Bytes held by all roles."""
+        return sum(t.numel() * t.element_size() for r in self._roles.values() for t in r.values())
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """Tensors and primitives only, so ``torch.load(weights_only=True)`` restores it."""
+        return {
+            "num_clients": self.num_clients,
+            "roles": {r: {n: t.cpu() for n, t in s.items()} for r, s in self._roles.items()},
+            "written": {r: w.clone() for r, w in self._written.items()},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state["num_clients"] != self.num_clients:
+            raise ValueError(
+                f"Checkpoint store has {state['num_clients']} clients, this run has "
+                f"{self.num_clients} (`num_clients`)."
+            )
+        self._roles = {}
+        for role, tensors in state["roles"].items():
+            self._roles[role] = {}
+            for name, t in tensors.items():
+                t = t.to(self.device)
+                self._roles[role][name] = t.pin_memory() if self.pin_memory else t
+        self._written = {r: w.clone() for r, w in state["written"].items()}
+
+    # --------------------------------------------------------------- helpers
+    def _check_role(self, role: str) -> None:
+        if role not in self._roles:
+            raise KeyError(f"Role {role!r} holds no state; roles with state: {self.roles}.")
+
+    def _check_client(self, client: int) -> None:
+        if not 0 <= client < self.num_clients:
+            raise IndexError(f"Client {client} out of range [0, {self.num_clients}).")
+
+
+def float_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """Names of floating-point entries (parameters and float buffers such as BN statistics)."""
+    return [k for k, t in state.items() if t.is_floating_point()]
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every float tensor is free of NaN/Inf, with a single host synchronisation."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
