@@ -197,6 +197,7 @@ class FederatedModule(pl.LightningModule):
         self.server_state: dict[str, Tensor] = {}
         self.store: ClientStore | None = None
         self.excluded: list[int] = []
+        self.current_client: int | None = None
         self._log_router = _LogRouter()
         client.log = self._log_router  # instance attribute shadows LightningModule.log
         client.log_dict = self._log_router.log_dict
@@ -246,6 +247,11 @@ class FederatedModule(pl.LightningModule):
                 "FederatedModule needs a FederatedDataModule: trainer.fit(module, datamodule=dm)."
             )
         dm.setup(stage)
+        if stage == "fit":
+            # The FederatedModule evaluates after aggregation itself; Lightning's in-epoch
+            # validation loop would run before `on_train_epoch_end`, i.e. before aggregation.
+            self._limit_val_batches = self.trainer.limit_val_batches
+            self.trainer.limit_val_batches = 0
         if self._num_clients_arg is not None and self._num_clients_arg != dm.num_clients:
             raise ValueError(
                 f"`num_clients`={self._num_clients_arg} but the datamodule has "
@@ -266,6 +272,10 @@ class FederatedModule(pl.LightningModule):
         for worker in self.workers.values():
             worker._trainer = self.trainer  # lets clients read trainer/current_epoch
         self._setup_callbacks()
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and hasattr(self, "_limit_val_batches"):
+            self.trainer.limit_val_batches = self._limit_val_batches
 
     def _setup_callbacks(self) -> None:
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, FederatedCallback)]
@@ -355,6 +365,7 @@ class FederatedModule(pl.LightningModule):
 
     def train_client(self, client: int) -> None:
         """Client ``client``'s whole local update, upload and (on eval rounds) personal eval."""
+        self.current_client = client
         torch.manual_seed(self._rng(self.current_round, client + 1).initial_seed())
         self.load_state(SHARED_ROLE, self.incoming_state(client))
         for cb in self._fed_callbacks:
@@ -409,6 +420,7 @@ class FederatedModule(pl.LightningModule):
             if len(yt):
                 preds = self.predict_classes(worker, xt)
                 self._personal[client] = self._acc_f1(preds, yt.to(preds.device))
+        self.current_client = None
 
     def on_train_epoch_end(self) -> None:
         """Aggregate, run ``on_round_end`` callbacks, evaluate and log the round."""

@@ -121,11 +121,8 @@ class FederatedDataModule(pl.LightningDataModule):
         return range(self.num_clients)
 
     def val_dataloader(self) -> range:
-        """One step per client for ``trainer.validate``. Empty during fit: the FederatedModule
-        evaluates after aggregation itself, which Lightning's in-epoch validation loop (run
-        before ``on_train_epoch_end``) cannot do."""
-        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
-        return range(0) if fitting else range(self.num_clients)
+        """One step per client for ``trainer.validate`` (not used during fit)."""
+        return range(self.num_clients)
 
 
 class ClientSlots:

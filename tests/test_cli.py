@@ -1,0 +1,61 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pl_federated.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def test_quickstart_config_reaches_target_accuracy(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "--config", QUICKSTART, "--trainer.enable_progress_bar=false"])
+    history = cli.model.history
+    assert len(history) == 30 and cli.model.num_clients == 10
+    assert history[-1]["global/acc"] >= 0.85
+    out = capsys.readouterr().out
+    assert "rounds" in out and "pers_acc_worst" in out and "clients" in out
+    ckpts = list((tmp_path / "outputs").rglob("*.ckpt"))
+    assert len(ckpts) == 1
+
+    # `test` rebuilds everything from the config + checkpoint and evaluates the server model
+    test = cli_main(
+        ["test", "--config", QUICKSTART, f"--ckpt_path={ckpts[0]}", "--trainer.logger=false"]
+    )
+    metrics = test.trainer.callback_metrics
+    assert metrics["test/acc"].item() == pytest.approx(history[-1]["global/acc"], abs=1e-6)
+    assert metrics["test/f1"].item() == pytest.approx(history[-1]["global/f1"], abs=1e-6)
+
+
+def test_checkpoint_rebuilds_clients_from_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_main(["fit", "--config", QUICKSTART, "--trainer.max_epochs=1"])
+    ckpt = next((tmp_path / "outputs").rglob("*.ckpt"))
+    from pl_federated import FederatedModule
+
+    restored = FederatedModule.load_from_checkpoint(ckpt)
+    assert type(restored.client).__name__ == "MLPClassifier"
+    saved = torch.load(ckpt, weights_only=True)["federated"]["server_state"]
+    assert all(torch.equal(restored.server_state[k], v) for k, v in saved.items())
+
+
+def test_console_script_print_config_and_links():
+    exe = Path(sys.executable).parent / "pl-federated"
+    out = subprocess.run(
+        [str(exe), "fit", "--config", QUICKSTART, "--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert "num_clients: 10" in out and "class_path: pl_federated.models.MLPClassifier" in out
+
+
+def test_cli_rejects_bad_config_naming_the_field(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        cli_main(["fit", "--config", QUICKSTART, "--model.clients_per_round=11"])

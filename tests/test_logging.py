@@ -1,0 +1,47 @@
+import csv
+
+import pytest
+from helpers import LoggingClient, digits, federation
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from wandb_reader import history
+
+from pl_federated.callbacks.summary import FederatedSummary
+
+
+def fit(trainer_factory, logger, rounds=2):
+    fed = federation(client=LoggingClient(lr=0.05))
+    trainer = trainer_factory(rounds=rounds, logger=logger, callbacks=[FederatedSummary()])
+    trainer.fit(fed, digits(num_clients=3))
+    return fed, trainer
+
+
+def test_csv_logger_gets_round_metrics_and_tables(trainer_factory, tmp_path, capsys):
+    fed, trainer = fit(trainer_factory, CSVLogger(tmp_path, name="run"), rounds=3)
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("global/acc")]
+    assert [float(r["round"]) for r in rows] == [0.0, 1.0, 2.0]
+    assert float(rows[-1]["global/acc"]) == pytest.approx(fed.history[-1]["global/acc"])
+    assert "client/my_loss" in rows[0]
+    with open(tmp_path / "run" / "version_0" / "clients.csv") as f:
+        clients = list(csv.reader(f))
+    assert clients[0][:2] == ["client", "samples"] and len(clients) == 4
+    printed = capsys.readouterr().out
+    assert "global_acc" in printed and "pers_acc_worst" in printed
+
+
+def test_tensorboard_logger(trainer_factory, tmp_path):
+    fit(trainer_factory, TensorBoardLogger(tmp_path, name="tb"))
+    assert list((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=str(tmp_path), project="pl-federated-test")
+    fed, _ = fit(trainer_factory, logger)
+    logger.experiment.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    rows = [r for r in history(next(runs[0].glob("*.wandb"))) if "global/acc" in r]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[-1]["global/acc"] == pytest.approx(fed.history[-1]["global/acc"])
+    assert "client/my_loss" in rows[-1] and "personal/acc_mean" in rows[-1]

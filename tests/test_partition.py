@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from pl_federated.data.partition import IID, Dirichlet
+
+
+def labels(n=1000, c=10, seed=0):
+    return np.random.default_rng(seed).integers(0, c, size=n)
+
+
+@pytest.mark.parametrize("partitioner", [IID(min_size=5), Dirichlet(alpha=0.5, min_size=5)])
+def test_disjoint_covering_counts(partitioner):
+    y = labels()
+    part = partitioner(y, num_clients=8, seed=3)
+    allidx = np.concatenate(part.indices)
+    assert len(allidx) == len(y) == len(np.unique(allidx))  # disjoint and covering
+    assert part.counts.shape == (8, 10)
+    for k, idx in enumerate(part.indices):
+        assert np.array_equal(np.bincount(y[idx], minlength=10), part.counts[k])
+        assert len(idx) >= 5
+
+
+def test_iid_equal_sizes():
+    part = IID(min_size=1)(labels(1003), num_clients=10, seed=0)
+    assert set(part.sizes.tolist()) == {100, 101}
+
+
+def test_seeded():
+    y = labels()
+    a = Dirichlet(0.3)(y, 10, seed=1)
+    b = Dirichlet(0.3)(y, 10, seed=1)
+    c = Dirichlet(0.3)(y, 10, seed=2)
+    assert all(np.array_equal(i, j) for i, j in zip(a.indices, b.indices, strict=True))
+    assert not all(np.array_equal(i, j) for i, j in zip(a.indices, c.indices, strict=True))
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    y = labels(5000)
+
+    def mean_tv(alpha):
+        p = Dirichlet(alpha, min_size=1)(y, 10, seed=0).counts.astype(float)
+        p /= p.sum(1, keepdims=True)
+        return 0.5 * np.abs(p - np.full(10, 0.1)).sum(1).mean()
+
+    assert mean_tv(0.1) > mean_tv(1.0) > mean_tv(100.0)
+
+
+def test_errors_name_the_field():
+    y = labels(50)
+    with pytest.raises(ValueError, match="num_clients"):
+        IID(min_size=1)(y, num_clients=51)
+    with pytest.raises(ValueError, match="min_size"):
+        IID(min_size=10)(y, num_clients=6)
+    with pytest.raises(ValueError, match="alpha"):
+        Dirichlet(alpha=0)
+    with pytest.raises(ValueError, match="larger alpha"):
+        Dirichlet(alpha=0.01, min_size=8, max_tries=3)(labels(100, seed=1), num_clients=10)

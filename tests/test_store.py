@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from pl_federated.store import ClientStore, all_finite, float_keys
+
+
+def test_roles_allocate_lazily_and_round_trip_exactly():
+    store = ClientStore(num_clients=4)
+    assert store.roles == [] and store.nbytes() == 0
+    states = {
+        k: {
+            "w": torch.randn(3, 2),
+            "bn.running_mean": torch.randn(2),
+            "bn.num_batches_tracked": torch.tensor(k),
+        }
+        for k in range(4)
+    }
+    for k, state in states.items():
+        store.put("personal", k, state)
+    assert store.roles == ["personal"]
+    assert store.stacked("personal")["w"].shape == (4, 3, 2)
+    for k, state in states.items():
+        got = store.get("personal", k)
+        for name in state:
+            assert torch.equal(got[name], state[name])
+            assert got[name].dtype == state[name].dtype
+
+
+def test_get_returns_views_and_put_copies():
+    store = ClientStore(num_clients=2)
+    src = {"w": torch.ones(2)}
+    store.put("model", 0, src)
+    src["w"].add_(1)  # later changes to the source do not leak into the store
+    assert store.get("model", 0)["w"].tolist() == [1.0, 1.0]
+    store.get("model", 1)["w"].fill_(5)  # a view: writes go to the stacked tensor
+    assert store.stacked("model")["w"][1].tolist() == [5.0, 5.0]
+
+
+def test_written_flags_and_errors():
+    store = ClientStore(num_clients=3)
+    store.put("deputy", 2, {"w": torch.zeros(1)})
+    assert store.has("deputy") and store.has("deputy", 2) and not store.has("deputy", 0)
+    with pytest.raises(KeyError, match="'model'"):
+        store.get("model", 0)
+    with pytest.raises(IndexError):
+        store.get("deputy", 3)
+    with pytest.raises(ValueError, match="does not match"):
+        store.put("deputy", 0, {"v": torch.zeros(1)})
+    with pytest.raises(ValueError, match="num_clients"):
+        ClientStore(num_clients=0)
+
+
+def test_state_dict_round_trip_and_client_count_check():
+    store = ClientStore(num_clients=3)
+    for k in range(3):
+        store.put("model", k, {"w": torch.full((2,), float(k))})
+    restored = ClientStore(num_clients=3)
+    restored.load_state_dict(store.state_dict())
+    assert torch.equal(restored.stacked("model")["w"], store.stacked("model")["w"])
+    assert restored.has("model", 1)
+    with pytest.raises(ValueError, match="num_clients"):
+        ClientStore(num_clients=4).load_state_dict(store.state_dict())
+
+
+def test_owner_rank():
+    store = ClientStore(num_clients=5)
+    assert [store.owner(k, 2) for k in range(5)] == [0, 1, 0, 1, 0]
+    assert store.owned(1, 2) == [1, 3]
+
+
+def test_finite_helpers():
+    state = {"a": torch.ones(2), "n": torch.tensor(3)}
+    assert float_keys(state) == ["a"]
+    assert all_finite(state.values())
+    assert not all_finite([torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.tensor([float("inf")])])
