@@ -9,8 +9,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
@@ -20,6 +24,7 @@ from pl_federated.callbacks.fedavg import FedAvg
 from pl_federated.store import ClientStore, all_finite
 
 SHARED_ROLE = "model"
+_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
 
 class _LogRouter:
@@ -127,6 +132,8 @@ class FederatedModule(pl.LightningModule):
         eval_every_n_rounds: evaluation interval in rounds (0 disables; the last round always
             evaluates unless 0).
         eval_batch_size: batch size of evaluation forward passes.
+        store_device: where per-client state lives: ``"cpu"`` (default; pinned when training
+            on a GPU) or ``"model"`` (the model's device: no transfers, uses device memory).
 
     Raises:
         ValueError: invalid arguments (named), before any training.
@@ -144,6 +151,7 @@ class FederatedModule(pl.LightningModule):
         clients_per_step: int = 1,
         eval_every_n_rounds: int = 1,
         eval_batch_size: int = 1024,
+        store_device: str = "cpu",
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (client as class_path/init_args),
@@ -178,6 +186,8 @@ class FederatedModule(pl.LightningModule):
                 raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
         if local_steps is not None and (not isinstance(local_steps, int) or local_steps < 1):
             raise ValueError(f"`local_steps` must be None or an int >= 1, got {local_steps!r}.")
+        if store_device not in ("cpu", "model"):
+            raise ValueError(f"`store_device` must be 'cpu' or 'model', got {store_device!r}.")
         if not isinstance(eval_every_n_rounds, int) or eval_every_n_rounds < 0:
             raise ValueError(
                 f"`eval_every_n_rounds` must be an int >= 0, got {eval_every_n_rounds!r}."
@@ -194,6 +204,7 @@ class FederatedModule(pl.LightningModule):
         self.clients_per_step = clients_per_step
         self.eval_every_n_rounds = eval_every_n_rounds
         self.eval_batch_size = eval_batch_size
+        self.store_device = store_device
         self.server_state: dict[str, Tensor] = {}
         self.store: ClientStore | None = None
         self.excluded: list[int] = []
@@ -225,12 +236,25 @@ class FederatedModule(pl.LightningModule):
         return self.trainer.datamodule
 
     # ---------------------------------------------------------------- selection
-    def _rng(self, *keys: int) -> torch.Generator:
-        """A generator seeded from the run seed and ``keys`` (round, client, ...)."""
+    def _seed_for(self, *keys: int) -> int:
+        """A seed derived from the run seed and ``keys`` (round, client, ...)."""
         h = self.seed
         for key in keys:
             h = (h * 1_000_003 + key + 1) % (2**62)
-        return torch.Generator().manual_seed(h)
+        return h
+
+    def _rng(self, *keys: int) -> torch.Generator:
+        """A CPU generator seeded from the run seed and ``keys``."""
+        return torch.Generator().manual_seed(self._seed_for(*keys))
+
+    def _seed_client_randomness(self, client: int) -> None:
+        """Seed the default generators for this client's update (dropout etc.), so a resumed
+        run draws the same numbers. Not ``torch.manual_seed``: without an initialised CUDA
+        context it queues a lazy CUDA call with a stack trace, ~3 ms per client."""
+        seed = self._seed_for(self.current_round, client + 1)
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
 
     def select_clients(self, round: int) -> list[int]:
         """This round's clients: a seeded sample without replacement, sorted; all when K == m."""
@@ -266,7 +290,7 @@ class FederatedModule(pl.LightningModule):
         self.num_classes = dm.num_classes
         self.client_num_samples = dm.num_train.clone()
         if self.store is None:
-            self.store = ClientStore(self.num_clients)
+            self.store = self._new_store()
         if not self.server_state:
             self.server_state = {k: v.detach().clone() for k, v in self.client.state_dict().items()}
         for worker in self.workers.values():
@@ -276,6 +300,12 @@ class FederatedModule(pl.LightningModule):
     def teardown(self, stage: str) -> None:
         if stage == "fit" and hasattr(self, "_limit_val_batches"):
             self.trainer.limit_val_batches = self._limit_val_batches
+
+    def _new_store(self) -> ClientStore:
+        model_device = self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
+        if self.store_device == "model":
+            return ClientStore(self.num_clients, device=model_device)
+        return ClientStore(self.num_clients, pin_memory=model_device.type == "cuda")
 
     def _setup_callbacks(self) -> None:
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, FederatedCallback)]
@@ -305,16 +335,23 @@ class FederatedModule(pl.LightningModule):
         return list(self._optimizers.values())
 
     # ---------------------------------------------------------------- state IO
+    def worker_state(self, role: str = SHARED_ROLE) -> dict[str, Tensor]:
+        """The live (detached) tensors of a worker's state_dict: no copy; writing into them
+        writes the worker. Cached, since building a state_dict costs more than a small copy."""
+        cache = self.__dict__.setdefault("_worker_state_cache", {})
+        if role not in cache:
+            cache[role] = self.workers[role].state_dict(keep_vars=False)
+        return cache[role]
+
+    def _apply(self, *args: Any, **kwargs: Any) -> FederatedModule:
+        self.__dict__.pop("_worker_state_cache", None)  # .to()/.half() may replace tensors
+        return super()._apply(*args, **kwargs)
+
     @torch.no_grad()
     def load_state(self, role: str, state: Mapping[str, Tensor]) -> None:
         """Copy ``state`` into the worker of ``role`` (in place; parameters and buffers)."""
-        current = self.workers[role].state_dict(keep_vars=True)
-        dst = [current[k].data for k in current]
-        torch._foreach_copy_(dst, [state[k] for k in current], non_blocking=True)
-
-    def worker_state(self, role: str = SHARED_ROLE) -> dict[str, Tensor]:
-        """The live tensors of a worker's state_dict (no copy)."""
-        return self.workers[role].state_dict()
+        current = self.worker_state(role)
+        torch._foreach_copy_(list(current.values()), [state[k] for k in current], non_blocking=True)
 
     def incoming_state(self, client: int) -> Mapping[str, Tensor]:
         """What ``client`` receives from the server: its own row of the store's ``server`` role
@@ -366,7 +403,7 @@ class FederatedModule(pl.LightningModule):
     def train_client(self, client: int) -> None:
         """Client ``client``'s whole local update, upload and (on eval rounds) personal eval."""
         self.current_client = client
-        torch.manual_seed(self._rng(self.current_round, client + 1).initial_seed())
+        self._seed_client_randomness(client)
         self.load_state(SHARED_ROLE, self.incoming_state(client))
         for cb in self._fed_callbacks:
             cb.on_client_start(self.trainer, self, client)
@@ -374,34 +411,40 @@ class FederatedModule(pl.LightningModule):
         self._reset_optimizer(SHARED_ROLE, client)
         opt = self.optimizers()
         opt = opt[0] if isinstance(opt, list) else opt
+        raw_opt, fast = opt.optimizer, self._fast_step
+        device = self.device
         x, y = self.datamodule.client_train(client)
         n, bs = len(y), self.datamodule.batch_size
         gen = self._rng(self.current_round, client + 1, 1)
         steps_per_epoch = math.ceil(n / bs)
         total = self.local_steps or self.local_epochs * steps_per_epoch
+        loss_sum = torch.zeros((), device=device)
         step = 0
         while step < total:
             perm = torch.randperm(n, generator=gen)
-            for i in range(steps_per_epoch):
-                if step >= total:
-                    break
+            for i in range(min(steps_per_epoch, total - step)):
                 idx = perm[i * bs : (i + 1) * bs]
-                batch = (
-                    x[idx].to(self.device, non_blocking=True),
-                    y[idx].to(self.device, non_blocking=True),
-                )
+                batch = (x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True))
                 out = worker.training_step(batch, i)
                 loss = _loss_of(out)
                 for cb in self._loss_callbacks:
                     extra = cb.client_loss(self, client, SHARED_ROLE, batch, out)
                     if extra is not None:
                         loss = loss + extra
-                opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
-                opt.step()
-                self._loss_sum += loss.detach()
-                self._loss_count += 1
-                step += 1
+                if fast:
+                    raw_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt._on_before_step()  # Lightning's step-progress counters (global_step)
+                    raw_opt.step()
+                    opt._on_after_step()
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    self.manual_backward(loss)
+                    opt.step()
+                loss_sum += loss.detach()
+            step += min(steps_per_epoch, total - step)
+        self._loss_sum += loss_sum
+        self._loss_count += total
         if self.persist_optimizer:
             self._save_optimizer(SHARED_ROLE, client)
         for cb in self._fed_callbacks:
@@ -585,7 +628,7 @@ class FederatedModule(pl.LightningModule):
             raise ValueError("Checkpoint has no 'federated' entry: not written by FederatedModule.")
         self.server_state = {k: v.to(self.device) for k, v in fed["server_state"].items()}
         self.num_clients = fed["num_clients"]
-        self.store = ClientStore(self.num_clients)
+        self.store = self._new_store()
         if fed["store"] is not None:
             self.store.load_state_dict(fed["store"])
         self.client_metrics = dict(fed["client_metrics"])
@@ -593,6 +636,28 @@ class FederatedModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.server_state = {k: v.to(self.device) for k, v in self.server_state.items()}
+        self._fast_step = self._can_step_directly()
+
+    def _can_step_directly(self) -> bool:
+        """Whether local steps may call ``loss.backward()``/``optimizer.step()`` directly.
+
+        A client update on a small model is ~1 ms, and Lightning's manual_backward/step path
+        costs ~0.5 ms per local step in hooks (on_before_backward, on_after_backward,
+        on_before_optimizer_step, each dispatched to every callback). With full precision on a
+        single device and no callback or module overriding those hooks, the path does nothing
+        but backward and step, so we call them directly (step progress, and thus
+        ``global_step``, is still counted). Otherwise Lightning's path is used.
+        """
+        trainer = self.trainer
+        if type(trainer.precision_plugin) is not Precision:
+            return False
+        if not isinstance(trainer.strategy, SingleDeviceStrategy):
+            return False
+        if any(is_overridden(h, self, pl.LightningModule) for h in _STEP_HOOKS):
+            return False
+        return not any(
+            is_overridden(h, cb, Callback) for cb in trainer.callbacks for h in _STEP_HOOKS
+        )
 
     def forward(self, x: Tensor) -> Any:
         """The shared-role worker's forward (load a state first, e.g. ``load_state``)."""

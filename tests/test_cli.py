@@ -29,6 +29,12 @@ def test_quickstart_config_reaches_target_accuracy(tmp_path, monkeypatch, capsys
     metrics = test.trainer.callback_metrics
     assert metrics["test/acc"].item() == pytest.approx(history[-1]["global/acc"], abs=1e-6)
     assert metrics["test/f1"].item() == pytest.approx(history[-1]["global/f1"], abs=1e-6)
+    val = cli_main(
+        ["validate", "--config", QUICKSTART, f"--ckpt_path={ckpts[0]}", "--trainer.logger=false"]
+    )
+    assert val.trainer.callback_metrics["val/acc"].item() == pytest.approx(
+        metrics["test/acc"].item()
+    )
 
 
 def test_checkpoint_rebuilds_clients_from_config(tmp_path, monkeypatch):

@@ -136,3 +136,14 @@ def test_bad_inputs_fail_before_training(trainer_factory):
         trainer.fit(federation(), digits(num_clients=3))
     with pytest.raises(ValueError, match="`client` must be a LightningModule"):
         FederatedModule(torch.nn.Linear(2, 2))
+
+
+def test_eval_interval_and_store_device(trainer_factory):
+    fed = federation(eval_every_n_rounds=2, store_device="model", persist_optimizer=True)
+    trainer_factory(rounds=5).fit(fed, digits(num_clients=3))
+    evaluated = [h["round"] for h in fed.history if "global/acc" in h]
+    assert evaluated == [1, 3, 4]  # every 2nd round, plus the last one
+    assert all("personal/acc_mean" in h for h in fed.history if h["round"] in evaluated)
+    assert fed.store.device == fed.device
+    with pytest.raises(ValueError, match="store_device"):
+        federation(store_device="disk")

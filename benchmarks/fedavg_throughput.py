@@ -1,0 +1,241 @@
+"""FedAvg throughput: pl_federated vs a lean hand-written loop vs a Trainer per client.
+
+All three variants run in ONE process on the same data split, the same initial weights and the
+same client selection, and only the training (rounds of local updates + averaging) is timed.
+
+Workloads:
+  silo   - 20 clients, Dirichlet(0.5) over the MNIST test set (../shared/data; scikit-learn
+           digits resized to 28x28 when absent), the FedAvg-paper CNN, 1 local epoch, batch 32,
+           SGD lr 0.01, all clients every round, 5 rounds.
+  device - 500 clients x 20 samples (IID), 50 clients per round, 784-200-200-10 MLP,
+           batch 10, 1 local epoch, SGD lr 0.05, 10 rounds.
+
+Usage: python benchmarks/fedavg_throughput.py [--workload silo|device|both] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from pl_federated import IID, Dirichlet, FedAvg, FederatedDataModule, FederatedModule
+from pl_federated.models import CNNClassifier, MLPClassifier
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist_test10k.npz"
+
+
+@dataclass
+class Workload:
+    name: str
+    num_clients: int
+    clients_per_round: int
+    rounds: int
+    batch_size: int
+    lr: float
+    partition: object
+    model: str
+
+
+WORKLOADS = {
+    "silo": Workload("silo", 20, 20, 5, 32, 0.01, Dirichlet(0.5, min_size=10), "cnn"),
+    "device": Workload("device", 500, 50, 10, 10, 0.05, IID(min_size=20), "mlp"),
+}
+
+
+def mnist_npz(tmp: Path) -> tuple[str, str]:
+    """Path of a 28x28 digits .npz: the real MNIST test set when present, else sklearn digits."""
+    if SHARED.is_file():
+        return str(SHARED), "MNIST test set (10,000 x 28x28)"
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)
+    x = F.interpolate(x, size=28, mode="bilinear").squeeze(1) / 16.0 * 255
+    path = tmp / "digits28.npz"
+    np.savez(path, images=x.clamp(0, 255).to(torch.uint8).numpy(), labels=d.target)
+    return str(path), "scikit-learn digits resized to 28x28 (1,797)"
+
+
+def make_client(w: Workload) -> pl.LightningModule:
+    torch.manual_seed(0)
+    if w.model == "cnn":
+        return CNNClassifier(lr=w.lr)
+    return MLPClassifier(input_size=784, hidden=(200, 200), lr=w.lr)
+
+
+def quiet_trainer(**kw) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
+
+
+def evaluate(model, dm) -> float:
+    x, y, _ = (
+        dm.pooled_test()
+        if dm.num_test.sum()
+        else (torch.cat(dm.train_x), torch.cat(dm.train_y), None)
+    )
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def run_pl_federated(
+    w: Workload, dm: FederatedDataModule, clients_per_step: int
+) -> tuple[float, float]:
+    fed = FederatedModule(
+        make_client(w),
+        clients_per_round=w.clients_per_round,
+        local_epochs=1,
+        clients_per_step=clients_per_step,
+        eval_every_n_rounds=0,
+    )
+    t0 = time.perf_counter()
+    quiet_trainer(max_epochs=w.rounds, callbacks=[FedAvg()]).fit(fed, dm)
+    seconds = time.perf_counter() - t0
+    fed.client.load_state_dict(fed.server_state)
+    return seconds, evaluate(fed.client, dm)
+
+
+def average(states, weights):
+    total = sum(weights)
+    return {
+        k: sum(w * s[k].float() for s, w in zip(states, weights, strict=True)) / total
+        if states[0][k].is_floating_point()
+        else states[0][k]
+        for k in states[0]
+    }
+
+
+def selections(w: Workload) -> list[list[int]]:
+    """The same client selection as pl_federated (seed 0), for a like-for-like comparison."""
+    fed = FederatedModule(make_client(w), clients_per_round=w.clients_per_round)
+    fed.num_clients = w.num_clients
+    return [fed.select_clients(r) for r in range(w.rounds)]
+
+
+def run_lean_loop(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
+    """What a researcher writes by hand: plain PyTorch, index-slice batches, no framework."""
+    model = make_client(w)
+    server = copy.deepcopy(model.state_dict())
+    picks = selections(w)
+    t0 = time.perf_counter()
+    for r in range(w.rounds):
+        states, weights = [], []
+        for k in picks[r]:
+            model.load_state_dict(server)
+            opt = torch.optim.SGD(model.parameters(), lr=w.lr)
+            x, y = dm.train_x[k], dm.train_y[k]
+            perm = torch.randperm(len(y))
+            for i in range(0, len(y), w.batch_size):
+                idx = perm[i : i + w.batch_size]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            states.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+            weights.append(len(y))
+        server = average(states, weights)
+    seconds = time.perf_counter() - t0
+    model.load_state_dict(server)
+    return seconds, evaluate(model, dm)
+
+
+def run_trainer_per_client(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
+    """The common pattern: a new Trainer + fit per client per round."""
+    model = make_client(w)
+    server = copy.deepcopy(model.state_dict())
+    picks = selections(w)
+    t0 = time.perf_counter()
+    for r in range(w.rounds):
+        states, weights = [], []
+        for k in picks[r]:
+            model.load_state_dict(server)
+            loader = DataLoader(
+                TensorDataset(dm.train_x[k], dm.train_y[k]), batch_size=w.batch_size, shuffle=True
+            )
+            quiet_trainer(max_epochs=1).fit(model, loader)
+            states.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+            weights.append(len(dm.train_y[k]))
+        server = average(states, weights)
+    seconds = time.perf_counter() - t0
+    model.load_state_dict(server)
+    return seconds, evaluate(model, dm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workload", choices=["silo", "device", "both"], default="both")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per variant; best time is kept")
+    parser.add_argument("--skip-trainer-per-client", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    path, source = mnist_npz(tmp)
+    print(
+        f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
+        f"torch {torch.__version__}  lightning {pl.__version__}  threads {torch.get_num_threads()}"
+    )
+    print(f"# data: {source}")
+    names = ["silo", "device"] if args.workload == "both" else [args.workload]
+    print("| workload | variant | seconds | client updates/min | final acc | ratio to lean loop |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name in names:
+        w = WORKLOADS[name]
+        dm = FederatedDataModule(
+            "npz",
+            path=path,
+            num_clients=w.num_clients,
+            partition=w.partition,
+            test_fraction=0.0,
+            batch_size=w.batch_size,
+        )
+        dm.setup("fit")
+        updates = w.rounds * w.clients_per_round
+        per_step = 1 if name == "silo" else w.clients_per_round
+        variants = [
+            ("lean loop (b)", run_lean_loop, ()),
+            ("pl_federated, clients_per_step=1 (a)", run_pl_federated, (1,)),
+        ]
+        if per_step > 1:
+            label = f"pl_federated, clients_per_step={per_step} (a')"
+            variants.append((label, run_pl_federated, (per_step,)))
+        if not args.skip_trainer_per_client:
+            variants.append(("Trainer per client (c)", run_trainer_per_client, ()))
+        results = {}
+        for label, fn, extra in variants:
+            runs = [fn(w, dm, *extra) for _ in range(args.repeat)]
+            results[label] = (min(r[0] for r in runs), runs[-1][1])
+        base = results["lean loop (b)"][0]
+        for label, (sec, acc) in results.items():
+            print(
+                f"| {name} | {label} | {sec:.2f} | {updates / sec * 60:,.0f} | {acc:.3f} | {sec / base:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
