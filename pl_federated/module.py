@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,9 +31,10 @@ _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_s
 class _LogRouter:
     """Replaces a client's ``self.log``: a client has no Trainer of its own, so its logged
     values are accumulated here and logged by the FederatedModule as per-round means under
-    ``client/<name>``."""
+    ``client/<name>`` (``client/<role>/<name>`` for roles other than the shared one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "client/") -> None:
+        self.prefix = prefix
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
 
@@ -48,17 +50,27 @@ class _LogRouter:
         for name, value in dictionary.items():
             self(name, value)
 
+    def attach(self, module: pl.LightningModule) -> None:
+        """Route ``module.log``/``log_dict`` here (instance attributes shadow the methods)."""
+        module.log = self
+        module.log_dict = self.log_dict
+
     def pop_means(self) -> dict[str, Tensor]:
-        means = {f"client/{k}": (v / self.counts[k]).cpu() for k, v in self.sums.items()}
+        means = {f"{self.prefix}{k}": (v / self.counts[k]).cpu() for k, v in self.sums.items()}
         self.sums, self.counts = {}, {}
         return means
 
 
-def _loss_of(out: Any) -> Tensor:
+def _overrides(callback: FederatedCallback, hook: str) -> bool:
+    return getattr(type(callback), hook) is not getattr(FederatedCallback, hook)
+
+
+def _as_output(out: Any) -> Mapping[str, Any]:
+    """A client's ``training_step`` result as a mapping with at least ``loss``."""
     if isinstance(out, Tensor):
-        return out
+        return {"loss": out}
     if isinstance(out, Mapping) and "loss" in out:
-        return out["loss"]
+        return out
     raise TypeError(
         "A client's `training_step` must return the loss tensor or a dict with key 'loss'; got "
         f"{type(out).__name__}."
@@ -209,9 +221,11 @@ class FederatedModule(pl.LightningModule):
         self.store: ClientStore | None = None
         self.excluded: list[int] = []
         self.current_client: int | None = None
-        self._log_router = _LogRouter()
-        client.log = self._log_router  # instance attribute shadows LightningModule.log
-        client.log_dict = self._log_router.log_dict
+        self._log_routers = {SHARED_ROLE: _LogRouter()}
+        self._log_routers[SHARED_ROLE].attach(client)
+        self.local_keys: set[str] = set()
+        self.trained_roles: list[str] = [SHARED_ROLE]
+        self.initial_state: dict[str, Tensor] = {}
         self.client_metrics: dict[str, Tensor] = {}
         self.history: list[dict[str, float]] = []
 
@@ -220,6 +234,45 @@ class FederatedModule(pl.LightningModule):
     def client(self) -> pl.LightningModule:
         """The worker of the shared role (the user's module)."""
         return self.workers[SHARED_ROLE]
+
+    @property
+    def local_roles(self) -> list[str]:
+        """Roles that never leave the client (persisted per client in the store)."""
+        return [r for r in self.workers if r != SHARED_ROLE]
+
+    @property
+    def personal_role(self) -> str:
+        """The role evaluated as the client's personalized model: ``personal`` if a callback
+        added it, else the shared model after local training."""
+        return "personal" if "personal" in self.workers else SHARED_ROLE
+
+    def add_role(self, role: str, trained: bool = True) -> pl.LightningModule:
+        """Add a local role (e.g. ``"personal"``): a copy of the client module, trained on the
+        same batches, persisted per client, never uploaded. Call from a callback's ``setup``."""
+        if role in ("local", "server") or role.startswith("optim/"):
+            raise ValueError(f"Role name {role!r} is reserved.")
+        if role not in self.workers:
+            worker = copy.deepcopy(self.client)
+            self._log_routers[role] = _LogRouter(f"client/{role}/")
+            self._log_routers[role].attach(worker)
+            self.workers[role] = worker
+            if trained:
+                self.trained_roles.append(role)
+        return self.workers[role]
+
+    def add_local_keys(self, keys: Iterable[str]) -> None:
+        """Keep these shared-role state entries on the client (e.g. BatchNorm for FedBN): the
+        server's values for them are ignored on receipt, the client's own persist."""
+        unknown = set(keys) - set(self.client.state_dict())
+        if unknown:
+            raise ValueError(f"Unknown state keys {sorted(unknown)} for `local_keys`.")
+        self.local_keys |= set(keys)
+
+    def _pop_client_logs(self) -> dict[str, Tensor]:
+        means: dict[str, Tensor] = {}
+        for router in self._log_routers.values():
+            means.update(router.pop_means())
+        return means
 
     @property
     def current_round(self) -> int:
@@ -292,7 +345,10 @@ class FederatedModule(pl.LightningModule):
         if self.store is None:
             self.store = self._new_store()
         if not self.server_state:
-            self.server_state = {k: v.detach().clone() for k, v in self.client.state_dict().items()}
+            self.initial_state = {
+                k: v.detach().clone() for k, v in self.client.state_dict().items()
+            }
+            self.server_state = {k: v.clone() for k, v in self.initial_state.items()}
         for worker in self.workers.values():
             worker._trainer = self.trainer  # lets clients read trainer/current_epoch
         self._setup_callbacks()
@@ -321,9 +377,14 @@ class FederatedModule(pl.LightningModule):
             aggregators = [default]
         self.aggregator: Aggregator = aggregators[0]
         self._fed_callbacks = callbacks
-        self._loss_callbacks = [
-            c for c in callbacks if type(c).client_loss is not FederatedCallback.client_loss
-        ]
+        self._loss_callbacks = [c for c in callbacks if _overrides(c, "client_loss")]
+        self._epoch_callbacks = [c for c in callbacks if _overrides(c, "on_local_epoch_start")]
+
+    def _lightning_optimizers(self) -> dict[str, Any]:
+        """Role -> the LightningOptimizer wrapping that role's optimizer."""
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        return dict(zip(self._optimizers, opts, strict=True))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """The workers' optimizers, built once and reset per client (registered with Lightning
@@ -365,12 +426,12 @@ class FederatedModule(pl.LightningModule):
         self._round_start = time.perf_counter()
         self.selected_clients = self.select_clients(self.current_round)
         self.excluded = []
-        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_sums: dict[str, Tensor] = {}
         self._loss_count = 0
         self._personal: dict[int, tuple[float, float]] = {}
         self._evaluate_now = self._is_eval_round()
         self.aggregator.reset(self)
-        self._log_router.pop_means()
+        self._pop_client_logs()
         for cb in self._fed_callbacks:
             cb.on_round_start(self.trainer, self, self.current_round)
 
@@ -379,6 +440,7 @@ class FederatedModule(pl.LightningModule):
             self.train_client(int(client))
 
     def _reset_optimizer(self, role: str, client: int) -> None:
+        """Fresh optimizer state for this client, or its own saved state (persist_optimizer)."""
         opt = self._optimizers[role]
         opt.state.clear()
         if self.persist_optimizer and self.store.has(f"optim/{role}", client):
@@ -400,55 +462,95 @@ class FederatedModule(pl.LightningModule):
         if flat:
             self.store.put(f"optim/{role}", client, flat)
 
+    def _load_client(self, client: int) -> None:
+        """Load what ``client`` holds at the start of its update into the workers: the shared
+        role from the server (its ``local_keys`` from the client's own store), every other role
+        from the store (the initial weights the first time)."""
+        incoming = self.incoming_state(client)
+        if self.local_keys and self.store.has("local", client):
+            incoming = {**incoming, **self.store.get("local", client)}
+        self.load_state(SHARED_ROLE, incoming)
+        for role in self.local_roles:
+            stored = self.store.has(role, client)
+            self.load_state(role, self.store.get(role, client) if stored else self.initial_state)
+
+    def _save_client(self, client: int) -> None:
+        """Persist what stays on the client: local roles and the shared role's local keys."""
+        for role in self.local_roles:
+            self.store.put(role, client, self.worker_state(role))
+        if self.local_keys:
+            shared = self.worker_state(SHARED_ROLE)
+            self.store.put("local", client, {k: shared[k] for k in sorted(self.local_keys)})
+
     def train_client(self, client: int) -> None:
-        """Client ``client``'s whole local update, upload and (on eval rounds) personal eval."""
+        """Client ``client``'s whole local update, upload and (on eval rounds) personal eval.
+
+        Every trained role sees the same batches; each role's loss is its own
+        ``training_step`` loss plus the callbacks' ``client_loss`` terms, and all roles step
+        once per batch. Cross-role terms must detach the teacher (see ``losses.kl_div``), so one
+        backward of the summed losses gives each role exactly its own gradients.
+        """
         self.current_client = client
         self._seed_client_randomness(client)
-        self.load_state(SHARED_ROLE, self.incoming_state(client))
+        self._load_client(client)
         for cb in self._fed_callbacks:
             cb.on_client_start(self.trainer, self, client)
-        worker = self.client
-        self._reset_optimizer(SHARED_ROLE, client)
-        opt = self.optimizers()
-        opt = opt[0] if isinstance(opt, list) else opt
-        raw_opt, fast = opt.optimizer, self._fast_step
-        device = self.device
+        roles = self.trained_roles
+        lopts = self._lightning_optimizers()
+        for role in roles:
+            self._reset_optimizer(role, client)
+        fast, device = self._fast_step, self.device
         x, y = self.datamodule.client_train(client)
         n, bs = len(y), self.datamodule.batch_size
         gen = self._rng(self.current_round, client + 1, 1)
         steps_per_epoch = math.ceil(n / bs)
         total = self.local_steps or self.local_epochs * steps_per_epoch
-        loss_sum = torch.zeros((), device=device)
-        step = 0
+        loss_sums = {role: torch.zeros((), device=device) for role in roles}
+        step, epoch = 0, 0
         while step < total:
+            for cb in self._epoch_callbacks:
+                cb.on_local_epoch_start(self.trainer, self, client, epoch)
             perm = torch.randperm(n, generator=gen)
             for i in range(min(steps_per_epoch, total - step)):
                 idx = perm[i * bs : (i + 1) * bs]
                 batch = (x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True))
-                out = worker.training_step(batch, i)
-                loss = _loss_of(out)
-                for cb in self._loss_callbacks:
-                    extra = cb.client_loss(self, client, SHARED_ROLE, batch, out)
-                    if extra is not None:
-                        loss = loss + extra
+                outs = {
+                    role: _as_output(self.workers[role].training_step(batch, i)) for role in roles
+                }
+                loss = None
+                for role in roles:
+                    role_loss = outs[role]["loss"]
+                    for cb in self._loss_callbacks:
+                        extra = cb.client_loss(self, client, role, batch, outs)
+                        if extra is not None:
+                            role_loss = role_loss + extra
+                    loss_sums[role] += role_loss.detach()
+                    loss = role_loss if loss is None else loss + role_loss
                 if fast:
-                    raw_opt.zero_grad(set_to_none=True)
+                    for role in roles:
+                        lopts[role].optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    opt._on_before_step()  # Lightning's step-progress counters (global_step)
-                    raw_opt.step()
-                    opt._on_after_step()
+                    for role in roles:
+                        lopts[role]._on_before_step()  # Lightning's step counters (global_step)
+                        lopts[role].optimizer.step()
+                        lopts[role]._on_after_step()
                 else:
-                    opt.zero_grad(set_to_none=True)
+                    for role in roles:
+                        lopts[role].zero_grad(set_to_none=True)
                     self.manual_backward(loss)
-                    opt.step()
-                loss_sum += loss.detach()
+                    for role in roles:
+                        lopts[role].step()
             step += min(steps_per_epoch, total - step)
-        self._loss_sum += loss_sum
+            epoch += 1
+        for role in roles:
+            self._loss_sums[role] = self._loss_sums.get(role, 0.0) + loss_sums[role]
         self._loss_count += total
         if self.persist_optimizer:
-            self._save_optimizer(SHARED_ROLE, client)
+            for role in roles:
+                self._save_optimizer(role, client)
         for cb in self._fed_callbacks:
             cb.on_client_end(self.trainer, self, client)
+        self._save_client(client)
         upload = self.worker_state(SHARED_ROLE)
         if all_finite(upload.values()):
             self.aggregator.update(self, client, upload, int(self.client_num_samples[client]))
@@ -461,7 +563,7 @@ class FederatedModule(pl.LightningModule):
         if self._evaluate_now:
             xt, yt = self.datamodule.client_test(client)
             if len(yt):
-                preds = self.predict_classes(worker, xt)
+                preds = self.predict_classes(self.workers[self.personal_role], xt)
                 self._personal[client] = self._acc_f1(preds, yt.to(preds.device))
         self.current_client = None
 
@@ -472,9 +574,10 @@ class FederatedModule(pl.LightningModule):
             cb.on_round_end(self.trainer, self, self.current_round)
         metrics: dict[str, Any] = {"round": float(self.current_round)}
         metrics["round/excluded_clients"] = float(len(self.excluded))
-        if self._loss_count:
-            metrics["train/loss"] = (self._loss_sum / self._loss_count).item()
-        metrics.update({k: v.item() for k, v in self._log_router.pop_means().items()})
+        for role, loss_sum in self._loss_sums.items():
+            suffix = "" if role == SHARED_ROLE else f"_{role}"
+            metrics[f"train/loss{suffix}"] = float(loss_sum / max(self._loss_count, 1))
+        metrics.update({k: v.item() for k, v in self._pop_client_logs().items()})
         if self._evaluate_now:
             metrics.update(self.evaluate_global())
             if self._personal:
@@ -619,6 +722,7 @@ class FederatedModule(pl.LightningModule):
             "store": self.store.state_dict() if self.store is not None else None,
             "client_metrics": dict(self.client_metrics),
             "history": list(self.history),
+            "initial_state": {k: v.cpu() for k, v in self.initial_state.items()},
             "num_clients": self.num_clients,
         }
 
@@ -633,6 +737,7 @@ class FederatedModule(pl.LightningModule):
             self.store.load_state_dict(fed["store"])
         self.client_metrics = dict(fed["client_metrics"])
         self.history = list(fed["history"])
+        self.initial_state = dict(fed["initial_state"])
 
     def on_fit_start(self) -> None:
         self.server_state = {k: v.to(self.device) for k, v in self.server_state.items()}

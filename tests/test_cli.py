@@ -65,3 +65,20 @@ def test_cli_rejects_bad_config_naming_the_field(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="clients_per_round"):
         cli_main(["fit", "--config", QUICKSTART, "--model.clients_per_round=11"])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_runs_one_round(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--summary.print_tables=false",
+        ]
+    )
+    assert len(cli.model.history) == 1
+    assert 0.0 <= cli.model.history[0]["global/acc"] <= 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -20,9 +21,11 @@ class FederatedCallback(Callback):
 
         on_round_start(trainer, fed, round)
         for each selected client k (one training step per slot):
-            on_client_start(trainer, fed, k)        # after k's state is loaded into the workers
-            client_loss(fed, k, role, batch, out)   # every local batch; added to the loss
-            on_client_end(trainer, fed, k)          # after local training, before the upload
+            on_client_start(trainer, fed, k)          # after k's state is loaded into the workers
+            for each local epoch e:
+                on_local_epoch_start(trainer, fed, k, e)
+                client_loss(fed, k, role, batch, outputs)  # every batch and trained role
+            on_client_end(trainer, fed, k)            # after local training, before the upload
         aggregate  (the one Aggregator only)
         on_round_end(trainer, fed, round)           # after aggregation, before evaluation
 
@@ -35,10 +38,25 @@ class FederatedCallback(Callback):
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         """Client ``client``'s state is loaded into the workers; local training follows."""
 
+    def on_local_epoch_start(
+        self, trainer: pl.Trainer, fed: FederatedModule, client: int, epoch: int
+    ) -> None:
+        """Local epoch ``epoch`` of ``client`` begins (e.g. DET decides its stage here)."""
+
     def client_loss(
-        self, fed: FederatedModule, client: int, role: str, batch: Any, out: dict[str, Any]
+        self,
+        fed: FederatedModule,
+        client: int,
+        role: str,
+        batch: Any,
+        outputs: dict[str, Mapping[str, Any]],
     ) -> Tensor | None:
-        """An extra loss term for ``role`` on this batch (e.g. a proximal term), or ``None``."""
+        """An extra loss term for ``role`` on this batch, or ``None``.
+
+        ``outputs`` maps every trained role to its ``training_step`` output (``loss`` and,
+        where the client returns them, ``logits``/``features``), so a term may use a peer
+        role's output; detach such a teacher.
+        """
         return None
 
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:

@@ -1,0 +1,44 @@
+"""FedBN (Li et al., 2021): FedAvg, except that BatchNorm layers stay on each client."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import lightning.pytorch as pl
+from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
+
+from pl_federated.callbacks.fedavg import FedAvg
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+
+def batchnorm_keys(module) -> list[str]:
+    """State keys of every BatchNorm layer: weight, bias, running statistics, batch counter."""
+    keys = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, _BatchNorm):
+            prefix = f"{name}." if name else ""
+            keys += [prefix + k for k in sub.state_dict()]
+    return keys
+
+
+class FedBN(FedAvg):
+    """FedAvg for everything but BatchNorm: BN affine parameters and running statistics are
+    client-local (each client keeps and persists its own; the server's values are ignored on
+    receipt). Everything else is averaged exactly as :class:`FedAvg` (same options).
+
+    Raises:
+        ValueError: the client model has no BatchNorm layer (FedBN would be FedAvg).
+    """
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
+        keys = batchnorm_keys(pl_module.client)
+        if not keys:
+            raise ValueError(
+                "FedBN: the client model has no BatchNorm layer; use FedAvg (or a model with "
+                "batch_norm: true)."
+            )
+        pl_module.add_local_keys(keys)
