@@ -1,4 +1,5 @@
 import csv
+import time
 
 import pytest
 from helpers import LoggingClient, digits, federation
@@ -41,7 +42,12 @@ def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, mon
     logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    rows = [r for r in history(next(runs[0].glob("*.wandb"))) if "global/acc" in r]
+    rows = []
+    for _ in range(100):  # the W&B service may still be flushing its record log after finish()
+        rows = [r for r in history(next(runs[0].glob("*.wandb"))) if "global/acc" in r]
+        if len(rows) == 2:
+            break
+        time.sleep(0.2)
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[-1]["global/acc"] == pytest.approx(fed.history[-1]["global/acc"])
     assert "client/my_loss" in rows[-1] and "personal/acc_mean" in rows[-1]
