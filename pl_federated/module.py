@@ -268,6 +268,10 @@ class FederatedModule(pl.LightningModule):
             raise ValueError(f"Unknown state keys {sorted(unknown)} for `local_keys`.")
         self.local_keys |= set(keys)
 
+    def log_round(self, metrics: Mapping[str, float]) -> None:
+        """Add scalars to this round's log row (callbacks call this, e.g. in on_round_end)."""
+        self._round_logs.update({k: float(v) for k, v in metrics.items()})
+
     def _pop_client_logs(self) -> dict[str, Tensor]:
         means: dict[str, Tensor] = {}
         for router in self._log_routers.values():
@@ -428,6 +432,7 @@ class FederatedModule(pl.LightningModule):
         self.excluded = []
         self._loss_sums: dict[str, Tensor] = {}
         self._loss_count = 0
+        self._round_logs: dict[str, float] = {}
         self._personal: dict[int, tuple[float, float]] = {}
         self._evaluate_now = self._is_eval_round()
         self.aggregator.reset(self)
@@ -462,14 +467,19 @@ class FederatedModule(pl.LightningModule):
         if flat:
             self.store.put(f"optim/{role}", client, flat)
 
-    def _load_client(self, client: int) -> None:
-        """Load what ``client`` holds at the start of its update into the workers: the shared
-        role from the server (its ``local_keys`` from the client's own store), every other role
-        from the store (the initial weights the first time)."""
+    def load_received_state(self, client: int) -> None:
+        """Load into the shared worker what ``client`` holds right after receiving the server
+        state: the server's (or its own ``S_k``) entries, its own client-local keys."""
         incoming = self.incoming_state(client)
         if self.local_keys and self.store.has("local", client):
             incoming = {**incoming, **self.store.get("local", client)}
         self.load_state(SHARED_ROLE, incoming)
+
+    def _load_client(self, client: int) -> None:
+        """Load what ``client`` holds at the start of its update into the workers: the shared
+        role from the server (its ``local_keys`` from the client's own store), every other role
+        from the store (the initial weights the first time)."""
+        self.load_received_state(client)
         for role in self.local_roles:
             stored = self.store.has(role, client)
             self.load_state(role, self.store.get(role, client) if stored else self.initial_state)
@@ -578,6 +588,7 @@ class FederatedModule(pl.LightningModule):
             suffix = "" if role == SHARED_ROLE else f"_{role}"
             metrics[f"train/loss{suffix}"] = float(loss_sum / max(self._loss_count, 1))
         metrics.update({k: v.item() for k, v in self._pop_client_logs().items()})
+        metrics.update(self._round_logs)
         if self._evaluate_now:
             metrics.update(self.evaluate_global())
             if self._personal:

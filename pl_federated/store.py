@@ -96,6 +96,18 @@ class ClientStore:
             torch._foreach_copy_(dst, src, non_blocking=True)
         self._written[role][client] = True
 
+    @torch.no_grad()
+    def put_rows(self, role: str, clients: list[int], stacked: Mapping[str, Tensor]) -> None:
+        """Write several clients at once: ``stacked[name]`` is ``[len(clients), *shape]``."""
+        for client in clients:
+            self._check_client(client)
+        if role not in self._roles:
+            self.allocate(role, {name: t[0] for name, t in stacked.items()})
+        index = torch.tensor(clients, device=self.device)
+        for name, rows in self._roles[role].items():
+            rows[index] = stacked[name].to(rows.device, rows.dtype)
+        self._written[role][torch.tensor(clients)] = True
+
     def owner(self, client: int, world_size: int) -> int:
         """The rank that trains ``client`` when clients are sharded over ``world_size`` ranks."""
         return client % world_size

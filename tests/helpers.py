@@ -40,7 +40,10 @@ def digits(num_clients=5, alpha=0.5, **kwargs):
 
 
 def federation(client=None, **kwargs):
-    torch.manual_seed(0)
-    client = client or MLPClassifier(lr=0.05, momentum=0.9)
+    """A FederatedModule around ``client`` (default: a seeded MLP). Build a custom client
+    under a fixed seed yourself: arguments are evaluated before this function runs."""
+    if client is None:
+        torch.manual_seed(0)
+        client = MLPClassifier(lr=0.05, momentum=0.9)
     kwargs.setdefault("clients_per_round", 1.0)
     return FederatedModule(client, **kwargs)

@@ -22,6 +22,7 @@ class DtypeRecorder(MLPClassifier):
 
 
 def fit(trainer_factory, **trainer_kwargs):
+    torch.manual_seed(0)
     fed = federation(client=DtypeRecorder(lr=0.05, momentum=0.9), local_epochs=2)
     trainer = trainer_factory(rounds=4, **trainer_kwargs)
     trainer.fit(fed, digits(num_clients=4))

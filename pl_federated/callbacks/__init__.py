@@ -2,17 +2,23 @@
 
 from pl_federated.callbacks.aggregator import Aggregator, WeightedSum
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.callbacks.deputy import DeputyEnhancedTransfer
 from pl_federated.callbacks.fedavg import FedAvg
 from pl_federated.callbacks.fedbn import FedBN
 from pl_federated.callbacks.fedprox import FedProx
+from pl_federated.callbacks.fourier_aggregation import ProgressiveFourierAggregation
+from pl_federated.callbacks.retrogress import RetrogressMonitor
 from pl_federated.callbacks.summary import FederatedSummary
 
 __all__ = [
     "Aggregator",
+    "DeputyEnhancedTransfer",
     "FedAvg",
     "FedBN",
     "FedProx",
     "FederatedCallback",
     "FederatedSummary",
+    "ProgressiveFourierAggregation",
+    "RetrogressMonitor",
     "WeightedSum",
 ]

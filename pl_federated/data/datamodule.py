@@ -27,6 +27,8 @@ class FederatedDataModule(pl.LightningDataModule):
         partition: a :class:`~pl_federated.data.partition.Partitioner`; default
             ``Dirichlet(alpha=0.5)``.
         test_fraction: share of each client's samples held out as its test split.
+        val_fraction: share held out as its validation split (used by algorithms that decide
+            on held-out data, e.g. DET's stage metric, and by the retrogress monitor).
         batch_size: local training batch size.
         seed: seeds the partition and the train/test split.
         path: file for file-based datasets (``npz``).
@@ -42,6 +44,7 @@ class FederatedDataModule(pl.LightningDataModule):
         num_clients: int = 10,
         partition: Partitioner | None = None,
         test_fraction: float = 0.2,
+        val_fraction: float = 0.0,
         batch_size: int = 32,
         seed: int = 0,
         path: str | None = None,
@@ -51,12 +54,18 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}.")
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"`test_fraction` must be in [0, 1), got {test_fraction!r}.")
+        if not 0.0 <= val_fraction < 1.0 or test_fraction + val_fraction >= 1.0:
+            raise ValueError(
+                f"`val_fraction` must be in [0, 1) with `test_fraction` + `val_fraction` < 1, got "
+                f"{val_fraction!r} (test_fraction={test_fraction!r})."
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
         self.dataset = dataset
         self.num_clients = num_clients
         self.partition = partition if partition is not None else Dirichlet(alpha=0.5)
         self.test_fraction = test_fraction
+        self.val_fraction = val_fraction
         self.batch_size = batch_size
         self.seed = seed
         self.path = path
@@ -75,20 +84,30 @@ class FederatedDataModule(pl.LightningDataModule):
         self.split: Partition = self.partition(y.numpy(), self.num_clients, seed=self.seed)
         rng = np.random.default_rng(self.seed + 1)
         self.train_x, self.train_y, self.test_x, self.test_y = [], [], [], []
+        self.val_x, self.val_y = [], []
+
+        def held_out(n: int, fraction: float) -> int:
+            return 0 if fraction == 0 else max(1, round(n * fraction))
+
         for k, idx in enumerate(self.split.indices):
-            idx = rng.permutation(idx)
-            n_test = 0 if self.test_fraction == 0 else max(1, round(len(idx) * self.test_fraction))
-            if len(idx) - n_test < 1:
+            idx = torch.from_numpy(rng.permutation(idx))
+            n_test = held_out(len(idx), self.test_fraction)
+            n_val = held_out(len(idx), self.val_fraction)
+            if len(idx) - n_test - n_val < 1:
                 raise ValueError(
                     f"Client {k} has {len(idx)} samples: none left for training after "
-                    f"`test_fraction`={self.test_fraction}."
+                    f"`test_fraction`={self.test_fraction} and `val_fraction`={self.val_fraction}."
                 )
-            test, train = torch.from_numpy(idx[:n_test]), torch.from_numpy(idx[n_test:])
-            self.train_x.append(x[train].contiguous())
-            self.train_y.append(y[train].contiguous())
-            self.test_x.append(x[test].contiguous())
-            self.test_y.append(y[test].contiguous())
+            test, val, train = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+            for xs, ys, part in (
+                (self.train_x, self.train_y, train),
+                (self.val_x, self.val_y, val),
+                (self.test_x, self.test_y, test),
+            ):
+                xs.append(x[part].contiguous())
+                ys.append(y[part].contiguous())
         self.num_train = torch.tensor([len(t) for t in self.train_y])
+        self.num_val = torch.tensor([len(t) for t in self.val_y])
         self.num_test = torch.tensor([len(t) for t in self.test_y])
         self._prepared = True
 
@@ -98,6 +117,16 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def client_test(self, client: int) -> tuple[Tensor, Tensor]:
         return self.test_x[client], self.test_y[client]
+
+    def client_val(self, client: int) -> tuple[Tensor, Tensor]:
+        return self.val_x[client], self.val_y[client]
+
+    def client_split(self, client: int, split: str) -> tuple[Tensor, Tensor]:
+        """Client ``client``'s ``"train"``, ``"val"`` or ``"test"`` data."""
+        getters = {"train": self.client_train, "val": self.client_val, "test": self.client_test}
+        if split not in getters:
+            raise ValueError(f"Unknown split {split!r}; choose one of {sorted(getters)}.")
+        return getters[split](client)
 
     def pooled_test(self) -> tuple[Tensor, Tensor, Tensor]:
         """All clients' test splits concatenated, plus each sample's client id."""

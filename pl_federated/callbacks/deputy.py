@@ -1,0 +1,198 @@
+"""Deputy-Enhanced Transfer (DET, Chen et al., PRR-FL): a personal model and a deputy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+from typing_extensions import override
+
+from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.losses import kl_div
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+DEPUTY = "model"  # the shared role: uploaded, overwritten by the server state
+PERSONAL = "personal"  # never leaves the client
+_METRICS = ("f1", "acc")
+_SPLITS = ("val", "train")
+
+
+class Stage(IntEnum):
+    RECOVER = 1
+    EXCHANGE = 2
+    SUBLIMATE = 3
+
+
+def next_stage(
+    previous: Stage | None, phi_deputy: float, phi_personal: float, l1: float, l2: float
+) -> Stage:
+    """DET's stage at the start of a local epoch (``previous`` is None at a round's first).
+
+    Recover at the first epoch of a round or whenever phi(D) < l1 * phi(P); Recover -> Exchange
+    once phi(D) >= l1 * phi(P); Exchange -> Sublimate once phi(D) >= l2 * phi(P); Exchange
+    stays while phi(D) < l2 * phi(P); Sublimate stays unless phi(D) falls under l1 * phi(P).
+    """
+    if previous is None or phi_deputy < l1 * phi_personal:
+        return Stage.RECOVER
+    if previous == Stage.RECOVER:
+        return Stage.EXCHANGE
+    if previous == Stage.EXCHANGE:
+        return Stage.SUBLIMATE if phi_deputy >= l2 * phi_personal else Stage.EXCHANGE
+    return Stage.SUBLIMATE
+
+
+class DeputyEnhancedTransfer(FederatedCallback):
+    """Each client trains a personal model P (never uploaded) next to its deputy D (the shared
+    role: receives the server state, is uploaded). Knowledge moves between them by KL terms
+    chosen per local epoch by a stage machine (:func:`next_stage`) on a metric phi of D vs P,
+    evaluated at the start of every local epoch on the client's validation split (option:
+    training split, as the reference code does):
+
+    ============  ==========================  ==========================
+    stage         personal P                  deputy D
+    ============  ==========================  ==========================
+    Recover       sup(P)                      sup(D) + w*KL(P || D)
+    Exchange      sup(P) + w*KL(D || P)       sup(D) + w*KL(P || D)
+    Sublimate     sup(P) + w*KL(D || P)       sup(D)
+    ============  ==========================  ==========================
+
+    ``sup`` is the client module's own ``training_step`` loss (CE by default; any loss the
+    client computes, e.g. CPA). KL(T || S) is :func:`~pl_federated.losses.kl_div` with the
+    teacher detached. ``personal/*`` metrics evaluate P. Logged per round: the number of local
+    epochs spent in each stage (``det/recover``, ``det/exchange``, ``det/sublimate``); the
+    stage of every client and local epoch is kept in :attr:`stage_log`.
+
+    Args:
+        l1: Recover/Exchange threshold (reference 0.7).
+        l2: Exchange/Sublimate threshold (reference 0.9); ``l1 < l2``.
+        temperature: KL temperature T (reference 1).
+        kl_weight: weight w of the KL terms.
+        metric: ``"f1"`` (macro-F1, reference) or ``"acc"``.
+        split: ``"val"`` (needs ``data.val_fraction`` > 0) or ``"train"``.
+
+    Raises:
+        ValueError: invalid thresholds or options; ``split="val"`` without a validation split.
+    """
+
+    def __init__(
+        self,
+        l1: float = 0.7,
+        l2: float = 0.9,
+        temperature: float = 1.0,
+        kl_weight: float = 1.0,
+        metric: str = "f1",
+        split: str = "val",
+    ) -> None:
+        if not 0.0 < l1 < l2:
+            raise ValueError(f"DET thresholds need 0 < `l1` < `l2`, got l1={l1!r}, l2={l2!r}.")
+        if not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+        if metric not in _METRICS:
+            raise ValueError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
+        if split not in _SPLITS:
+            raise ValueError(f"`split` must be one of {_SPLITS}, got {split!r}.")
+        self.l1, self.l2 = l1, l2
+        self.temperature, self.kl_weight = temperature, kl_weight
+        self.metric, self.split = metric, split
+        self.stage: Stage | None = None
+        self.stage_log: list[tuple[int, int, int, int]] = []  # (round, client, epoch, stage)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
+        pl_module.add_role(PERSONAL)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        dm = trainer.datamodule
+        if self.split == "val" and int(dm.num_val.min()) == 0:
+            raise ValueError(
+                "DeputyEnhancedTransfer(split='val') needs a validation split on every client: "
+                "set `data.val_fraction` > 0, or use split='train' (the reference code's choice)."
+            )
+        if pl_module.local_steps is None and pl_module.local_epochs < 3:
+            rank_zero_warn(
+                f"DET with `local_epochs`={pl_module.local_epochs} < 3: the first local epoch is "
+                "always Recover and the next at best Exchange, so Sublimate is never reached."
+            )
+
+    def _phi(self, fed: FederatedModule, role: str, x: Tensor, y: Tensor) -> float:
+        preds = fed.predict_classes(fed.workers[role], x)
+        y = y.to(preds.device)
+        if self.metric == "acc":
+            return float(
+                multiclass_accuracy(preds, y, num_classes=fed.num_classes, average="micro")
+            )
+        return float(multiclass_f1_score(preds, y, num_classes=fed.num_classes, average="macro"))
+
+    @override
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        self._counts = {s: 0 for s in Stage}
+
+    @override
+    def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        self.stage = None
+
+    @override
+    def on_local_epoch_start(
+        self, trainer: pl.Trainer, fed: FederatedModule, client: int, epoch: int
+    ) -> None:
+        if epoch == 0:
+            phi_d = phi_p = 0.0  # the first epoch of a round is always Recover
+        else:
+            x, y = fed.datamodule.client_split(client, self.split)
+            phi_d, phi_p = self._phi(fed, DEPUTY, x, y), self._phi(fed, PERSONAL, x, y)
+        self.stage = next_stage(self.stage if epoch else None, phi_d, phi_p, self.l1, self.l2)
+        self._counts[self.stage] += 1
+        self.stage_log.append((fed.current_round, client, epoch, int(self.stage)))
+
+    @override
+    def client_loss(
+        self,
+        fed: FederatedModule,
+        client: int,
+        role: str,
+        batch: Any,
+        outputs: dict[str, Mapping[str, Any]],
+    ) -> Tensor | None:
+        return det_loss_term(self.stage, role, outputs, self.temperature, self.kl_weight)
+
+    @override
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        fed.log_round({f"det/{s.name.lower()}": n for s, n in self._counts.items()})
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage_log": torch.tensor(self.stage_log, dtype=torch.long).reshape(-1, 4)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stage_log = [tuple(row) for row in state_dict["stage_log"].tolist()]
+
+
+def det_loss_term(
+    stage: Stage | None,
+    role: str,
+    outputs: Mapping[str, Mapping[str, Any]],
+    temperature: float = 1.0,
+    weight: float = 1.0,
+) -> Tensor | None:
+    """The KL term DET adds to ``role``'s loss in ``stage`` (None when it adds nothing)."""
+    if stage is None or role not in (DEPUTY, PERSONAL):
+        return None
+    student = outputs[role].get("logits")
+    other = outputs[PERSONAL if role == DEPUTY else DEPUTY].get("logits")
+    if student is None or other is None:
+        raise ValueError("DET needs the client's `training_step` to return 'logits'.")
+    deputy_learns = stage in (Stage.RECOVER, Stage.EXCHANGE)
+    personal_learns = stage in (Stage.EXCHANGE, Stage.SUBLIMATE)
+    if (role == DEPUTY and deputy_learns) or (role == PERSONAL and personal_learns):
+        return weight * kl_div(student, other, temperature)
+    return None

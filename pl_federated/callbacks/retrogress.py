@@ -1,0 +1,157 @@
+"""RetrogressMonitor: how much a client's model drops when it receives the server state."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+from typing_extensions import override
+
+from pl_federated.callbacks.base import FederatedCallback
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+_METRICS = ("f1", "acc")
+_SPLITS = ("val", "test", "train")
+
+
+class RetrogressMonitor(FederatedCallback):
+    """Measures retrogress for every aggregator: for each client trained this round, its
+    metric right before it receives the server state (its shared-role model at the end of
+    local training) minus the metric right after (the state it receives: the new server state,
+    or its own ``S_k`` for personalized aggregators, with its client-local keys kept).
+
+    Logged per round: ``retrogress/mean``, ``retrogress/max`` and ``retrogress/client_<k>``.
+    With ``per_epoch=True`` it also records the evaluated model's metric (the personal role when
+    one exists, else the shared model) after receipt and after every local epoch, the saw-tooth
+    curve, written as ``retrogress.png`` (and ``retrogress.csv``) to the trainer's log dir at the
+    end of fit and logged as an image to a WandbLogger.
+
+    Args:
+        metric: ``"f1"`` (macro-F1) or ``"acc"``.
+        split: the clients' split to measure on: ``"val"`` (default), ``"test"`` or ``"train"``.
+        per_epoch: also record the per-local-epoch curve.
+        plot: write/log the curve figure at the end of fit (needs ``per_epoch``).
+    """
+
+    def __init__(
+        self, metric: str = "f1", split: str = "val", per_epoch: bool = False, plot: bool = True
+    ) -> None:
+        if metric not in _METRICS:
+            raise ValueError(
+                f"`RetrogressMonitor.metric` must be one of {_METRICS}, got {metric!r}."
+            )
+        if split not in _SPLITS:
+            raise ValueError(f"`RetrogressMonitor.split` must be one of {_SPLITS}, got {split!r}.")
+        self.metric, self.split, self.per_epoch, self.plot = metric, split, per_epoch, plot
+        self.curve: list[tuple[int, int, int, float]] = []  # (round, client, epoch, metric)
+        self.history: list[tuple[int, int, float, float]] = []  # (round, client, before, after)
+
+    def _score(self, fed: FederatedModule, role: str, client: int) -> float:
+        x, y = fed.datamodule.client_split(client, self.split)
+        if not len(y):
+            raise ValueError(
+                f"RetrogressMonitor: client {client} has no '{self.split}' data; set "
+                f"`data.{self.split}_fraction` > 0 or choose another `split`."
+            )
+        preds = fed.predict_classes(fed.workers[role], x)
+        y = y.to(preds.device)
+        if self.metric == "acc":
+            return float(
+                multiclass_accuracy(preds, y, num_classes=fed.num_classes, average="micro")
+            )
+        return float(multiclass_f1_score(preds, y, num_classes=fed.num_classes, average="macro"))
+
+    @override
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        self._before: dict[int, float] = {}
+
+    @override
+    def on_local_epoch_start(
+        self, trainer: pl.Trainer, fed: FederatedModule, client: int, epoch: int
+    ) -> None:
+        if self.per_epoch:
+            score = self._score(fed, fed.personal_role, client)
+            self.curve.append((fed.current_round, client, epoch, score))
+
+    @override
+    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        self._before[client] = self._score(fed, "model", client)
+        if self.per_epoch:
+            epochs = sum(1 for r, c, _, _ in self.curve if r == fed.current_round and c == client)
+            score = self._score(fed, fed.personal_role, client)
+            self.curve.append((fed.current_round, client, epochs, score))
+
+    @override
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        drops = {}
+        for client, before in self._before.items():
+            if client in fed.excluded:
+                continue
+            fed.load_received_state(client)
+            after = self._score(fed, "model", client)
+            drops[client] = before - after
+            self.history.append((round, client, before, after))
+        if drops:
+            values = torch.tensor(list(drops.values()))
+            metrics = {"retrogress/mean": values.mean(), "retrogress/max": values.max()}
+            metrics.update({f"retrogress/client_{k}": v for k, v in drops.items()})
+            fed.log_round(metrics)
+
+    @override
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        if not (self.plot and self.per_epoch and self.curve):
+            return
+        out_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "retrogress.png")
+        self.save_curve(path)
+        with open(os.path.join(out_dir, "retrogress.csv"), "w") as f:
+            f.write("round,client,epoch,metric\n")
+            f.writelines(f"{r},{c},{e},{m:.6f}\n" for r, c, e, m in self.curve)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="retrogress/curve", images=[path])
+
+    def save_curve(self, path: str, title: str | None = None) -> None:
+        """Plot the per-epoch metric of every client over the run (x: local epochs)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for client in sorted({c for _, c, _, _ in self.curve}):
+            points = sorted((r, e, m) for r, c, e, m in self.curve if c == client)
+            epochs_per_round = max(e for _, e, _ in points) + 1
+            xs = [r * epochs_per_round + e for r, e, _ in points]
+            ax.plot(xs, [m for _, _, m in points], lw=1, label=f"client {client}")
+        ax.set_xlabel("local epoch (receipt of the server state at each round start)")
+        ax.set_ylabel(self.metric)
+        ax.set_title(title or "metric after receipt and after every local epoch")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "curve": torch.tensor(self.curve, dtype=torch.float64).reshape(-1, 4),
+            "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, 4),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        def rows(t):
+            return [(int(a), int(b), c, d) for a, b, c, d in t.tolist()]
+
+        self.curve = [(r, c, int(e), m) for r, c, e, m in rows(state_dict["curve"])]
+        self.history = rows(state_dict["history"])

@@ -1,0 +1,99 @@
+"""Fourier-domain mixing of client weights (Progressive Fourier Aggregation), batched.
+
+Pure functions over stacked client tensors ``[K, ...]``: one FFT call per weight tensor for all
+clients, no Python loop over clients. Spec (Chen et al., PRR-FL; our words in DESIGN.md):
+a conv weight ``(N_out, C_in, h, w)`` is viewed as the matrix ``permute(1, 2, 3, 0)`` reshaped
+to ``(C_in*h, w*N_out)``; a linear weight is used as is. ``F = fftshift(fft2(W))``; inside a
+centred low-frequency window the amplitude (and optionally the phase) is replaced by the
+clients' mean, outside it each client keeps its own; ``W' = real(ifft2(ifftshift(F')))``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+VARIANTS = ("amplitude", "amplitude_phase")
+WINDOWS = ("reference", "symmetric")
+
+
+def to_matrix(stacked: Tensor) -> Tensor:
+    """``[K, N_out, C_in, h, w] -> [K, C_in*h, w*N_out]``; ``[K, out, in]`` unchanged."""
+    if stacked.ndim == 3:
+        return stacked
+    if stacked.ndim == 5:
+        k, n_out, c_in, h, w = stacked.shape
+        return stacked.permute(0, 2, 3, 4, 1).reshape(k, c_in * h, w * n_out)
+    raise ValueError(f"Expected a stacked linear (3-D) or conv (5-D) weight, got {stacked.ndim}-D.")
+
+
+def from_matrix(matrix: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`to_matrix` for stacked weights of ``shape``."""
+    if len(shape) == 3:
+        return matrix
+    k, n_out, c_in, h, w = shape
+    return matrix.reshape(k, c_in, h, w, n_out).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def window_mask(rows: int, cols: int, ratio: float, window: str = "reference") -> Tensor:
+    """Boolean ``[rows, cols]`` mask of the centred low-frequency window (after fftshift).
+
+    ``b = floor(size * ratio / 2)`` per axis around the centre ``c = size // 2``:
+    ``reference`` covers indices ``[c - b, c + b)`` (the reference code; its modified spectrum
+    is not Hermitian, so ``real(ifft2)`` drops an imaginary part); ``symmetric`` covers the
+    frequencies ``-b..b``, i.e. indices ``[c - b, c + b]`` clipped to the array, whose inverse
+    transform is real.
+    """
+    if window not in WINDOWS:
+        raise ValueError(f"`window` must be one of {WINDOWS}, got {window!r}.")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"`ratio` must be in [0, 1], got {ratio!r}.")
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    spans = []
+    for size in (rows, cols):
+        c, b = size // 2, int(size * ratio / 2)
+        if window == "reference":
+            spans.append((c - b, c + b))
+        else:
+            spans.append((max(c - b, 0), min(c + b + 1, size)) if b > 0 else (c, c))
+    (r0, r1), (c0, c1) = spans
+    mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def fourier_mix(
+    stacked: Tensor,
+    weights: Tensor,
+    ratio: float,
+    variant: str = "amplitude",
+    window: str = "reference",
+) -> Tensor:
+    """One personalized weight per client: the low frequencies of the amplitude (and phase)
+    spectrum are replaced by their ``weights``-weighted mean over clients.
+
+    Args:
+        stacked: ``[K, out, in]`` or ``[K, N_out, C_in, h, w]`` client weights.
+        weights: ``[K]`` non-negative client weights (normalized here).
+        ratio: window size as a fraction of each matrix dimension.
+        variant: ``"amplitude"`` (phase kept per client) or ``"amplitude_phase"``.
+        window: ``"reference"`` or ``"symmetric"`` (see :func:`window_mask`).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
+    matrix = to_matrix(stacked).to(torch.float64)
+    rows, cols = matrix.shape[-2:]
+    mask = window_mask(rows, cols, ratio, window).to(matrix.device)
+    w = (weights.to(matrix) / weights.sum()).view(-1, 1, 1)
+    spectrum = torch.fft.fftshift(torch.fft.fft2(matrix), dim=(-2, -1))
+    amp, phase = spectrum.abs(), spectrum.angle()
+    amp = torch.where(mask, (w * amp).sum(0, keepdim=True), amp)
+    if variant == "amplitude_phase":
+        phase = torch.where(mask, (w * phase).sum(0, keepdim=True), phase)
+    mixed = torch.polar(amp, phase)
+    out = torch.fft.ifft2(torch.fft.ifftshift(mixed, dim=(-2, -1))).real
+    return from_matrix(out.to(stacked.dtype), stacked.shape)
+
+
+def progressive_ratio(round: int, rounds: int, r0: float, r1: float) -> float:
+    """``r_t = r0 + (t / T) (r1 - r0)``: the window grows linearly over the run."""
+    return r0 + (round / max(rounds, 1)) * (r1 - r0)
