@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -24,3 +25,42 @@ def kl_div(
     q = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
     loss = F.kl_div(log_p, q, reduction="batchmean")
     return loss * temperature**2 if scale_by_t2 else loss
+
+
+def seesaw_factors(class_counts: Tensor, beta: float = 0.8) -> Tensor:
+    """``S[c, j] = (n_j / n_c) ** beta`` if ``n_c > n_j`` else 1: how much a rarer class j's
+    logit counts against a more frequent label c (CPA, after Seesaw loss)."""
+    n = class_counts.to(torch.float64)
+    ratio = n.view(1, -1) / n.view(-1, 1).clamp_min(1e-12)
+    factors = torch.where(n.view(-1, 1) > n.view(1, -1), ratio.pow(beta), torch.ones_like(ratio))
+    return factors.float()
+
+
+def cpa_loss(
+    logits: Tensor,
+    targets: Tensor,
+    class_counts: Tensor,
+    beta: float = 0.8,
+    sample_weights: Tensor | None = None,
+) -> Tensor:
+    """Conjoint prototype-aligned loss (class-imbalance term).
+
+    ``p_c = e^{z_c} / (e^{z_c} + sum_{j != c} S[c, j] e^{z_j})``, loss ``-log p_c``, i.e. cross
+    entropy on ``z_j + log S[c, j]``; optionally weighted per sample (``gamma`` of the label's
+    class) and averaged. Equals cross entropy when all classes have the same count. A class
+    with count 0 gets factor 0 against others (its logit drops out), never NaN.
+    """
+    factors = seesaw_factors(class_counts.to(logits.device), beta)
+    adjusted = logits.float() + torch.log(factors.clamp_min(1e-12))[targets]
+    losses = F.cross_entropy(adjusted, targets, reduction="none")
+    if sample_weights is not None:
+        losses = losses * sample_weights
+    return losses.mean()
+
+
+def prototype_weights(local: Tensor, global_: Tensor, present: Tensor, tau: float = 3.0) -> Tensor:
+    """``gamma_c = (1 + tau) / (cos(local_c, global_c) + tau)`` per class; 1 where a prototype is
+    missing (``present`` False)."""
+    cos = F.cosine_similarity(local, global_, dim=-1)
+    gamma = (1 + tau) / (cos + tau)
+    return torch.where(present, gamma, torch.ones_like(gamma))

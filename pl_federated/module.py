@@ -383,6 +383,11 @@ class FederatedModule(pl.LightningModule):
         self._fed_callbacks = callbacks
         self._loss_callbacks = [c for c in callbacks if _overrides(c, "client_loss")]
         self._epoch_callbacks = [c for c in callbacks if _overrides(c, "on_local_epoch_start")]
+        supervised = [c for c in callbacks if _overrides(c, "supervised_loss")]
+        if len(supervised) > 1:
+            names = [type(c).__name__ for c in supervised]
+            raise ValueError(f"At most one callback may replace the supervised loss, got {names}.")
+        self._supervised_callback = supervised[0] if supervised else None
 
     def _lightning_optimizers(self) -> dict[str, Any]:
         """Role -> the LightningOptimizer wrapping that role's optimizer."""
@@ -509,7 +514,7 @@ class FederatedModule(pl.LightningModule):
         lopts = self._lightning_optimizers()
         for role in roles:
             self._reset_optimizer(role, client)
-        fast, device = self._fast_step, self.device
+        fast, device, sup = self._fast_step, self.device, self._supervised_callback
         x, y = self.datamodule.client_train(client)
         n, bs = len(y), self.datamodule.batch_size
         gen = self._rng(self.current_round, client + 1, 1)
@@ -530,6 +535,9 @@ class FederatedModule(pl.LightningModule):
                 loss = None
                 for role in roles:
                     role_loss = outs[role]["loss"]
+                    if sup is not None:
+                        replaced = sup.supervised_loss(self, client, role, batch, outs[role])
+                        role_loss = role_loss if replaced is None else replaced
                     for cb in self._loss_callbacks:
                         extra = cb.client_loss(self, client, role, batch, outs)
                         if extra is not None:

@@ -43,6 +43,18 @@ class FederatedCallback(Callback):
     ) -> None:
         """Local epoch ``epoch`` of ``client`` begins (e.g. DET decides its stage here)."""
 
+    def supervised_loss(
+        self,
+        fed: FederatedModule,
+        client: int,
+        role: str,
+        batch: Any,
+        output: Mapping[str, Any],
+    ) -> Tensor | None:
+        """Replace ``role``'s own ``training_step`` loss (e.g. CPA instead of cross entropy),
+        or ``None`` to keep it. At most one callback may implement this hook."""
+        return None
+
     def client_loss(
         self,
         fed: FederatedModule,

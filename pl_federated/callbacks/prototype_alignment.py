@@ -1,0 +1,146 @@
+"""Conjoint Prototype Alignment (CPA, PRR-FL): a class-imbalance loss with prototype weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.losses import cpa_loss, prototype_weights
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+
+class ConjointPrototypeAlignment(FederatedCallback):
+    """Replaces the clients' supervised loss with the CPA loss.
+
+    * Seesaw-style factors from the **global** class counts (summed over the clients' training
+      splits as the partition assigned them; no client sees another's data): a frequent label's
+      competition from rarer classes is damped by ``(n_j / n_c) ** beta``.
+    * After ``warmup_rounds``, each sample is weighted by ``gamma_c = (1 + tau) /
+      (cos(p_local_c, p_global_c) + tau)``: classes whose local prototype (mean penultimate
+      feature, from the client's ``training_step`` output ``features``, averaged over its
+      local batches of the round) disagrees with the global prototype weigh more.
+    * Prototype exchange: each round the server averages the clients' local prototypes per
+      class (clients lacking a class do not count for it), optionally adding Gaussian noise of
+      std ``noise_std`` as in the reference. A class nobody holds keeps gamma = 1.
+
+    Applies to every trained role (the deputy and, with DET, the personal model).
+
+    Args:
+        beta: seesaw exponent (reference 0.8).
+        tau: gamma temperature (reference 3).
+        warmup_rounds: rounds of plain seesaw loss before prototype weights (reference 15).
+        noise_std: std of the Gaussian perturbation of global prototypes (0 = none).
+    """
+
+    def __init__(
+        self, beta: float = 0.8, tau: float = 3.0, warmup_rounds: int = 15, noise_std: float = 0.0
+    ) -> None:
+        if beta < 0:
+            raise ValueError(f"`ConjointPrototypeAlignment.beta` must be >= 0, got {beta!r}.")
+        if tau <= 1:
+            raise ValueError(f"`ConjointPrototypeAlignment.tau` must be > 1, got {tau!r}.")
+        if not isinstance(warmup_rounds, int) or warmup_rounds < 0:
+            raise ValueError(f"`warmup_rounds` must be an int >= 0, got {warmup_rounds!r}.")
+        if noise_std < 0:
+            raise ValueError(f"`noise_std` must be >= 0, got {noise_std!r}.")
+        self.beta, self.tau, self.warmup_rounds, self.noise_std = (
+            beta,
+            tau,
+            warmup_rounds,
+            noise_std,
+        )
+        self.global_protos: Tensor | None = None  # [C, D]
+        self.global_present: Tensor | None = None  # [C] bool
+        self.local_protos: Tensor | None = None  # [K, C, D]
+        self.local_present: Tensor | None = None  # [K, C] bool
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        dm = trainer.datamodule
+        self.class_counts = torch.stack(
+            [torch.bincount(y, minlength=dm.num_classes) for y in dm.train_y]
+        ).sum(0)
+
+    def _gamma(self, fed: FederatedModule, client: int, targets: Tensor) -> Tensor | None:
+        if fed.current_round < self.warmup_rounds or self.global_protos is None:
+            return None
+        if self.local_protos is None:
+            return None
+        present = self.local_present[client] & self.global_present
+        gamma = prototype_weights(
+            self.local_protos[client], self.global_protos, present, self.tau
+        ).to(targets.device)
+        return gamma[targets]
+
+    @override
+    def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        self._sums: Tensor | None = None
+        self._counts = torch.zeros(fed.num_classes)
+
+    @override
+    def supervised_loss(
+        self, fed: FederatedModule, client: int, role: str, batch: Any, output: Mapping[str, Any]
+    ) -> Tensor | None:
+        logits = output.get("logits")
+        if logits is None:
+            raise ValueError("CPA needs the client's `training_step` to return 'logits'.")
+        _, y = batch
+        if role == "model" and output.get("features") is not None:
+            self._accumulate(output["features"].detach().float(), y)
+        weights = self._gamma(fed, client, y)
+        return cpa_loss(logits, y, self.class_counts, self.beta, weights)
+
+    def _accumulate(self, features: Tensor, y: Tensor) -> None:
+        features = features.flatten(1).cpu()
+        if self._sums is None:
+            self._sums = torch.zeros(len(self._counts), features.shape[1])
+        self._sums.index_add_(0, y.cpu(), features)
+        self._counts += torch.bincount(y.cpu(), minlength=len(self._counts)).float()
+
+    @override
+    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        if self._sums is None:
+            return
+        if self.local_protos is None:
+            k, (c, d) = fed.num_clients, self._sums.shape
+            self.local_protos = torch.zeros(k, c, d)
+            self.local_present = torch.zeros(k, c, dtype=torch.bool)
+        present = self._counts > 0
+        self.local_protos[client] = self._sums / self._counts.clamp_min(1).unsqueeze(1)
+        self.local_present[client] = present
+
+    @override
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        if self.local_protos is None:
+            return
+        weight = self.local_present.float().unsqueeze(-1)  # [K, C, 1]
+        total = weight.sum(0)
+        self.global_present = total.squeeze(-1) > 0
+        self.global_protos = (self.local_protos * weight).sum(0) / total.clamp_min(1)
+        if self.noise_std > 0:
+            g = torch.Generator().manual_seed(fed._seed_for(round, 7919))
+            noise = torch.randn(self.global_protos.shape, generator=g) * self.noise_std
+            self.global_protos = self.global_protos + noise
+        fed.log_round({"cpa/global_classes": float(self.global_present.sum())})
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "global_protos": self.global_protos,
+            "global_present": self.global_present,
+            "local_protos": self.local_protos,
+            "local_present": self.local_present,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key, value in state_dict.items():
+            setattr(self, key, value)
