@@ -133,8 +133,8 @@ def selections(w: Workload) -> list[list[int]]:
     return [fed.select_clients(r) for r in range(w.rounds)]
 
 
-def run_lean_loop(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
-    """What a researcher writes by hand: plain PyTorch, index-slice batches, no framework."""
+def fedavg_by_hand(w: Workload, dm: FederatedDataModule, local_update) -> tuple[float, float]:
+    """Rounds of FedAvg around ``local_update(model, x, y)``, outside any framework."""
     model = make_client(w)
     server = copy.deepcopy(model.state_dict())
     picks = selections(w)
@@ -143,43 +143,39 @@ def run_lean_loop(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
         states, weights = [], []
         for k in picks[r]:
             model.load_state_dict(server)
-            opt = torch.optim.SGD(model.parameters(), lr=w.lr)
-            x, y = dm.train_x[k], dm.train_y[k]
-            perm = torch.randperm(len(y))
-            for i in range(0, len(y), w.batch_size):
-                idx = perm[i : i + w.batch_size]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            states.append({n: t.detach().clone() for n, t in model.state_dict().items()})
-            weights.append(len(y))
-        server = average(states, weights)
-    seconds = time.perf_counter() - t0
-    model.load_state_dict(server)
-    return seconds, evaluate(model, dm)
-
-
-def run_trainer_per_client(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
-    """The common pattern: a new Trainer + fit per client per round."""
-    model = make_client(w)
-    server = copy.deepcopy(model.state_dict())
-    picks = selections(w)
-    t0 = time.perf_counter()
-    for r in range(w.rounds):
-        states, weights = [], []
-        for k in picks[r]:
-            model.load_state_dict(server)
-            loader = DataLoader(
-                TensorDataset(dm.train_x[k], dm.train_y[k]), batch_size=w.batch_size, shuffle=True
-            )
-            quiet_trainer(max_epochs=1).fit(model, loader)
+            local_update(model, dm.train_x[k], dm.train_y[k])
             states.append({n: t.detach().clone() for n, t in model.state_dict().items()})
             weights.append(len(dm.train_y[k]))
         server = average(states, weights)
     seconds = time.perf_counter() - t0
     model.load_state_dict(server)
     return seconds, evaluate(model, dm)
+
+
+def run_lean_loop(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
+    """What a researcher writes by hand: plain PyTorch, index-slice batches, no framework."""
+
+    def local_update(model, x, y):
+        opt = torch.optim.SGD(model.parameters(), lr=w.lr)
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), w.batch_size):
+            idx = perm[i : i + w.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return fedavg_by_hand(w, dm, local_update)
+
+
+def run_trainer_per_client(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
+    """The common pattern: a new Trainer + fit per client per round."""
+
+    def local_update(model, x, y):
+        loader = DataLoader(TensorDataset(x, y), batch_size=w.batch_size, shuffle=True)
+        quiet_trainer(max_epochs=1).fit(model, loader)
+
+    return fedavg_by_hand(w, dm, local_update)
 
 
 def main() -> None:

@@ -639,6 +639,18 @@ class FederatedModule(pl.LightningModule):
         worker.train(was_training)
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=self.device)
 
+    def score(self, role: str, client: int, split: str, metric: str = "f1") -> float:
+        """``role``'s macro-F1 (``"f1"``) or accuracy (``"acc"``) on ``client``'s ``split``."""
+        x, y = self.datamodule.client_split(client, split)
+        if not len(y):
+            raise ValueError(
+                f"Client {client} has no '{split}' data; set `data.{split}_fraction` > 0 or "
+                "choose another split."
+            )
+        preds = self.predict_classes(self.workers[role], x)
+        acc, f1 = self._acc_f1(preds, y.to(preds.device))
+        return f1 if metric == "f1" else acc
+
     def _acc_f1(self, preds: Tensor, target: Tensor) -> tuple[float, float]:
         c = self.num_classes
         acc = multiclass_accuracy(preds, target, num_classes=c, average="micro")

@@ -67,9 +67,13 @@ def test_cli_rejects_bad_config_naming_the_field(tmp_path, monkeypatch):
         cli_main(["fit", "--config", QUICKSTART, "--model.clients_per_round=11"])
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_runs_one_round(config, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_every_shipped_config_runs_one_round(config, monkeypatch):
+    if "../shared/data" in config.read_text() and not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip("config reads ../shared/data, which is not present")
+    monkeypatch.chdir(ROOT)  # configs use paths relative to the repository root
     cli = cli_main(
         [
             "fit",
@@ -77,7 +81,10 @@ def test_every_shipped_config_runs_one_round(config, tmp_path, monkeypatch):
             str(config),
             "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
             "--summary.print_tables=false",
+            "--model.local_epochs=1",  # keep the smoke test fast
+            "--data.max_train_samples=64",
         ]
     )
     assert len(cli.model.history) == 1

@@ -93,3 +93,18 @@ def test_local_role_is_trained_persisted_and_never_uploaded(trainer_factory):
     assert trainer.global_step == 3 * 2 * 2 * 2  # rounds x clients x steps x roles
     with pytest.raises(ValueError, match="reserved"):
         fed.add_role("server")
+
+
+def test_local_only_never_communicates(trainer_factory):
+    from pl_federated.callbacks import LocalOnly
+
+    fed = federation(local_steps=3)
+    spy = Spy()
+    trainer_factory(rounds=2, callbacks=[LocalOnly(), spy]).fit(fed, digits(num_clients=3))
+    for key, value in fed.server_state.items():  # the server never changes
+        assert torch.equal(value, fed.initial_state[key])
+    local = fed.store.stacked("local")
+    for k in range(3):  # each client keeps exactly what its own training produced
+        for key in local:
+            assert torch.equal(local[key][k], spy.after[k][key])
+    assert not torch.equal(local["head.weight"][0], local["head.weight"][1])

@@ -55,3 +55,20 @@ def test_errors_name_the_field():
         Dirichlet(alpha=0)
     with pytest.raises(ValueError, match="larger alpha"):
         Dirichlet(alpha=0.01, min_size=8, max_tries=3)(labels(100, seed=1), num_clients=10)
+
+
+def test_domains_partition_gives_each_domain_its_own_clients():
+    from pl_federated.data.partition import Domains
+
+    y = labels(900)
+    domains = np.repeat([0, 1, 2], 300)
+    part = Domains(clients_per_domain=2, min_size=5)(y, 6, seed=0, domains=domains)
+    for k, idx in enumerate(part.indices):
+        assert set(domains[idx]) == {k // 2}
+    assert sum(len(i) for i in part.indices) == 900
+    skewed = Domains(clients_per_domain=2, alpha=0.1, min_size=5)(y, 6, seed=0, domains=domains)
+    assert skewed.counts.std() > part.counts.std()
+    with pytest.raises(ValueError, match="num_domains"):
+        Domains(clients_per_domain=2)(y, 5, domains=domains)
+    with pytest.raises(ValueError, match="with domains"):
+        Domains()(y, 3)

@@ -75,9 +75,7 @@ def test_det_loss_composition_per_stage_with_detached_teachers():
 
 
 class FakeFed:
-    """Scripted predictions: before receipt vs after receipt, per client."""
-
-    num_classes = 3
+    """Scripted predictions per client: before receipt vs after receipt."""
 
     def __init__(self, labels, before, after):
         self.labels, self.before, self.after = labels, before, after
@@ -85,18 +83,12 @@ class FakeFed:
         self.excluded = []
         self.logged = {}
         self.current_round = 0
-        self.workers = {"model": None}
         self.personal_role = "model"
-        self.datamodule = self
-        self._client = None
 
-    def client_split(self, client, split):
-        self._client = client
-        return torch.zeros(len(self.labels[client]), 1), torch.tensor(self.labels[client])
-
-    def predict_classes(self, worker, x):
-        k = self._client
-        return torch.tensor(self.after[k] if k in self.received else self.before[k])
+    def score(self, role, client, split, metric):
+        preds = self.after[client] if client in self.received else self.before[client]
+        hits = [p == t for p, t in zip(preds, self.labels[client], strict=True)]
+        return sum(hits) / len(hits)
 
     def load_received_state(self, client):
         self.received.add(client)

@@ -7,6 +7,7 @@ from pl_federated.callbacks.fedavg import FedAvg
 from pl_federated.callbacks.fedbn import FedBN
 from pl_federated.callbacks.fedprox import FedProx
 from pl_federated.callbacks.fourier_aggregation import ProgressiveFourierAggregation
+from pl_federated.callbacks.local_only import LocalOnly
 from pl_federated.callbacks.prototype_alignment import ConjointPrototypeAlignment
 from pl_federated.callbacks.retrogress import RetrogressMonitor
 from pl_federated.callbacks.summary import FederatedSummary
@@ -20,6 +21,7 @@ __all__ = [
     "FedProx",
     "FederatedCallback",
     "FederatedSummary",
+    "LocalOnly",
     "ProgressiveFourierAggregation",
     "RetrogressMonitor",
     "WeightedSum",

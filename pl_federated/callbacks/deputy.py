@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
@@ -123,15 +122,6 @@ class DeputyEnhancedTransfer(FederatedCallback):
                 "always Recover and the next at best Exchange, so Sublimate is never reached."
             )
 
-    def _phi(self, fed: FederatedModule, role: str, x: Tensor, y: Tensor) -> float:
-        preds = fed.predict_classes(fed.workers[role], x)
-        y = y.to(preds.device)
-        if self.metric == "acc":
-            return float(
-                multiclass_accuracy(preds, y, num_classes=fed.num_classes, average="micro")
-            )
-        return float(multiclass_f1_score(preds, y, num_classes=fed.num_classes, average="macro"))
-
     @override
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
         self._counts = {s: 0 for s in Stage}
@@ -147,8 +137,8 @@ class DeputyEnhancedTransfer(FederatedCallback):
         if epoch == 0:
             phi_d = phi_p = 0.0  # the first epoch of a round is always Recover
         else:
-            x, y = fed.datamodule.client_split(client, self.split)
-            phi_d, phi_p = self._phi(fed, DEPUTY, x, y), self._phi(fed, PERSONAL, x, y)
+            phi_d = fed.score(DEPUTY, client, self.split, self.metric)
+            phi_p = fed.score(PERSONAL, client, self.split, self.metric)
         self.stage = next_stage(self.stage if epoch else None, phi_d, phi_p, self.l1, self.l2)
         self._counts[self.stage] += 1
         self.stage_log.append((fed.current_round, client, epoch, int(self.stage)))

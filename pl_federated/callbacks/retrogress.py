@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
@@ -54,19 +53,7 @@ class RetrogressMonitor(FederatedCallback):
         self.history: list[tuple[int, int, float, float]] = []  # (round, client, before, after)
 
     def _score(self, fed: FederatedModule, role: str, client: int) -> float:
-        x, y = fed.datamodule.client_split(client, self.split)
-        if not len(y):
-            raise ValueError(
-                f"RetrogressMonitor: client {client} has no '{self.split}' data; set "
-                f"`data.{self.split}_fraction` > 0 or choose another `split`."
-            )
-        preds = fed.predict_classes(fed.workers[role], x)
-        y = y.to(preds.device)
-        if self.metric == "acc":
-            return float(
-                multiclass_accuracy(preds, y, num_classes=fed.num_classes, average="micro")
-            )
-        return float(multiclass_f1_score(preds, y, num_classes=fed.num_classes, average="macro"))
+        return fed.score(role, client, self.split, self.metric)
 
     @override
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:

@@ -2,13 +2,14 @@
 
 from pl_federated.data.datamodule import ClientSlots, FederatedDataModule
 from pl_federated.data.datasets import DATASETS, load_dataset
-from pl_federated.data.partition import IID, Dirichlet, Partition, Partitioner
+from pl_federated.data.partition import IID, Dirichlet, Domains, Partition, Partitioner
 
 __all__ = [
     "DATASETS",
     "IID",
     "ClientSlots",
     "Dirichlet",
+    "Domains",
     "FederatedDataModule",
     "Partition",
     "Partitioner",

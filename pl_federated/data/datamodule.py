@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -32,6 +33,10 @@ class FederatedDataModule(pl.LightningDataModule):
         batch_size: local training batch size.
         seed: seeds the partition and the train/test split.
         path: file for file-based datasets (``npz``).
+        dataset_options: keyword options of the dataset loader (e.g. ``digit_domains``:
+            ``mnist_path``, ``usps_path``, ``size``, ``max_per_domain``).
+        max_train_samples: cap each client's training split (a seeded subset; val/test are
+            unaffected), e.g. for scarce-data regimes.
 
     Raises:
         ValueError: unknown dataset, bad fractions or sizes, or a partition that cannot give
@@ -48,6 +53,8 @@ class FederatedDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         seed: int = 0,
         path: str | None = None,
+        dataset_options: dict[str, Any] | None = None,
+        max_train_samples: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_clients, int) or num_clients < 1:
@@ -69,6 +76,12 @@ class FederatedDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.path = path
+        self.dataset_options = dict(dataset_options or {})
+        if max_train_samples is not None and max_train_samples < 1:
+            raise ValueError(
+                f"`max_train_samples` must be None or >= 1, got {max_train_samples!r}."
+            )
+        self.max_train_samples = max_train_samples
         self._prepared = False
 
     # --------------------------------------------------------------- setup
@@ -76,12 +89,17 @@ class FederatedDataModule(pl.LightningDataModule):
         """Load, partition and split once (idempotent); all errors surface here, before training."""
         if self._prepared:
             return
-        x, y = load_dataset(self.dataset, self.path)
+        loaded = load_dataset(self.dataset, self.path, **self.dataset_options)
+        x, y = loaded.x, loaded.y
         if len(x) != len(y):
             raise ValueError(f"Dataset {self.dataset!r}: {len(x)} inputs but {len(y)} labels.")
         self.num_classes = int(y.max()) + 1
         self.input_shape = tuple(x.shape[1:])
-        self.split: Partition = self.partition(y.numpy(), self.num_clients, seed=self.seed)
+        self.domain_names = loaded.domain_names
+        domains = loaded.domains.numpy() if loaded.domains is not None else None
+        self.split: Partition = self.partition(
+            y.numpy(), self.num_clients, seed=self.seed, domains=domains
+        )
         rng = np.random.default_rng(self.seed + 1)
         self.train_x, self.train_y, self.test_x, self.test_y = [], [], [], []
         self.val_x, self.val_y = [], []
@@ -99,6 +117,8 @@ class FederatedDataModule(pl.LightningDataModule):
                     f"`test_fraction`={self.test_fraction} and `val_fraction`={self.val_fraction}."
                 )
             test, val, train = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+            if self.max_train_samples is not None:
+                train = train[: self.max_train_samples]  # idx is already a seeded permutation
             for xs, ys, part in (
                 (self.train_x, self.train_y, train),
                 (self.val_x, self.val_y, val),

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
-Loaded = tuple[Tensor, Tensor]
+
+class Loaded(NamedTuple):
+    """A dataset in memory; ``domains`` (per-sample domain ids) for feature-shift datasets."""
+
+    x: Tensor
+    y: Tensor
+    domains: Tensor | None = None
+    domain_names: tuple[str, ...] = ()
 
 
 def load_digits() -> Loaded:
@@ -18,7 +27,7 @@ def load_digits() -> Loaded:
 
     bunch = sk_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return x, torch.tensor(bunch.target, dtype=torch.long)
+    return Loaded(x, torch.tensor(bunch.target, dtype=torch.long))
 
 
 def load_npz(path: str | Path) -> Loaded:
@@ -36,18 +45,57 @@ def load_npz(path: str | Path) -> Loaded:
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     if x.ndim == 3:
         x = x.unsqueeze(1)
-    return x, torch.from_numpy(labels.astype(np.int64))
+    return Loaded(x, torch.from_numpy(labels.astype(np.int64)))
 
 
-DATASETS: dict[str, Callable[..., Loaded]] = {"digits": load_digits, "npz": load_npz}
+def load_digit_domains(
+    mnist_path: str | None = None,
+    usps_path: str | None = None,
+    size: int = 28,
+    max_per_domain: int | None = None,
+    seed: int = 0,
+) -> Loaded:
+    """The digit feature-shift benchmark: MNIST, USPS and scikit-learn digits, each resized
+    (bilinear) to ``size`` x ``size`` in [0, 1], one domain each. MNIST and USPS come from
+    ``.npz`` files (``images``/``labels``, e.g. ``../shared/data``); a domain whose path is
+    ``None`` is left out; scikit-learn digits are always included. ``max_per_domain`` keeps a
+    seeded random subset of each domain."""
+    parts: list[tuple[str, Loaded]] = []
+    for name, path in (("mnist", mnist_path), ("usps", usps_path)):
+        if path is not None:
+            parts.append((name, load_npz(path)))
+    parts.append(("digits", load_digits()))
+    rng = np.random.default_rng(seed)
+    xs, ys, ds = [], [], []
+    for d, (_, loaded) in enumerate(parts):
+        x, y = loaded.x, loaded.y
+        if max_per_domain is not None and len(y) > max_per_domain:
+            keep = torch.from_numpy(np.sort(rng.choice(len(y), max_per_domain, replace=False)))
+            x, y = x[keep], y[keep]
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        xs.append(x.clamp(0, 1))
+        ys.append(y)
+        ds.append(torch.full((len(y),), d, dtype=torch.long))
+    names = tuple(name for name, _ in parts)
+    return Loaded(torch.cat(xs), torch.cat(ys), torch.cat(ds), names)
 
 
-def load_dataset(name: str, path: str | None = None) -> Loaded:
-    """Load dataset ``name`` (see :data:`DATASETS`)."""
+DATASETS: dict[str, Callable[..., Loaded]] = {
+    "digits": load_digits,
+    "npz": load_npz,
+    "digit_domains": load_digit_domains,
+}
+
+
+def load_dataset(name: str, path: str | None = None, **options: Any) -> Loaded:
+    """Load dataset ``name`` (see :data:`DATASETS`); ``options`` go to its loader."""
     if name not in DATASETS:
         raise ValueError(f"Unknown `dataset`={name!r}; available: {sorted(DATASETS)}.")
     if name == "npz":
         if path is None:
             raise ValueError("`dataset`='npz' needs `path` to an .npz file.")
         return load_npz(path)
-    return DATASETS[name]()
+    try:
+        return DATASETS[name](**options)
+    except TypeError as err:
+        raise ValueError(f"Bad `dataset_options` {options} for dataset {name!r}: {err}") from err

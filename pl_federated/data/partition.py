@@ -38,7 +38,9 @@ class Partitioner(ABC):
             raise ValueError(f"`min_size` must be an int >= 1, got {min_size!r}.")
         self.min_size = min_size
 
-    def __call__(self, labels: np.ndarray, num_clients: int, seed: int = 0) -> Partition:
+    def __call__(
+        self, labels: np.ndarray, num_clients: int, seed: int = 0, domains: np.ndarray | None = None
+    ) -> Partition:
         labels = np.asarray(labels)
         if not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}.")
@@ -52,21 +54,27 @@ class Partitioner(ABC):
                 f"{self.min_size} samples from {len(labels)} samples; lower one of them."
             )
         rng = np.random.default_rng(seed)
-        indices = [np.sort(i) for i in self.split(labels, num_clients, rng)]
+        parts = self.split(labels, num_clients, rng, domains=domains)
+        indices = [np.sort(i) for i in parts]
         num_classes = int(labels.max()) + 1 if len(labels) else 0
         return Partition(indices, label_counts(labels, indices, num_classes))
 
     @abstractmethod
     def split(
-        self, labels: np.ndarray, num_clients: int, rng: np.random.Generator
+        self,
+        labels: np.ndarray,
+        num_clients: int,
+        rng: np.random.Generator,
+        domains: np.ndarray | None = None,
     ) -> list[np.ndarray]:
-        """Return one index array per client (disjoint)."""
+        """Return one index array per client (disjoint); ``domains`` only for domain-aware
+        partitions."""
 
 
 class IID(Partitioner):
     """Uniformly random, equal-size clients (sizes differ by at most one)."""
 
-    def split(self, labels, num_clients, rng):
+    def split(self, labels, num_clients, rng, domains=None):
         return np.array_split(rng.permutation(len(labels)), num_clients)
 
 
@@ -92,7 +100,7 @@ class Dirichlet(Partitioner):
         self.alpha = float(alpha)
         self.max_tries = max_tries
 
-    def split(self, labels, num_clients, rng):
+    def split(self, labels, num_clients, rng, domains=None):
         n = len(labels)
         by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
         smallest = 0
@@ -116,3 +124,44 @@ class Dirichlet(Partitioner):
             f"`min_size`={self.min_size} samples in {self.max_tries} draws (smallest client: "
             f"{smallest}); use a larger alpha, fewer clients or a smaller min_size."
         )
+
+
+class Domains(Partitioner):
+    """Real feature shift: each domain's samples go to its own ``clients_per_domain`` clients
+    (in domain order: clients 0..m-1 hold domain 0, ...), split IID or, with ``alpha``, with
+    Dirichlet label skew inside the domain. ``num_clients`` must equal
+    ``num_domains * clients_per_domain``.
+    """
+
+    def __init__(self, clients_per_domain: int = 1, alpha: float | None = None, min_size: int = 10):
+        super().__init__(min_size)
+        if not isinstance(clients_per_domain, int) or clients_per_domain < 1:
+            raise ValueError(
+                f"`clients_per_domain` must be an int >= 1, got {clients_per_domain!r}."
+            )
+        self.clients_per_domain = clients_per_domain
+        self.inner: Partitioner = Dirichlet(alpha, min_size) if alpha is not None else IID(min_size)
+
+    def split(self, labels, num_clients, rng, domains=None):
+        if domains is None:
+            raise ValueError("The `Domains` partition needs a dataset with domains.")
+        domains = np.asarray(domains)
+        ids = np.unique(domains)
+        if num_clients != len(ids) * self.clients_per_domain:
+            raise ValueError(
+                f"`num_clients`={num_clients} must be num_domains ({len(ids)}) x "
+                f"`clients_per_domain` ({self.clients_per_domain}) = "
+                f"{len(ids) * self.clients_per_domain}."
+            )
+        parts = []
+        for d in ids:
+            where = np.flatnonzero(domains == d)
+            if len(where) < self.clients_per_domain * self.min_size:
+                raise ValueError(
+                    f"Domain {d} has {len(where)} samples: too few for {self.clients_per_domain} "
+                    f"clients of `min_size`={self.min_size}."
+                )
+            parts += [
+                where[i] for i in self.inner.split(labels[where], self.clients_per_domain, rng)
+            ]
+        return parts

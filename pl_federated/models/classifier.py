@@ -105,6 +105,8 @@ class CNNClassifier(ImageClassifier):
         image_size: input height = width.
         num_classes: output classes.
         batch_norm: BatchNorm after each conv (for FedBN-style experiments).
+        channels: the two conv widths (paper: 32, 64).
+        hidden: width of the fully connected layer (paper: 512).
     """
 
     def __init__(
@@ -113,6 +115,8 @@ class CNNClassifier(ImageClassifier):
         image_size: int = 28,
         num_classes: int = 10,
         batch_norm: bool = False,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 512,
         lr: float = 0.01,
         optimizer: str = "sgd",
         momentum: float = 0.0,
@@ -125,12 +129,15 @@ class CNNClassifier(ImageClassifier):
             norm = [nn.BatchNorm2d(cout)] if batch_norm else []
             return [nn.Conv2d(cin, cout, 5, padding=2), *norm, nn.ReLU(), nn.MaxPool2d(2)]
 
+        if len(channels) != 2:
+            raise ValueError(f"`channels` must have two widths, got {channels!r}.")
+        c1, c2 = channels
         side = image_size // 4
         self.features = nn.Sequential(
-            *block(in_channels, 32),
-            *block(32, 64),
+            *block(in_channels, c1),
+            *block(c1, c2),
             nn.Flatten(),
-            nn.Linear(64 * side * side, 512),
+            nn.Linear(c2 * side * side, hidden),
             nn.ReLU(),
         )
-        self.head = nn.Linear(512, num_classes)
+        self.head = nn.Linear(hidden, num_classes)

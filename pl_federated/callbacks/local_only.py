@@ -1,0 +1,37 @@
+"""LocalOnly: no communication, the baseline every personalized method must beat."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import lightning.pytorch as pl
+from torch import Tensor
+from typing_extensions import override
+
+from pl_federated.callbacks.aggregator import Aggregator
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+
+class LocalOnly(Aggregator):
+    """Each client trains only its own model: every state entry is client-local, nothing is
+    aggregated, the server state stays the initial model (so ``global/*`` metrics describe the
+    untrained model; read ``personal/*``)."""
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
+        pl_module.add_local_keys(pl_module.client.state_dict().keys())
+
+    @override
+    def update(
+        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
+    ) -> None:
+        """Nothing is uploaded."""
+
+    @override
+    def aggregate(
+        self, fed: FederatedModule, server_state: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return dict(server_state)
