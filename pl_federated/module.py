@@ -595,7 +595,6 @@ class FederatedModule(pl.LightningModule):
         for role, loss_sum in self._loss_sums.items():
             suffix = "" if role == SHARED_ROLE else f"_{role}"
             metrics[f"train/loss{suffix}"] = float(loss_sum / max(self._loss_count, 1))
-        metrics.update({k: v.item() for k, v in self._pop_client_logs().items()})
         metrics.update(self._round_logs)
         if self._evaluate_now:
             metrics.update(self.evaluate_global())
@@ -606,6 +605,7 @@ class FederatedModule(pl.LightningModule):
                 metrics["personal/acc_min"] = acc.min().item()
                 metrics["personal/f1_mean"] = f1.mean().item()
                 self._store_personal_metrics()
+        metrics.update({k: v.item() for k, v in self._pop_client_logs().items()})
         metrics["round/seconds"] = time.perf_counter() - self._round_start
         self.history.append(metrics)
         self.log_dict(metrics, on_epoch=True, prog_bar=False, sync_dist=False)
@@ -651,6 +651,21 @@ class FederatedModule(pl.LightningModule):
         acc, f1 = self._acc_f1(preds, y.to(preds.device))
         return f1 if metric == "f1" else acc
 
+    @torch.no_grad()
+    def _run_client_validation_step(self, x: Tensor, y: Tensor) -> None:
+        """Run the client module's own ``validation_step`` (if it defines one) with the server
+        model over the pooled test data, so what it logs appears as ``client/<name>``."""
+        worker = self.client
+        if not is_overridden("validation_step", worker, pl.LightningModule):
+            return
+        worker.eval()
+        with self.trainer.precision_plugin.forward_context():
+            for i, start in enumerate(range(0, len(y), self.eval_batch_size)):
+                end = start + self.eval_batch_size
+                batch = (x[start:end].to(self.device), y[start:end].to(self.device))
+                worker.validation_step(batch, i)
+        worker.train()
+
     def _acc_f1(self, preds: Tensor, target: Tensor) -> tuple[float, float]:
         c = self.num_classes
         acc = multiclass_accuracy(preds, target, num_classes=c, average="micro")
@@ -664,6 +679,7 @@ class FederatedModule(pl.LightningModule):
             return {}
         self.load_state(SHARED_ROLE, self.server_state)
         preds = self.predict_classes(self.client, x).cpu()
+        self._run_client_validation_step(x, y)
         acc, f1 = self._acc_f1(preds, y)
         per_acc = torch.full((self.num_clients,), float("nan"))
         per_f1 = torch.full((self.num_clients,), float("nan"))

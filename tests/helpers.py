@@ -18,6 +18,10 @@ class LoggingClient(MLPClassifier):
         self.log_dict({"twice": 2 * loss})
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean())
+
 
 class PoisonedClient(MLPClassifier):
     """Produces a NaN loss while training client ``bad``."""

@@ -58,6 +58,8 @@ def test_client_self_log_is_routed_to_round_means(trainer_factory):
     m = trainer.callback_metrics
     assert m["client/my_loss"].item() == pytest.approx(m["train/loss"].item(), rel=1e-5)
     assert m["client/twice"].item() == pytest.approx(2 * m["train/loss"].item(), rel=1e-5)
+    # the client's validation_step runs on the server model over the pooled test data
+    assert m["client/val_acc"].item() == pytest.approx(m["global/acc"].item(), abs=1e-6)
 
 
 def test_nan_client_is_excluded_counted_and_warned(trainer_factory):

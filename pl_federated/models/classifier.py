@@ -52,12 +52,6 @@ class ImageClassifier(pl.LightningModule):
         logits = self.head(features)
         return {"loss": F.cross_entropy(logits, y), "logits": logits, "features": features}
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("val_loss", loss)
-        return loss
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
