@@ -164,6 +164,10 @@ def test_det_requires_validation_split_and_warns_on_few_epochs(trainer_factory):
         trainer_factory(rounds=1, callbacks=[FedAvg(), DeputyEnhancedTransfer(split="train")]).fit(
             federation(client=bn_cnn(), local_epochs=2), dm(val_fraction=0.0)
         )
+    with pytest.raises(ValueError, match="val_fraction"):
+        trainer_factory(callbacks=[FedAvg(), RetrogressMonitor()]).fit(
+            federation(client=bn_cnn()), dm(val_fraction=0.0)
+        )
     with pytest.raises(ValueError, match="l1"):
         DeputyEnhancedTransfer(l1=0.9, l2=0.7)
     with pytest.raises(ValueError, match="variant"):

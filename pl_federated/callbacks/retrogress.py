@@ -52,6 +52,15 @@ class RetrogressMonitor(FederatedCallback):
         self.curve: list[tuple[int, int, int, float]] = []  # (round, client, epoch, metric)
         self.history: list[tuple[int, int, float, float]] = []  # (round, client, before, after)
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        sizes = getattr(trainer.datamodule, f"num_{self.split}")
+        if int(sizes.min()) == 0:
+            raise ValueError(
+                f"RetrogressMonitor(split={self.split!r}): some clients have no '{self.split}' "
+                f"data; set `data.{self.split}_fraction` > 0 or choose another `split`."
+            )
+
     def _score(self, fed: FederatedModule, role: str, client: int) -> float:
         return fed.score(role, client, self.split, self.metric)
 
