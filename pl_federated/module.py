@@ -728,13 +728,15 @@ class FederatedModule(pl.LightningModule):
 
     def _eval_step(self, client: Tensor | int, stage: str) -> None:
         client = int(client)
-        x, y = self.datamodule.client_test(client)
+        dm = self.datamodule
+        split = "val" if stage == "val" and int(dm.num_val.sum()) > 0 else "test"
+        x, y = dm.client_split(client, split)
         if not len(y):
             return
         preds = self.predict_classes(self.client, x).cpu()
         self._eval_preds.append(preds)
         self._eval_targets.append(y)
-        acc, f1 = self._acc_f1(preds, y)
+        acc, _ = self._acc_f1(preds, y)
         self.log(f"{stage}/acc_client_mean", acc, on_epoch=True, batch_size=1)
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -753,7 +755,8 @@ class FederatedModule(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def validation_step(self, client: Tensor, batch_idx: int) -> None:
-        """``trainer.validate``: same as test (clients have no separate validation split yet)."""
+        """``trainer.validate``: the server model on each client's validation split (its test
+        split when the datamodule has no validation split)."""
         self._eval_step(client, "val")
 
     def on_validation_epoch_start(self) -> None:
