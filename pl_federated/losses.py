@@ -64,3 +64,10 @@ def prototype_weights(local: Tensor, global_: Tensor, present: Tensor, tau: floa
     cos = F.cosine_similarity(local, global_, dim=-1)
     gamma = (1 + tau) / (cos + tau)
     return torch.where(present, gamma, torch.ones_like(gamma))
+
+
+def proximal_term(params: list[Tensor], anchor: list[Tensor], mu: float) -> Tensor:
+    """``(mu / 2) * sum ||p - a||^2`` over matching tensors; its gradient is ``mu * (p - a)``
+    (FedProx's proximal term, Ditto's regularizer)."""
+    diffs = torch._foreach_sub(params, anchor)
+    return 0.5 * mu * sum(d.pow(2).sum() for d in diffs)

@@ -263,10 +263,11 @@ class FederatedModule(pl.LightningModule):
     def add_local_keys(self, keys: Iterable[str]) -> None:
         """Keep these shared-role state entries on the client (e.g. BatchNorm for FedBN): the
         server's values for them are ignored on receipt, the client's own persist."""
-        unknown = set(keys) - set(self.client.state_dict())
+        keys = set(keys)
+        unknown = keys - set(self.client.state_dict())
         if unknown:
             raise ValueError(f"Unknown state keys {sorted(unknown)} for `local_keys`.")
-        self.local_keys |= set(keys)
+        self.local_keys |= keys
 
     def log_round(self, metrics: Mapping[str, float]) -> None:
         """Add scalars to this round's log row (callbacks call this, e.g. in on_round_end)."""

@@ -108,3 +108,53 @@ def test_local_only_never_communicates(trainer_factory):
         for key in local:
             assert torch.equal(local[key][k], spy.after[k][key])
     assert not torch.equal(local["head.weight"][0], local["head.weight"][1])
+
+
+def test_fedper_keeps_the_head_local(trainer_factory):
+    from pl_federated.callbacks import FedPer
+
+    fed = federation(local_steps=3)
+    spy = Spy()
+    dm = digits(num_clients=3)
+    trainer_factory(rounds=2, callbacks=[FedPer(personal_keys=["head"]), spy]).fit(fed, dm)
+    assert fed.local_keys == {"head.weight", "head.bias"}
+    local = fed.store.stacked("local")
+    for k in range(3):
+        assert torch.equal(local["head.weight"][k], spy.after[k]["head.weight"])
+    n = dm.num_train.double()
+    body = "features.1.weight"
+    expected = sum(n[k] * spy.after[k][body].double() for k in range(3)) / n.sum()
+    torch.testing.assert_close(fed.server_state[body].double(), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="matches no state entry"):
+        trainer_factory(callbacks=[FedPer(personal_keys=["classifier"])]).fit(
+            federation(), digits(num_clients=3)
+        )
+
+
+def test_ditto_personal_model_is_pulled_toward_the_received_global(trainer_factory):
+    from pl_federated.callbacks import Ditto
+
+    def personal_distance(lam):
+        fed = federation(local_steps=5)
+        trainer_factory(rounds=3, callbacks=[FedAvg(), Ditto(lam=lam)]).fit(
+            fed, digits(num_clients=3)
+        )
+        personal = fed.store.stacked("personal")
+        return sum(
+            (personal[k] - fed.server_state[k]).norm() for k in personal if "weight" in k
+        ).item(), fed
+
+    far, fed = personal_distance(0.0)
+    near, _ = personal_distance(5.0)
+    assert near < far
+    assert fed.personal_role == "personal" and "personal/acc_mean" in fed.history[-1]
+    # the regularizer's gradient is exactly lam * (v - w_received)
+    ditto = Ditto(lam=0.7)
+    ditto.on_client_start(None, fed, 0)
+    for p in ditto._params:
+        p.grad = None
+    term = ditto.client_loss(fed, 0, "personal", None, {})
+    term.backward()
+    for p, w in zip(ditto._params, ditto._anchor, strict=True):
+        torch.testing.assert_close(p.grad, 0.7 * (p.detach() - w), rtol=1e-5, atol=1e-7)
+    assert ditto.client_loss(fed, 0, "model", None, {}) is None

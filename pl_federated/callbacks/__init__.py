@@ -3,8 +3,10 @@
 from pl_federated.callbacks.aggregator import Aggregator, WeightedSum
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.callbacks.deputy import DeputyEnhancedTransfer
+from pl_federated.callbacks.ditto import Ditto
 from pl_federated.callbacks.fedavg import FedAvg
 from pl_federated.callbacks.fedbn import FedBN
+from pl_federated.callbacks.fedper import FedPer
 from pl_federated.callbacks.fedprox import FedProx
 from pl_federated.callbacks.fourier_aggregation import ProgressiveFourierAggregation
 from pl_federated.callbacks.local_only import LocalOnly
@@ -16,8 +18,10 @@ __all__ = [
     "Aggregator",
     "ConjointPrototypeAlignment",
     "DeputyEnhancedTransfer",
+    "Ditto",
     "FedAvg",
     "FedBN",
+    "FedPer",
     "FedProx",
     "FederatedCallback",
     "FederatedSummary",

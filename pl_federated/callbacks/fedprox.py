@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.losses import proximal_term
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -52,5 +52,4 @@ class FedProx(FederatedCallback):
     ) -> Tensor | None:
         if role != "model" or self.mu == 0:
             return None
-        diffs = torch._foreach_sub(self._params, self._anchor)
-        return 0.5 * self.mu * sum(d.pow(2).sum() for d in diffs)
+        return proximal_term(self._params, self._anchor, self.mu)

@@ -1,0 +1,51 @@
+"""FedPer (Arivazhagan et al., 2019): FedAvg of the body, personal layers stay on each client."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+from pl_federated.callbacks.fedavg import FedAvg
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+
+class FedPer(FedAvg):
+    """FedAvg, except that state entries whose name starts with one of ``personal_keys`` (e.g.
+    the classifier ``head``) are client-local: never taken from the server, persisted per
+    client. Same options as :class:`FedAvg`.
+
+    Args:
+        personal_keys: name prefixes of the personal layers (default ``["head"]``).
+
+    Raises:
+        ValueError: a prefix that matches no state entry of the client model.
+    """
+
+    def __init__(
+        self,
+        personal_keys: Sequence[str] = ("head",),
+        over: str = "selected",
+        weighting: str = "samples",
+    ) -> None:
+        super().__init__(over=over, weighting=weighting)
+        if not personal_keys:
+            raise ValueError("`FedPer.personal_keys` must name at least one layer prefix.")
+        self.personal_keys = tuple(personal_keys)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
+        names = list(pl_module.client.state_dict())
+        for prefix in self.personal_keys:
+            if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                raise ValueError(
+                    f"`FedPer.personal_keys` entry {prefix!r} matches no state entry; "
+                    f"entries: {names}."
+                )
+        pl_module.add_local_keys(
+            n for n in names for p in self.personal_keys if n == p or n.startswith(p + ".")
+        )
