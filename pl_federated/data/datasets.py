@@ -80,10 +80,66 @@ def load_digit_domains(
     return Loaded(torch.cat(xs), torch.cat(ys), torch.cat(ds), names)
 
 
+# name -> (torchvision class, how the split is passed)
+TORCHVISION = {
+    "mnist": ("MNIST", "train"),
+    "fashion_mnist": ("FashionMNIST", "train"),
+    "kmnist": ("KMNIST", "train"),
+    "emnist": ("EMNIST", "train"),
+    "cifar10": ("CIFAR10", "train"),
+    "cifar100": ("CIFAR100", "train"),
+    "svhn": ("SVHN", "split"),
+    "usps": ("USPS", "train"),
+}
+
+
+def load_torchvision(
+    name: str, root: str = "data", download: bool = False, split: str = "train", **kwargs: Any
+) -> Loaded:
+    """A torchvision dataset as in-memory tensors (``split``: ``"train"`` or ``"test"``).
+
+    Uses torchvision's own download and file checks; offline or without the files it raises a
+    ``FileNotFoundError`` that says where the files go and how to download them.
+    """
+    import torchvision
+
+    if split not in ("train", "test"):
+        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
+    cls_name, how = TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    split_arg = {"split": split} if how == "split" else {"train": split == "train"}
+    if name == "emnist":
+        kwargs.setdefault("split", "balanced")
+    folder = Path(root) / cls_name
+    try:
+        ds = cls(root, download=download, **split_arg, **kwargs)
+    except (RuntimeError, OSError) as err:
+        hint = (
+            "downloading failed (no network?)"
+            if download
+            else "the files are not there and `download` is false"
+        )
+        raise FileNotFoundError(
+            f"Dataset {name!r} ({split}): {hint}. Put torchvision's {cls_name} files under "
+            f"{folder}/ (as `torchvision.datasets.{cls_name}(root={root!r}, download=True)` "
+            f"writes them on a machine with network), or set `dataset_options: "
+            f"{{root: {root}, download: true}}`. ({err})"
+        ) from err
+    targets = ds.targets if hasattr(ds, "targets") else ds.labels  # SVHN names them labels
+    x = torch.as_tensor(np.asarray(ds.data))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    elif x.ndim == 4 and x.shape[-1] in (1, 3):  # NHWC (CIFAR) -> NCHW
+        x = x.permute(0, 3, 1, 2)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return Loaded(x.contiguous(), torch.as_tensor(np.asarray(targets), dtype=torch.long))
+
+
 DATASETS: dict[str, Callable[..., Loaded]] = {
     "digits": load_digits,
     "npz": load_npz,
     "digit_domains": load_digit_domains,
+    **{name: load_torchvision for name in TORCHVISION},
 }
 
 
@@ -95,6 +151,8 @@ def load_dataset(name: str, path: str | None = None, **options: Any) -> Loaded:
         if path is None:
             raise ValueError("`dataset`='npz' needs `path` to an .npz file.")
         return load_npz(path)
+    if name in TORCHVISION:
+        options = {"name": name, **options}
     try:
         return DATASETS[name](**options)
     except TypeError as err:
