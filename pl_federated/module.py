@@ -25,6 +25,17 @@ from pl_federated.callbacks.fedavg import FedAvg
 from pl_federated.store import ClientStore, all_finite
 
 SHARED_ROLE = "model"
+ROUND_METRIC_GROUPS = (
+    "global",
+    "personal",
+    "train",
+    "round",
+    "client",
+    "retrogress",
+    "det",
+    "pfa",
+    "cpa",
+)
 _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
 
@@ -793,6 +804,18 @@ class FederatedModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.server_state = {k: v.to(self.device) for k, v in self.server_state.items()}
         self._fast_step = self._can_step_directly()
+        self._use_round_axis()
+
+    def _use_round_axis(self) -> None:
+        """Plot the federated metrics against ``round`` in W&B (Lightning's default x-axis,
+        ``trainer/global_step``, counts local optimizer steps)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and self.trainer.is_global_zero:
+                logger.experiment.define_metric("round")
+                for group in ROUND_METRIC_GROUPS:
+                    logger.experiment.define_metric(f"{group}/*", step_metric="round")
 
     def _can_step_directly(self) -> bool:
         """Whether local steps may call ``loss.backward()``/``optimizer.step()`` directly.

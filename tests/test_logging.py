@@ -4,7 +4,7 @@ import time
 import pytest
 from helpers import LoggingClient, digits, federation
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-from wandb_reader import history
+from wandb_reader import history, records
 
 from pl_federated.callbacks.summary import FederatedSummary
 
@@ -51,3 +51,9 @@ def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, mon
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[-1]["global/acc"] == pytest.approx(fed.history[-1]["global/acc"])
     assert "client/my_loss" in rows[-1] and "personal/acc_mean" in rows[-1]
+    axes = {
+        r.metric.glob_name: r.metric.step_metric
+        for r in records(next(runs[0].glob("*.wandb")))
+        if r.WhichOneof("record_type") == "metric" and r.metric.glob_name
+    }
+    assert axes["global/*"] == "round" and axes["personal/*"] == "round"
