@@ -3,23 +3,18 @@ toward it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
-from torch import Tensor
 from typing_extensions import override
 
-from pl_federated.callbacks.base import FederatedCallback
-from pl_federated.losses import proximal_term
+from pl_federated.callbacks.fedprox import _ProximalToReceived
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
-PERSONAL = "personal"
 
-
-class Ditto(FederatedCallback):
+class Ditto(_ProximalToReceived):
     """Adds a ``personal`` role next to the shared (global) model. Both train on the same
     batches; the personal model's loss gains ``(lam / 2) * ||v - w_received||^2``, where
     ``w_received`` is the global model the client received this round. The shared model is
@@ -30,29 +25,12 @@ class Ditto(FederatedCallback):
         lam: regularization strength lambda (>= 0; 0 is local training of the personal model).
     """
 
+    role = "personal"
+
     def __init__(self, lam: float = 0.1) -> None:
-        if not lam >= 0:
-            raise ValueError(f"`Ditto.lam` must be >= 0, got {lam!r}.")
-        self.lam = float(lam)
+        super().__init__(lam, "Ditto.lam")
+        self.lam = self.weight
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        pl_module.add_role(PERSONAL)
-
-    @override
-    def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        self._params = [p for p in fed.workers[PERSONAL].parameters() if p.requires_grad]
-        self._anchor = [p.detach().clone() for p in fed.client.parameters() if p.requires_grad]
-
-    @override
-    def client_loss(
-        self,
-        fed: FederatedModule,
-        client: int,
-        role: str,
-        batch: Any,
-        outputs: dict[str, Mapping[str, Any]],
-    ) -> Tensor | None:
-        if role != PERSONAL or self.lam == 0:
-            return None
-        return proximal_term(self._params, self._anchor, self.lam)
+        pl_module.add_role(self.role)

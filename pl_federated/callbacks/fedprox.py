@@ -16,30 +16,22 @@ if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 
-class FedProx(FederatedCallback):
-    """Adds ``(mu / 2) * ||w - w_received||^2`` to the shared role's local loss.
+class _ProximalToReceived(FederatedCallback):
+    """Adds ``(weight / 2) * ||w_role - w_received||^2`` to ``role``'s loss, where
+    ``w_received`` is the shared model as the client received it this round (snapshotted when
+    its update starts). Shared by FedProx (role: the shared model) and Ditto (role: personal)."""
 
-    ``w_received`` is the model the client received this round (snapshotted when its local
-    update starts), so the term's gradient is exactly ``mu * (w - w_received)``. Combine with
-    any aggregator (the paper uses FedAvg).
+    role = "model"
 
-    Args:
-        mu: proximal weight (>= 0; 0 is FedAvg).
-
-    Example:
-        >>> trainer = pl.Trainer(callbacks=[FedProx(mu=0.01)])  # doctest: +SKIP
-    """
-
-    def __init__(self, mu: float = 0.01) -> None:
-        if not mu >= 0:
-            raise ValueError(f"`FedProx.mu` must be >= 0, got {mu!r}.")
-        self.mu = float(mu)
-        self._anchor: list[Tensor] = []
+    def __init__(self, weight: float, name: str) -> None:
+        if not weight >= 0:
+            raise ValueError(f"`{name}` must be >= 0, got {weight!r}.")
+        self.weight = float(weight)
 
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        self._params = [p for p in fed.client.parameters() if p.requires_grad]
-        self._anchor = [p.detach().clone() for p in self._params]
+        self._params = [p for p in fed.workers[self.role].parameters() if p.requires_grad]
+        self._anchor = [p.detach().clone() for p in fed.client.parameters() if p.requires_grad]
 
     @override
     def client_loss(
@@ -50,6 +42,24 @@ class FedProx(FederatedCallback):
         batch: Any,
         outputs: dict[str, Mapping[str, Any]],
     ) -> Tensor | None:
-        if role != "model" or self.mu == 0:
+        if role != self.role or self.weight == 0:
             return None
-        return proximal_term(self._params, self._anchor, self.mu)
+        return proximal_term(self._params, self._anchor, self.weight)
+
+
+class FedProx(_ProximalToReceived):
+    """Adds ``(mu / 2) * ||w - w_received||^2`` to the shared role's local loss.
+
+    ``w_received`` is the model the client received this round, so the term's gradient is
+    exactly ``mu * (w - w_received)``. Combine with any aggregator (the paper uses FedAvg).
+
+    Args:
+        mu: proximal weight (>= 0; 0 is FedAvg).
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[FedProx(mu=0.01)])  # doctest: +SKIP
+    """
+
+    def __init__(self, mu: float = 0.01) -> None:
+        super().__init__(mu, "FedProx.mu")
+        self.mu = self.weight
