@@ -70,7 +70,7 @@ def test_cli_rejects_bad_config_naming_the_field(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT))
 )
-def test_every_shipped_config_runs_one_round(config, monkeypatch):
+def test_every_shipped_config_runs_one_round(config, monkeypatch, tmp_path):
     if "../shared/data" in config.read_text() and not (ROOT.parent / "shared" / "data").is_dir():
         pytest.skip("config reads ../shared/data, which is not present")
     monkeypatch.chdir(ROOT)  # configs use paths relative to the repository root
@@ -82,6 +82,7 @@ def test_every_shipped_config_runs_one_round(config, monkeypatch):
             "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",  # where the CLI saves its config.yaml
             "--summary.print_tables=false",
             "--model.local_epochs=1",  # keep the smoke test fast
             "--data.max_train_samples=64",
