@@ -72,3 +72,33 @@ def test_domains_partition_gives_each_domain_its_own_clients():
         Domains(clients_per_domain=2)(y, 5, domains=domains)
     with pytest.raises(ValueError, match="with domains"):
         Domains()(y, 3)
+
+
+def test_pathological_gives_each_client_exactly_c_classes_and_uses_all():
+    from pl_federated.data.partition import Pathological
+
+    y = labels(2000)
+    part = Pathological(classes_per_client=2, min_size=5)(y, num_clients=12, seed=1)
+    assert all((row > 0).sum() == 2 for row in part.counts)
+    assert (part.counts.sum(0) > 0).all()  # every class used
+    allidx = np.concatenate(part.indices)
+    assert len(allidx) == len(np.unique(allidx)) == 2000
+    with pytest.raises(ValueError, match="cannot cover all 10 classes"):
+        Pathological(classes_per_client=2)(y, num_clients=4)
+    with pytest.raises(ValueError, match="more than the 10 classes"):
+        Pathological(classes_per_client=11)(y, num_clients=4)
+
+
+def test_quantity_skew_sizes_vary_labels_stay_iid():
+    from pl_federated.data.partition import QuantitySkew
+
+    y = labels(5000)
+    part = QuantitySkew(alpha=0.5, min_size=20)(y, num_clients=10, seed=0)
+    sizes = part.sizes
+    assert sizes.min() >= 20 and sizes.max() > 2 * sizes.min()
+    assert sum(len(i) for i in part.indices) == 5000
+    big = int(np.argmax(sizes))
+    dist = part.counts[big] / sizes[big]
+    assert np.abs(dist - 0.1).max() < 0.05  # the largest client's labels look like the global mix
+    with pytest.raises(ValueError, match="larger alpha"):
+        QuantitySkew(alpha=0.01, min_size=400, max_tries=5)(y, num_clients=10)

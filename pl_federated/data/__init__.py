@@ -2,7 +2,15 @@
 
 from pl_federated.data.datamodule import ClientSlots, FederatedDataModule
 from pl_federated.data.datasets import DATASETS, load_dataset
-from pl_federated.data.partition import IID, Dirichlet, Domains, Partition, Partitioner
+from pl_federated.data.partition import (
+    IID,
+    Dirichlet,
+    Domains,
+    Partition,
+    Partitioner,
+    Pathological,
+    QuantitySkew,
+)
 
 __all__ = [
     "DATASETS",
@@ -13,5 +21,7 @@ __all__ = [
     "FederatedDataModule",
     "Partition",
     "Partitioner",
+    "Pathological",
+    "QuantitySkew",
     "load_dataset",
 ]

@@ -165,3 +165,78 @@ class Domains(Partitioner):
                 where[i] for i in self.inner.split(labels[where], self.clients_per_domain, rng)
             ]
         return parts
+
+
+class Pathological(Partitioner):
+    """Each client holds exactly ``classes_per_client`` classes (NIID-Bench ``#label{k}``; the
+    FedAvg paper's shards with 2 classes per client).
+
+    Classes are dealt from a seeded permutation so that client i holds classes
+    ``perm[(i*C + j) % num_classes]``, j < C: distinct per client, every class used (this needs
+    ``num_clients * C >= num_classes``). Each class's samples are split evenly, at random, over
+    the clients holding it.
+    """
+
+    def __init__(self, classes_per_client: int = 2, min_size: int = 10) -> None:
+        super().__init__(min_size)
+        if not isinstance(classes_per_client, int) or classes_per_client < 1:
+            raise ValueError(
+                f"`classes_per_client` must be an int >= 1, got {classes_per_client!r}."
+            )
+        self.classes_per_client = classes_per_client
+
+    def split(self, labels, num_clients, rng, domains=None):
+        classes = np.unique(labels)
+        c, n = self.classes_per_client, len(classes)
+        if c > n:
+            raise ValueError(f"`classes_per_client`={c} is more than the {n} classes.")
+        if num_clients * c < n:
+            raise ValueError(
+                f"{num_clients} clients x `classes_per_client`={c} cannot cover all {n} classes; "
+                "use more clients or more classes per client."
+            )
+        perm = rng.permutation(classes)
+        holders: dict[int, list[int]] = {int(k): [] for k in classes}
+        for i in range(num_clients):
+            for j in range(c):
+                holders[int(perm[(i * c + j) % n])].append(i)
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for cls, owners in holders.items():
+            idx = rng.permutation(np.flatnonzero(labels == cls))
+            for owner, chunk in zip(owners, np.array_split(idx, len(owners)), strict=True):
+                parts[owner].append(chunk)
+        out = [np.concatenate(p) for p in parts]
+        smallest = min(len(p) for p in out)
+        if smallest < self.min_size:
+            raise ValueError(
+                f"Pathological({c}) leaves a client with {smallest} samples < `min_size`="
+                f"{self.min_size}; use fewer clients or a smaller min_size."
+            )
+        return out
+
+
+class QuantitySkew(Partitioner):
+    """Client sizes ~ Dirichlet(alpha) (NIID-Bench ``iid-diff-quantity``), labels IID. A draw
+    leaving a client under ``min_size`` is redrawn, at most ``max_tries`` times."""
+
+    def __init__(self, alpha: float = 0.5, min_size: int = 10, max_tries: int = 100) -> None:
+        super().__init__(min_size)
+        if not alpha > 0:
+            raise ValueError(f"`QuantitySkew.alpha` must be > 0, got {alpha!r}.")
+        self.alpha, self.max_tries = float(alpha), max_tries
+
+    def split(self, labels, num_clients, rng, domains=None):
+        n = len(labels)
+        smallest = 0
+        for _ in range(self.max_tries):
+            p = rng.dirichlet(np.full(num_clients, self.alpha))
+            cuts = (np.cumsum(p) * n).astype(np.int64)[:-1]
+            sizes = np.diff(np.concatenate([[0], cuts, [n]]))
+            smallest = int(sizes.min())
+            if smallest >= self.min_size:
+                return np.split(rng.permutation(n), cuts)
+        raise ValueError(
+            f"QuantitySkew(alpha={self.alpha}) could not give all {num_clients} clients "
+            f"`min_size`={self.min_size} samples in {self.max_tries} draws (smallest: "
+            f"{smallest}); use a larger alpha, fewer clients or a smaller min_size."
+        )
