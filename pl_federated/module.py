@@ -22,9 +22,8 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from pl_federated.callbacks.aggregator import Aggregator
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.callbacks.fedavg import FedAvg
-from pl_federated.store import ClientStore, all_finite
+from pl_federated.store import SHARED_ROLE, ClientStore, all_finite
 
-SHARED_ROLE = "model"
 ROUND_METRIC_GROUPS = (
     "global",
     "personal",

@@ -12,6 +12,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+SHARED_ROLE = "model"
+"""The role every client receives from the server and uploads (DET's deputy)."""
+
 
 class ClientStore:
     """Stacked per-client state by role (``"model"``, ``"personal"``, ``"deputy"``, ...).

@@ -14,11 +14,12 @@ from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import kl_div
+from pl_federated.store import SHARED_ROLE
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
-DEPUTY = "model"  # the shared role: uploaded, overwritten by the server state
+DEPUTY = SHARED_ROLE  # uploaded, overwritten by the server state
 PERSONAL = "personal"  # never leaves the client
 _METRICS = ("f1", "acc")
 _SPLITS = ("val", "train")

@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import proximal_term
+from pl_federated.store import SHARED_ROLE
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -21,7 +22,7 @@ class _ProximalToReceived(FederatedCallback):
     ``w_received`` is the shared model as the client received it this round (snapshotted when
     its update starts). Shared by FedProx (role: the shared model) and Ditto (role: personal)."""
 
-    role = "model"
+    role = SHARED_ROLE
 
     def __init__(self, weight: float, name: str) -> None:
         if not weight >= 0:

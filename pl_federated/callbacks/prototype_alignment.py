@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import cpa_loss, prototype_weights
+from pl_federated.store import SHARED_ROLE
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -93,7 +94,7 @@ class ConjointPrototypeAlignment(FederatedCallback):
         if logits is None:
             raise ValueError("CPA needs the client's `training_step` to return 'logits'.")
         _, y = batch
-        if role == "model" and output.get("features") is not None:
+        if role == SHARED_ROLE and output.get("features") is not None:
             self._accumulate(output["features"].detach().float(), y)
         weights = self._gamma(fed, client, y)
         return cpa_loss(logits, y, self.class_counts, self.beta, weights)

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.store import SHARED_ROLE
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -67,6 +68,7 @@ class RetrogressMonitor(FederatedCallback):
     @override
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
         self._before: dict[int, float] = {}
+        self._epochs: dict[int, int] = {}
 
     @override
     def on_local_epoch_start(
@@ -75,14 +77,14 @@ class RetrogressMonitor(FederatedCallback):
         if self.per_epoch:
             score = self._score(fed, fed.personal_role, client)
             self.curve.append((fed.current_round, client, epoch, score))
+            self._epochs[client] = epoch + 1
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        self._before[client] = self._score(fed, "model", client)
+        self._before[client] = self._score(fed, SHARED_ROLE, client)
         if self.per_epoch:
-            epochs = sum(1 for r, c, _, _ in self.curve if r == fed.current_round and c == client)
             score = self._score(fed, fed.personal_role, client)
-            self.curve.append((fed.current_round, client, epochs, score))
+            self.curve.append((fed.current_round, client, self._epochs.get(client, 0), score))
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
@@ -91,7 +93,7 @@ class RetrogressMonitor(FederatedCallback):
             if client in fed.excluded:
                 continue
             fed.load_received_state(client)
-            after = self._score(fed, "model", client)
+            after = self._score(fed, SHARED_ROLE, client)
             drops[client] = before - after
             self.history.append((round, client, before, after))
         if drops:
