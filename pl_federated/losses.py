@@ -12,18 +12,26 @@ def kl_div(
     teacher_logits: Tensor,
     temperature: float = 1.0,
     scale_by_t2: bool = True,
+    direction: str = "forward",
 ) -> Tensor:
-    """KL(teacher || student) on temperature-softened distributions, teacher detached.
+    """The knowledge-distillation KL between temperature-softened distributions, teacher
+    detached, averaged over the batch (``batchmean``). The one KD helper every method uses.
 
-    ``kl_div(log_softmax(s / T), softmax(t / T).detach(), reduction="batchmean")``, multiplied
-    by ``T**2`` when ``scale_by_t2`` (Hinton et al.: keeps gradient magnitudes comparable
-    across temperatures; a no-op at T = 1).
+    ``direction="forward"`` is KL(teacher || student) (Hinton et al.; DML, FML, DET, FD);
+    ``"reverse"`` is KL(student || teacher) (mode-seeking). Multiplied by ``T**2`` when
+    ``scale_by_t2``, which keeps gradient magnitudes comparable across temperatures (a no-op
+    at T = 1).
     """
     if temperature <= 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"`direction` must be 'forward' or 'reverse', got {direction!r}.")
     log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    q = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    loss = F.kl_div(log_p, q, reduction="batchmean")
+    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    if direction == "forward":
+        loss = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+    else:
+        loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
     return loss * temperature**2 if scale_by_t2 else loss
 
 
@@ -71,3 +79,15 @@ def proximal_term(params: list[Tensor], anchor: list[Tensor], mu: float) -> Tens
     (FedProx's proximal term, Ditto's regularizer)."""
     diffs = torch._foreach_sub(params, anchor)
     return 0.5 * mu * sum(d.pow(2).sum() for d in diffs)
+
+
+def prototype_regularizer(
+    features: Tensor, targets: Tensor, prototypes: Tensor, present: Tensor
+) -> Tensor:
+    """FedProto's ``MSE(f(x), proto[y])`` averaged over all elements of the batch, where
+    samples whose class has no prototype (``present`` False) contribute zero (the reference
+    substitutes the sample's own feature there)."""
+    features = features.flatten(1).float()
+    target = prototypes.to(features.device, torch.float32)[targets]
+    mask = present.to(features.device)[targets].unsqueeze(1).float()
+    return ((features - target).pow(2) * mask).sum() / features.numel()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -236,6 +237,7 @@ class FederatedModule(pl.LightningModule):
         self.local_keys: set[str] = set()
         self.trained_roles: list[str] = [SHARED_ROLE]
         self.initial_state: dict[str, Tensor] = {}
+        self.role_initial_state: dict[str, dict[str, Tensor]] = {}
         self.client_metrics: dict[str, Tensor] = {}
         self.history: list[dict[str, float]] = []
 
@@ -256,16 +258,33 @@ class FederatedModule(pl.LightningModule):
         added it, else the shared model after local training."""
         return "personal" if "personal" in self.workers else SHARED_ROLE
 
-    def add_role(self, role: str, trained: bool = True) -> pl.LightningModule:
-        """Add a local role (e.g. ``"personal"``): a copy of the client module, trained on the
-        same batches, persisted per client, never uploaded. Call from a callback's ``setup``."""
+    def add_role(
+        self, role: str, trained: bool = True, module: pl.LightningModule | None = None
+    ) -> pl.LightningModule:
+        """Add a local role (e.g. ``"personal"``), trained on the same batches, persisted per
+        client, never uploaded. Call from a callback's ``setup``.
+
+        The role's worker is a copy of the client module, or ``module`` (any LightningModule
+        with the same batch format, e.g. a different architecture for the personal model).
+        Every client starts the role from the worker's weights at this call.
+        """
         if role in ("local", "server") or role.startswith("optim/"):
             raise ValueError(f"Role name {role!r} is reserved.")
         if role not in self.workers:
-            worker = copy.deepcopy(self.client)
+            if module is not None and not isinstance(module, pl.LightningModule):
+                raise ValueError(
+                    f"Role {role!r}: `module` must be a LightningModule, got "
+                    f"{type(module).__name__}."
+                )
+            worker = copy.deepcopy(self.client) if module is None else module
+            if not worker.automatic_optimization:
+                raise ValueError(f"Role {role!r}: the module must not use manual optimization.")
             self._log_routers[role] = _LogRouter(f"client/{role}/")
             self._log_routers[role].attach(worker)
             self.workers[role] = worker
+            self.role_initial_state[role] = {
+                k: v.detach().clone() for k, v in worker.state_dict().items()
+            }
             if trained:
                 self.trained_roles.append(role)
         return self.workers[role]
@@ -292,6 +311,11 @@ class FederatedModule(pl.LightningModule):
     @property
     def current_round(self) -> int:
         return self.trainer.current_epoch
+
+    @property
+    def is_eval_round(self) -> bool:
+        """Whether this round evaluates (``eval_every_n_rounds`` and the last round)."""
+        return self._evaluate_now
 
     @property
     def num_selected(self) -> int:
@@ -399,6 +423,7 @@ class FederatedModule(pl.LightningModule):
             names = [type(c).__name__ for c in supervised]
             raise ValueError(f"At most one callback may replace the supervised loss, got {names}.")
         self._supervised_callback = supervised[0] if supervised else None
+        self._weight_callbacks = [c for c in callbacks if _overrides(c, "supervised_weight")]
 
     def _lightning_optimizers(self) -> dict[str, Any]:
         """Role -> the LightningOptimizer wrapping that role's optimizer."""
@@ -498,7 +523,8 @@ class FederatedModule(pl.LightningModule):
         self.load_received_state(client)
         for role in self.local_roles:
             stored = self.store.has(role, client)
-            self.load_state(role, self.store.get(role, client) if stored else self.initial_state)
+            initial = self.role_initial_state.get(role, self.initial_state)
+            self.load_state(role, self.store.get(role, client) if stored else initial)
 
     def _save_client(self, client: int) -> None:
         """Persist what stays on the client: local roles and the shared role's local keys."""
@@ -519,13 +545,13 @@ class FederatedModule(pl.LightningModule):
         self.current_client = client
         self._seed_client_randomness(client)
         self._load_client(client)
-        for cb in self._fed_callbacks:
-            cb.on_client_start(self.trainer, self, client)
         roles = self.trained_roles
         lopts = self._lightning_optimizers()
         for role in roles:
             self._reset_optimizer(role, client)
-        fast, device, sup = self._fast_step, self.device, self._supervised_callback
+        for cb in self._fed_callbacks:
+            cb.on_client_start(self.trainer, self, client)
+        device, sup = self.device, self._supervised_callback
         x, y = self.datamodule.client_train(client)
         n, bs = len(y), self.datamodule.batch_size
         gen = self._rng(self.current_round, client + 1, 1)
@@ -549,26 +575,15 @@ class FederatedModule(pl.LightningModule):
                     if sup is not None:
                         replaced = sup.supervised_loss(self, client, role, batch, outs[role])
                         role_loss = role_loss if replaced is None else replaced
+                    for cb in self._weight_callbacks:
+                        role_loss = cb.supervised_weight(self, client, role) * role_loss
                     for cb in self._loss_callbacks:
                         extra = cb.client_loss(self, client, role, batch, outs)
                         if extra is not None:
                             role_loss = role_loss + extra
                     loss_sums[role] += role_loss.detach()
                     loss = role_loss if loss is None else loss + role_loss
-                if fast:
-                    for role in roles:
-                        lopts[role].optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for role in roles:
-                        lopts[role]._on_before_step()  # Lightning's step counters (global_step)
-                        lopts[role].optimizer.step()
-                        lopts[role]._on_after_step()
-                else:
-                    for role in roles:
-                        lopts[role].zero_grad(set_to_none=True)
-                    self.manual_backward(loss)
-                    for role in roles:
-                        lopts[role].step()
+                self.step_roles(loss, roles, lopts)
             step += min(steps_per_epoch, total - step)
             epoch += 1
         for role in roles:
@@ -595,6 +610,28 @@ class FederatedModule(pl.LightningModule):
                 preds = self.predict_classes(self.workers[self.personal_role], xt)
                 self._personal[client] = self._acc_f1(preds, yt.to(preds.device))
         self.current_client = None
+
+    def step_roles(
+        self, loss: Tensor, roles: Iterable[str], lopts: Mapping[str, Any] | None = None
+    ) -> None:
+        """One optimizer step of each role in ``roles`` on ``loss`` (zero grads, backward through
+        the precision plugin, step). Callbacks may call it for extra local steps (e.g. FedMD's
+        digest phase) from ``on_client_start``, where autocast is active."""
+        lopts = lopts or self._lightning_optimizers()
+        if self._fast_step:
+            for role in roles:
+                lopts[role].optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for role in roles:
+                lopts[role]._on_before_step()  # Lightning's step counters (global_step)
+                lopts[role].optimizer.step()
+                lopts[role]._on_after_step()
+        else:
+            for role in roles:
+                lopts[role].zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            for role in roles:
+                lopts[role].step()
 
     def on_train_epoch_end(self) -> None:
         """Aggregate, run ``on_round_end`` callbacks, evaluate and log the round."""
@@ -632,23 +669,29 @@ class FederatedModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def predict_classes(self, worker: nn.Module, x: Tensor) -> Tensor:
-        """Argmax predictions of ``worker`` on ``x`` in eval mode, batched, under the
-        precision plugin's autocast."""
+    def forward_batched(
+        self, worker: nn.Module, x: Tensor, method: Callable[[Tensor], Any] | None = None
+    ) -> Tensor:
+        """``worker``'s outputs on ``x`` (logits, or ``method(xb)`` such as
+        ``worker.forward_features``), in eval mode, in batches of ``eval_batch_size``, under
+        the precision plugin's autocast; float32 on the model's device."""
         was_training = worker.training
         worker.eval()
-        preds = []
-        ctx = self.trainer.precision_plugin.forward_context if self._trainer else None
-        for i in range(0, len(x), self.eval_batch_size):
-            xb = x[i : i + self.eval_batch_size].to(self.device, non_blocking=True)
-            if ctx is not None:
-                with ctx():
-                    logits = _logits_of(worker(xb))
-            else:
-                logits = _logits_of(worker(xb))
-            preds.append(logits.argmax(dim=-1))
+        fn = method or worker
+        ctx = self.trainer.precision_plugin.forward_context if self._trainer else nullcontext
+        outs = []
+        with ctx():
+            for i in range(0, len(x), self.eval_batch_size):
+                xb = x[i : i + self.eval_batch_size].to(self.device, non_blocking=True)
+                outs.append(_logits_of(fn(xb)).flatten(1).float())
         worker.train(was_training)
-        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=self.device)
+        return torch.cat(outs) if outs else torch.empty(0, device=self.device)
+
+    def predict_classes(self, worker: nn.Module, x: Tensor) -> Tensor:
+        """Argmax predictions of ``worker`` on ``x`` (see :meth:`forward_batched`)."""
+        if not len(x):
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        return self.forward_batched(worker, x).argmax(dim=-1)
 
     def score(self, role: str, client: int, split: str, metric: str = "f1") -> float:
         """``role``'s macro-F1 (``"f1"``) or accuracy (``"acc"``) on ``client``'s ``split``."""
@@ -784,6 +827,10 @@ class FederatedModule(pl.LightningModule):
             "client_metrics": dict(self.client_metrics),
             "history": list(self.history),
             "initial_state": {k: v.cpu() for k, v in self.initial_state.items()},
+            "role_initial_state": {
+                role: {k: v.cpu() for k, v in state.items()}
+                for role, state in self.role_initial_state.items()
+            },
             "num_clients": self.num_clients,
         }
 
@@ -799,6 +846,7 @@ class FederatedModule(pl.LightningModule):
         self.client_metrics = dict(fed["client_metrics"])
         self.history = list(fed["history"])
         self.initial_state = dict(fed["initial_state"])
+        self.role_initial_state.update(fed.get("role_initial_state", {}))
 
     def on_fit_start(self) -> None:
         self.server_state = {k: v.to(self.device) for k, v in self.server_state.items()}

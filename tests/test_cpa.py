@@ -59,12 +59,12 @@ def test_pfa_det_cpa_end_to_end(trainer_factory):
     fed = federation(client=bn_cnn(), local_epochs=3)
     callbacks = [ProgressiveFourierAggregation(), DeputyEnhancedTransfer(), cpa]
     trainer_factory(rounds=3, callbacks=callbacks).fit(fed, dm())
-    assert cpa.global_protos.shape == (10, 512) and cpa.local_protos.shape == (3, 10, 512)
+    assert cpa.bank.global_.shape == (10, 512) and cpa.bank.local.shape == (3, 10, 512)
     assert fed.history[-1]["cpa/global_classes"] == 10
     assert all(torch.isfinite(v).all() for v in fed.server_state.values() if v.is_floating_point())
     assert fed.history[-1]["personal/acc_mean"] > 0.5
     # a client lacking classes: its missing prototypes are marked absent, gamma stays 1 there
-    assert not cpa.local_present.all()
+    assert not cpa.bank.local_present.all()
 
 
 class OtherLoss(FederatedCallback):

@@ -21,10 +21,12 @@ class FederatedCallback(Callback):
 
         on_round_start(trainer, fed, round)
         for each selected client k (one training step per slot):
-            on_client_start(trainer, fed, k)          # after k's state is loaded into the workers
+            on_client_start(trainer, fed, k)          # k's state loaded, optimizers reset
             for each local epoch e:
                 on_local_epoch_start(trainer, fed, k, e)
-                client_loss(fed, k, role, batch, outputs)  # every batch and trained role
+                for every batch and trained role:
+                    loss = supervised_weight(...) * (supervised_loss(...) or the role's loss)
+                    loss += client_loss(fed, k, role, batch, outputs)
             on_client_end(trainer, fed, k)            # after local training, before the upload
         aggregate  (the one Aggregator only)
         on_round_end(trainer, fed, round)           # after aggregation, before evaluation
@@ -36,7 +38,8 @@ class FederatedCallback(Callback):
         """A round begins; ``fed.selected_clients`` holds this round's clients."""
 
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        """Client ``client``'s state is loaded into the workers; local training follows."""
+        """Client ``client``'s state is loaded into the workers and its optimizers are reset;
+        local training follows (extra steps may be taken here with ``fed.step_roles``)."""
 
     def on_local_epoch_start(
         self, trainer: pl.Trainer, fed: FederatedModule, client: int, epoch: int
@@ -54,6 +57,11 @@ class FederatedCallback(Callback):
         """Replace ``role``'s own ``training_step`` loss (e.g. CPA instead of cross entropy),
         or ``None`` to keep it. At most one callback may implement this hook."""
         return None
+
+    def supervised_weight(self, fed: FederatedModule, client: int, role: str) -> float:
+        """A factor on ``role``'s supervised loss (e.g. FML's ``alpha`` in ``alpha * CE +
+        (1 - alpha) * KL``); factors of several callbacks multiply. Default 1."""
+        return 1.0
 
     def client_loss(
         self,

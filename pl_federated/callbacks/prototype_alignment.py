@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import cpa_loss, prototype_weights
+from pl_federated.prototypes import PrototypeBank
 from pl_federated.store import SHARED_ROLE
 
 if TYPE_CHECKING:
@@ -58,10 +59,7 @@ class ConjointPrototypeAlignment(FederatedCallback):
             warmup_rounds,
             noise_std,
         )
-        self.global_protos: Tensor | None = None  # [C, D]
-        self.global_present: Tensor | None = None  # [C] bool
-        self.local_protos: Tensor | None = None  # [K, C, D]
-        self.local_present: Tensor | None = None  # [K, C] bool
+        self.bank: PrototypeBank | None = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
@@ -69,22 +67,20 @@ class ConjointPrototypeAlignment(FederatedCallback):
         self.class_counts = torch.stack(
             [torch.bincount(y, minlength=dm.num_classes) for y in dm.train_y]
         ).sum(0)
+        if self.bank is None:
+            self.bank = PrototypeBank(pl_module.num_clients, dm.num_classes)
 
     def _gamma(self, fed: FederatedModule, client: int, targets: Tensor) -> Tensor | None:
-        if fed.current_round < self.warmup_rounds or self.global_protos is None:
+        bank = self.bank
+        if fed.current_round < self.warmup_rounds or bank.global_ is None or bank.local is None:
             return None
-        if self.local_protos is None:
-            return None
-        present = self.local_present[client] & self.global_present
-        gamma = prototype_weights(
-            self.local_protos[client], self.global_protos, present, self.tau
-        ).to(targets.device)
-        return gamma[targets]
+        present = bank.local_present[client] & bank.global_present
+        gamma = prototype_weights(bank.local[client], bank.global_, present, self.tau)
+        return gamma.to(targets.device)[targets]
 
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        self._sums: Tensor | None = None
-        self._counts = torch.zeros(fed.num_classes)
+        self.bank.start_client()
 
     @override
     def supervised_loss(
@@ -95,53 +91,27 @@ class ConjointPrototypeAlignment(FederatedCallback):
             raise ValueError("CPA needs the client's `training_step` to return 'logits'.")
         _, y = batch
         if role == SHARED_ROLE and output.get("features") is not None:
-            self._accumulate(output["features"].detach().float(), y)
+            self.bank.accumulate(output["features"], y)
         weights = self._gamma(fed, client, y)
         return cpa_loss(logits, y, self.class_counts, self.beta, weights)
 
-    def _accumulate(self, features: Tensor, y: Tensor) -> None:
-        features = features.flatten(1).cpu()
-        if self._sums is None:
-            self._sums = torch.zeros(len(self._counts), features.shape[1])
-        self._sums.index_add_(0, y.cpu(), features)
-        self._counts += torch.bincount(y.cpu(), minlength=len(self._counts)).float()
-
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        if self._sums is None:
-            return
-        if self.local_protos is None:
-            k, (c, d) = fed.num_clients, self._sums.shape
-            self.local_protos = torch.zeros(k, c, d)
-            self.local_present = torch.zeros(k, c, dtype=torch.bool)
-        present = self._counts > 0
-        self.local_protos[client] = self._sums / self._counts.clamp_min(1).unsqueeze(1)
-        self.local_present[client] = present
+        self.bank.finish_client(client)
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        if self.local_protos is None:
+        if self.bank.local is None:
             return
-        weight = self.local_present.float().unsqueeze(-1)  # [K, C, 1]
-        total = weight.sum(0)
-        self.global_present = total.squeeze(-1) > 0
-        self.global_protos = (self.local_protos * weight).sum(0) / total.clamp_min(1)
-        if self.noise_std > 0:
-            g = torch.Generator().manual_seed(fed._seed_for(round, 7919))
-            noise = torch.randn(self.global_protos.shape, generator=g) * self.noise_std
-            self.global_protos = self.global_protos + noise
-        fed.log_round({"cpa/global_classes": float(self.global_present.sum())})
+        generator = torch.Generator().manual_seed(fed._seed_for(round, 7919))
+        self.bank.aggregate("clients", noise_std=self.noise_std, generator=generator)
+        fed.log_round({"cpa/global_classes": float(self.bank.global_present.sum())})
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "global_protos": self.global_protos,
-            "global_present": self.global_present,
-            "local_protos": self.local_protos,
-            "local_present": self.local_present,
-        }
+        return self.bank.state_dict() if self.bank is not None else {}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key, value in state_dict.items():
-            setattr(self, key, value)
+        if state_dict:
+            self.bank = PrototypeBank.from_state(state_dict)

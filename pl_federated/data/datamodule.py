@@ -37,6 +37,9 @@ class FederatedDataModule(pl.LightningDataModule):
             ``mnist_path``, ``usps_path``, ``size``, ``max_per_domain``).
         max_train_samples: cap each client's training split (a seeded subset; val/test are
             unaffected), e.g. for scarce-data regimes.
+        public_fraction: share of the whole dataset held out (seeded, before partitioning) as
+            a public set no client owns, in ``public_x`` (``public_y`` is kept for analysis
+            only): the unlabeled public data of FedMD-style distillation.
 
     Raises:
         ValueError: unknown dataset, bad fractions or sizes, or a partition that cannot give
@@ -55,6 +58,7 @@ class FederatedDataModule(pl.LightningDataModule):
         path: str | None = None,
         dataset_options: dict[str, Any] | None = None,
         max_train_samples: int | None = None,
+        public_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(num_clients, int) or num_clients < 1:
@@ -82,6 +86,9 @@ class FederatedDataModule(pl.LightningDataModule):
                 f"`max_train_samples` must be None or >= 1, got {max_train_samples!r}."
             )
         self.max_train_samples = max_train_samples
+        if not 0.0 <= public_fraction < 1.0:
+            raise ValueError(f"`public_fraction` must be in [0, 1), got {public_fraction!r}.")
+        self.public_fraction = public_fraction
         self._prepared = False
 
     # --------------------------------------------------------------- setup
@@ -97,6 +104,14 @@ class FederatedDataModule(pl.LightningDataModule):
         self.input_shape = tuple(x.shape[1:])
         self.domain_names = loaded.domain_names
         domains = loaded.domains.numpy() if loaded.domains is not None else None
+        self.public_x, self.public_y = x[:0], y[:0]
+        if self.public_fraction > 0:
+            perm = np.random.default_rng(self.seed + 2).permutation(len(y))
+            n_public = max(1, round(len(y) * self.public_fraction))
+            public, keep = np.sort(perm[:n_public]), np.sort(perm[n_public:])
+            self.public_x, self.public_y = x[public], y[public]
+            x, y = x[keep], y[keep]
+            domains = domains[keep] if domains is not None else None
         self.split: Partition = self.partition(
             y.numpy(), self.num_clients, seed=self.seed, domains=domains
         )

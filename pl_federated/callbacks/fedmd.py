@@ -1,0 +1,172 @@
+"""FedMD (Li & Wang, 2019): consensus distillation on a public unlabeled dataset."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from typing_extensions import override
+
+from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.data.datasets import load_dataset
+from pl_federated.losses import kl_div
+from pl_federated.store import SHARED_ROLE
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+_LOSSES = ("l1", "kl")
+
+
+class FedMD(FederatedCallback):
+    """Clients share class scores on a public unlabeled set instead of weights.
+
+    Every round has a public subset of ``public_samples`` inputs (seeded per round). After its
+    local training a client predicts its logits on the next round's subset (the upload); the
+    server averages them into the **consensus**. When a client starts its next update it first
+    *digests*: ``digest_epochs`` passes over the subset, fitting its logits to the consensus
+    (``digest_loss``: ``"l1"`` mean absolute error on logits as in the FedMD code, or ``"kl"``
+    distillation), then *revisits* its private data (the usual local training). The first
+    round has no consensus yet. Pair with :class:`~pl_federated.callbacks.LocalOnly`.
+
+    The public set is the datamodule's held-out ``public_fraction`` (``public_dataset=None``)
+    or another dataset by name (e.g. ``usps`` while clients hold MNIST), resized to the
+    clients' input size; its labels are never used. Logged: ``fedmd/digest_loss`` and
+    ``fedmd/upload_bytes`` per round.
+
+    Args:
+        public_dataset: ``None`` (the datamodule's public split) or a dataset name.
+        public_path: file of a file-based public dataset (``npz``).
+        public_options: loader options of the public dataset.
+        public_samples: public inputs per round (``None``: all).
+        digest_epochs: passes over the round's public subset before private training.
+        digest_batch_size: batch size of the digest phase.
+        digest_loss: ``"l1"`` or ``"kl"``.
+        temperature: KL temperature (``digest_loss="kl"``).
+    """
+
+    def __init__(
+        self,
+        public_dataset: str | None = None,
+        public_path: str | None = None,
+        public_options: dict[str, Any] | None = None,
+        public_samples: int | None = 1000,
+        digest_epochs: int = 1,
+        digest_batch_size: int = 64,
+        digest_loss: str = "l1",
+        temperature: float = 1.0,
+    ) -> None:
+        if public_samples is not None and (
+            not isinstance(public_samples, int) or public_samples < 1
+        ):
+            raise ValueError(
+                f"`FedMD.public_samples` must be None or >= 1, got {public_samples!r}."
+            )
+        for name, value in (
+            ("digest_epochs", digest_epochs),
+            ("digest_batch_size", digest_batch_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`FedMD.{name}` must be an int >= 1, got {value!r}.")
+        if digest_loss not in _LOSSES:
+            raise ValueError(f"`FedMD.digest_loss` must be one of {_LOSSES}, got {digest_loss!r}.")
+        if not temperature > 0:
+            raise ValueError(f"`FedMD.temperature` must be > 0, got {temperature!r}.")
+        self.public_dataset, self.public_path = public_dataset, public_path
+        self.public_options = dict(public_options or {})
+        self.public_samples = public_samples
+        self.digest_epochs, self.digest_batch_size = digest_epochs, digest_batch_size
+        self.digest_loss, self.temperature = digest_loss, temperature
+        self.consensus: Tensor | None = None  # [P, C] logits
+        self.consensus_idx: Tensor | None = None  # [P] indices into the public set
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        dm = trainer.datamodule
+        if self.public_dataset is None:
+            x = getattr(dm, "public_x", None)
+            if x is None or not len(x):
+                raise ValueError(
+                    "FedMD needs public data: set `data.public_fraction` > 0 or "
+                    "`FedMD.public_dataset`."
+                )
+        else:
+            x = load_dataset(self.public_dataset, self.public_path, **self.public_options).x
+            x = _match_shape(x, tuple(dm.input_shape), self.public_dataset)
+        self.public_x = x
+
+    def _subset(self, fed: FederatedModule, round: int) -> Tensor:
+        n = len(self.public_x)
+        if self.public_samples is None or self.public_samples >= n:
+            return torch.arange(n)
+        return torch.randperm(n, generator=fed._rng(round, 0, 3))[: self.public_samples].sort()[0]
+
+    @override
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        self._next_idx = self._subset(fed, round + 1)
+        self._next_x = self.public_x[self._next_idx]
+        self._score_sum: Tensor | None = None
+        self._uploads = 0
+        self._digest_losses: list[float] = []
+
+    @override
+    def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        if self.consensus is None:
+            return
+        worker, device = fed.client, fed.device
+        x, target = self.public_x[self.consensus_idx], self.consensus
+        gen = fed._rng(fed.current_round, client + 1, 4)
+        bs = self.digest_batch_size
+        for _ in range(self.digest_epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), bs):
+                idx = perm[start : start + bs]
+                logits = worker(x[idx].to(device, non_blocking=True))
+                goal = target[idx].to(device, non_blocking=True)
+                if self.digest_loss == "l1":
+                    loss = F.l1_loss(logits.float(), goal)
+                else:
+                    loss = kl_div(logits, goal, self.temperature)
+                fed.step_roles(loss, [SHARED_ROLE])
+                self._digest_losses.append(loss.detach())
+
+    @override
+    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        scores = fed.forward_batched(fed.client, self._next_x).cpu()
+        self._score_sum = scores if self._score_sum is None else self._score_sum + scores
+        self._uploads += 1
+
+    @override
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        if self._uploads:
+            self.consensus = self._score_sum / self._uploads
+            self.consensus_idx = self._next_idx
+        metrics = {
+            "fedmd/upload_bytes": self._uploads * self._next_x.shape[0] * fed.num_classes * 4
+        }
+        if self._digest_losses:
+            metrics["fedmd/digest_loss"] = float(torch.stack(self._digest_losses).mean())
+        fed.log_round(metrics)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"consensus": self.consensus, "consensus_idx": self.consensus_idx}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.consensus, self.consensus_idx = state_dict["consensus"], state_dict["consensus_idx"]
+
+
+def _match_shape(x: Tensor, shape: tuple[int, ...], name: str) -> Tensor:
+    """Resize public images ``[N, C, H, W]`` to the clients' ``(C, H, W)`` (bilinear)."""
+    if x.shape[1:] == shape:
+        return x
+    if x.ndim != 4 or len(shape) != 3 or x.shape[1] != shape[0]:
+        raise ValueError(
+            f"FedMD public dataset {name!r} has inputs of shape {tuple(x.shape[1:])}, the clients "
+            f"{shape}: only the spatial size can be adapted."
+        )
+    return F.interpolate(x, size=shape[1:], mode="bilinear", align_corners=False)
