@@ -424,6 +424,7 @@ class FederatedModule(pl.LightningModule):
             raise ValueError(f"At most one callback may replace the supervised loss, got {names}.")
         self._supervised_callback = supervised[0] if supervised else None
         self._weight_callbacks = [c for c in callbacks if _overrides(c, "supervised_weight")]
+        self._data_callbacks = [c for c in callbacks if _overrides(c, "train_data")]
 
     def _lightning_optimizers(self) -> dict[str, Any]:
         """Role -> the LightningOptimizer wrapping that role's optimizer."""
@@ -553,10 +554,13 @@ class FederatedModule(pl.LightningModule):
             cb.on_client_start(self.trainer, self, client)
         device, sup = self.device, self._supervised_callback
         x, y = self.datamodule.client_train(client)
+        for cb in self._data_callbacks:
+            replaced = cb.train_data(self, client, x, y)
+            x, y = (x, y) if replaced is None else replaced
         n, bs = len(y), self.datamodule.batch_size
         gen = self._rng(self.current_round, client + 1, 1)
         steps_per_epoch = math.ceil(n / bs)
-        total = self.local_steps or self.local_epochs * steps_per_epoch
+        total = (self.local_steps or self.local_epochs * steps_per_epoch) if n else 0
         loss_sums = {role: torch.zeros((), device=device) for role in roles}
         step, epoch = 0, 0
         while step < total:

@@ -23,11 +23,12 @@ from pl_federated.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "experiments" / "prr_digit_domains"
-METHODS = ["local", "fedavg", "fedbn", "pfa", "det_fedavg", "pfa_det", "pfa_det_cpa"]
+METHODS = ["local", "fedavg", "fedbn", "fml", "pfa", "det_fedavg", "pfa_det", "pfa_det_cpa"]
 LABELS = {
     "local": "Local-only",
     "fedavg": "FedAvg",
     "fedbn": "FedBN",
+    "fml": "FML (mutual learning)",
     "pfa": "PFA",
     "det_fedavg": "DET + FedAvg",
     "pfa_det": "PFA + DET",

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import (
+    KD3A,
     FederatedDistillation,
     FedMD,
     FedProto,
@@ -257,8 +258,10 @@ def strip(history):
         (lambda: [LocalOnly(), FederatedDistillation()], digits),
         (lambda: [LocalOnly(), FedProto()], digits),
         (lambda: [LocalOnly(), FedMD(public_samples=100)], public_digits),
+        # a constant gate: the interrupted run has another max_epochs, so another schedule
+        (lambda: [KD3A(target_clients=[2], gate_begin=0.5, gate_end=0.5)], digits),
     ],
-    ids=["fml", "fd", "fedproto", "fedmd"],
+    ids=["fml", "fd", "fedproto", "fedmd", "kd3a"],
 )
 def test_resume_equals_uninterrupted_run(make_callbacks, data, trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path=None):

@@ -12,6 +12,7 @@ from pl_federated.callbacks.fedper import FedPer
 from pl_federated.callbacks.fedproto import FedProto
 from pl_federated.callbacks.fedprox import FedProx
 from pl_federated.callbacks.fourier_aggregation import ProgressiveFourierAggregation
+from pl_federated.callbacks.kd3a import KD3A
 from pl_federated.callbacks.local_only import LocalOnly
 from pl_federated.callbacks.mutual_learning import MutualLearning
 from pl_federated.callbacks.prototype_alignment import ConjointPrototypeAlignment
@@ -32,6 +33,7 @@ __all__ = [
     "FederatedCallback",
     "FederatedDistillation",
     "FederatedSummary",
+    "KD3A",
     "LocalOnly",
     "MutualLearning",
     "ProgressiveFourierAggregation",

@@ -19,9 +19,10 @@ class FederatedCallback(Callback):
     All hooks are optional. The :class:`~pl_federated.module.FederatedModule` calls them in this
     order within one round (= one Lightning training epoch)::
 
-        on_round_start(trainer, fed, round)
+        on_round_start(trainer, fed, round)           # may reorder fed.selected_clients
         for each selected client k (one training step per slot):
             on_client_start(trainer, fed, k)          # k's state loaded, optimizers reset
+            train_data(fed, k, x, y)                  # may replace k's training data
             for each local epoch e:
                 on_local_epoch_start(trainer, fed, k, e)
                 for every batch and trained role:
@@ -40,6 +41,13 @@ class FederatedCallback(Callback):
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         """Client ``client``'s state is loaded into the workers and its optimizers are reset;
         local training follows (extra steps may be taken here with ``fed.step_roles``)."""
+
+    def train_data(
+        self, fed: FederatedModule, client: int, x: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """Replace ``client``'s training data for this round (e.g. pseudo-labels for an
+        unlabeled client), or ``None`` to keep it. Called after ``on_client_start``."""
+        return None
 
     def on_local_epoch_start(
         self, trainer: pl.Trainer, fed: FederatedModule, client: int, epoch: int

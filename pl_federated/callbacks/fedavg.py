@@ -32,6 +32,8 @@ class FedAvg(Aggregator):
             current server state, with its own weight.
         weighting: ``"samples"`` weights client k by its number of training samples n_k (the
             paper); ``"uniform"`` weights all clients equally.
+        ignore_clients: clients whose uploads are never averaged (held-out clients, e.g. an
+            unseen target domain evaluated with the sources' global model).
 
     Raises:
         ValueError: an unknown ``over`` or ``weighting``.
@@ -41,16 +43,24 @@ class FedAvg(Aggregator):
         >>> trainer = Trainer(max_epochs=3, callbacks=[FedAvg(over="all")])  # doctest: +SKIP
     """
 
-    def __init__(self, over: str = "selected", weighting: str = "samples") -> None:
+    def __init__(
+        self,
+        over: str = "selected",
+        weighting: str = "samples",
+        ignore_clients: list[int] | None = None,
+    ) -> None:
         if over not in _OVER:
             raise ValueError(f"`FedAvg.over` must be one of {_OVER}, got {over!r}.")
         if weighting not in _WEIGHTING:
             raise ValueError(f"`FedAvg.weighting` must be one of {_WEIGHTING}, got {weighting!r}.")
         self.over = over
         self.weighting = weighting
+        self.ignore_clients = {int(k) for k in ignore_clients or ()}
         self._sum = WeightedSum()
 
     def _weight(self, fed: FederatedModule, client: int) -> float:
+        if client in self.ignore_clients:
+            return 0.0
         return float(fed.client_num_samples[client]) if self.weighting == "samples" else 1.0
 
     @override
@@ -61,7 +71,8 @@ class FedAvg(Aggregator):
     def update(
         self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
     ) -> None:
-        self._sum.update(state, self._weight(fed, client))
+        if client not in self.ignore_clients:
+            self._sum.update(state, self._weight(fed, client))
 
     @override
     @torch.no_grad()

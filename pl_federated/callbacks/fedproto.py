@@ -104,6 +104,9 @@ class FedProto(FederatedCallback):
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
         self.bank.aggregate(self.weighting, clients=self._uploaders)
+        present = int(self.bank.local_present[self._uploaders].sum()) if self._uploaders else 0
+        dim = self.bank.local.shape[-1] if self.bank.local is not None else 0
+        fed.log_round({"fedproto/upload_bytes": present * dim * 4})
         if self._proto_acc:
             fed.log_round({"fedproto/proto_acc_mean": sum(self._proto_acc) / len(self._proto_acc)})
 

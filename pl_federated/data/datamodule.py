@@ -192,8 +192,9 @@ class FederatedDataModule(pl.LightningDataModule):
 class ClientSlots:
     """The round's training iterable: lists of client ids (``clients_per_step`` per slot).
 
-    Lazy: the selection is read when Lightning starts iterating the epoch, so it always follows
-    the module's current round (seed + round), also after a resume.
+    Lazy: the selection is read when Lightning starts iterating the epoch (after
+    ``on_train_epoch_start``, where the module selects the round's clients and callbacks may
+    reorder them), so it always follows the module's current round, also after a resume.
     """
 
     def __init__(self, module) -> None:
@@ -203,7 +204,7 @@ class ClientSlots:
         return math.ceil(self.module.num_selected / self.module.clients_per_step)
 
     def __iter__(self) -> Iterator[list[int]]:
-        clients = self.module.select_clients(self.module.current_round)
+        clients = self.module.selected_clients
         step = self.module.clients_per_step
         for i in range(0, len(clients), step):
             yield clients[i : i + step]

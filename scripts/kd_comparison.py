@@ -1,0 +1,229 @@
+"""Compare the knowledge-distillation methods (and KD3A) on real data; writes Markdown tables.
+
+Settings (data from ../shared/data, see docs/experiments.md):
+
+* ``digit_domains``: MNIST, USPS and scikit-learn digits at 28x28, 2 clients per domain, at
+  most 150 training images per client, small BN CNN.
+* ``mnist_dirichlet``: the MNIST test set (10k) over 20 clients by Dirichlet(0.3) labels,
+  MLP 784-200-10, half the clients per round.
+
+Methods: Local-only, FedAvg, FML (MutualLearning + FedAvg), FD (FederatedDistillation), FedMD
+and FedProto (all three with LocalOnly: no weights move). In both settings 10% of the data is
+held out as FedMD's public set before partitioning, for every method alike. The ``kd3a``
+setting: one client per domain, each domain in turn the unlabeled target; KD3A against
+"FedAvg of the sources evaluated on the target" (``FedAvg(ignore_clients=[target])``).
+
+  .venv/bin/python scripts/kd_comparison.py --settings digit_domains mnist_dirichlet kd3a
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated.callbacks import (
+    KD3A,
+    FedAvg,
+    FederatedDistillation,
+    FedMD,
+    FedProto,
+    LocalOnly,
+    MutualLearning,
+)
+from pl_federated.data import Dirichlet, Domains
+from pl_federated.models import CNNClassifier, MLPClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+METHODS = {
+    "local": ("Local-only", lambda: [LocalOnly()]),
+    "fedavg": ("FedAvg", lambda: [FedAvg()]),
+    "fml": ("FML (MutualLearning + FedAvg)", lambda: [FedAvg(), MutualLearning()]),
+    "fd": ("FD (FederatedDistillation)", lambda: [LocalOnly(), FederatedDistillation()]),
+    "fedmd": ("FedMD", lambda: [LocalOnly(), FedMD(public_samples=500)]),
+    "fedproto": ("FedProto", lambda: [LocalOnly(), FedProto()]),
+}
+UPLOAD_KEYS = ("fd/upload_bytes", "fedmd/upload_bytes", "fedproto/upload_bytes")
+
+
+def digit_domains(seed: int, clients_per_domain: int = 2, **kwargs) -> FederatedDataModule:
+    options = {
+        "mnist_path": str(DATA / "mnist_test10k.npz"),
+        "usps_path": str(DATA / "usps.npz"),
+        "size": 28,
+        "max_per_domain": 3000,
+    }
+    return FederatedDataModule(
+        "digit_domains",
+        num_clients=3 * clients_per_domain,
+        partition=Domains(clients_per_domain=clients_per_domain),
+        dataset_options=options,
+        seed=seed,
+        **kwargs,
+    )
+
+
+def cnn() -> CNNClassifier:
+    return CNNClassifier(
+        in_channels=1, image_size=28, channels=(16, 32), hidden=128, batch_norm=True, lr=0.01
+    )
+
+
+SETTINGS = {
+    "digit_domains": dict(
+        data=lambda seed: digit_domains(seed, max_train_samples=150, public_fraction=0.1),
+        client=cnn,
+        module=dict(local_epochs=2, clients_per_round=1.0),
+        rounds=10,
+    ),
+    "mnist_dirichlet": dict(
+        data=lambda seed: FederatedDataModule(
+            "npz",
+            path=str(DATA / "mnist_test10k.npz"),
+            num_clients=20,
+            partition=Dirichlet(alpha=0.3, min_size=40),
+            public_fraction=0.1,
+            seed=seed,
+        ),
+        client=lambda: MLPClassifier(input_size=784, hidden=(200,), lr=0.05, momentum=0.9),
+        module=dict(local_epochs=2, clients_per_round=0.5),
+        rounds=20,
+    ),
+}
+
+
+def fit(data, client, callbacks, rounds: int, seed: int, **module) -> FederatedModule:
+    pl.seed_everything(seed, verbose=False)
+    fed = FederatedModule(client(), seed=seed, **module)
+    trainer = pl.Trainer(
+        max_epochs=rounds,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(fed, data)
+    return fed
+
+
+def weights_bytes(fed: FederatedModule) -> int:
+    return sum(t.numel() * t.element_size() for t in fed.server_state.values())
+
+
+def run_method(setting: str, method: str, seed: int) -> dict[str, float]:
+    spec = SETTINGS[setting]
+    start = time.perf_counter()
+    fed = fit(
+        spec["data"](seed),
+        spec["client"],
+        METHODS[method][1](),
+        spec["rounds"],
+        seed,
+        **spec["module"],
+    )
+    last = fed.history[-1]
+    uploads = [h.get(k) for h in fed.history for k in UPLOAD_KEYS if k in h]
+    if method in ("fedavg", "fml"):
+        per_round = weights_bytes(fed) * fed.num_selected
+    elif method == "local":
+        per_round = 0.0
+    else:
+        per_round = statistics.mean(uploads)
+    personal_acc = fed.client_metrics["personal_acc"]
+    return {
+        "f1": last["personal/f1_mean"],
+        "acc": last["personal/acc_mean"],
+        "worst": float(personal_acc[~personal_acc.isnan()].min()),
+        "upload_kb": per_round / 1024,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_kd3a(target_domain: int, method: str, seed: int) -> dict[str, float]:
+    start = time.perf_counter()
+    callbacks = (
+        [KD3A(target_clients=[target_domain])]
+        if method == "kd3a"
+        else [FedAvg(ignore_clients=[target_domain])]
+    )
+    data = digit_domains(seed, clients_per_domain=1, max_train_samples=1000)
+    fed = fit(data, cnn, callbacks, rounds=10, seed=seed, local_epochs=1, clients_per_round=1.0)
+    acc = fed.client_metrics["global_acc"][target_domain].item()
+    out = {"target_acc": acc, "seconds": time.perf_counter() - start}
+    if method == "kd3a":
+        out["pseudo"] = fed.history[-1].get("kd3a/pseudo_label_acc", float("nan"))
+        out["coverage"] = fed.history[-1]["kd3a/coverage"]
+    return out
+
+
+def stat(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--settings", nargs="+", default=[*SETTINGS, "kd3a"], choices=[*SETTINGS, "kd3a"]
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "kd_comparison")
+    args = parser.parse_args()
+    if not (DATA / "mnist_test10k.npz").is_file():
+        raise SystemExit(f"{DATA} lacks mnist_test10k.npz/usps.npz (see docs/experiments.md).")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for setting in args.settings:
+        if setting == "kd3a":
+            lines = [
+                "| target domain | FedAvg of sources: target acc | KD3A: target acc | "
+                "KD3A pseudo-label acc | KD3A coverage |",
+                "| --- | ---: | ---: | ---: | ---: |",
+            ]
+            for target, name in enumerate(("MNIST", "USPS", "sklearn digits")):
+                base = [run_kd3a(target, "fedavg", s) for s in args.seeds]
+                kd = [run_kd3a(target, "kd3a", s) for s in args.seeds]
+                lines.append(
+                    f"| {name} | {stat([r['target_acc'] for r in base])} | "
+                    f"{stat([r['target_acc'] for r in kd])} | {stat([r['pseudo'] for r in kd])} | "
+                    f"{stat([r['coverage'] for r in kd])} |"
+                )
+                print(lines[-1], flush=True)
+        else:
+            lines = [
+                "| method | personal macro-F1 | personal acc | worst client acc | "
+                "upload KiB/round | seconds/run |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for method in args.methods:
+                rs = [run_method(setting, method, s) for s in args.seeds]
+                lines.append(
+                    f"| {METHODS[method][0]} | {stat([r['f1'] for r in rs])} | "
+                    f"{stat([r['acc'] for r in rs])} | {stat([r['worst'] for r in rs])} | "
+                    f"{statistics.mean(r['upload_kb'] for r in rs):.0f} | "
+                    f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
+                )
+                print(lines[-1], flush=True)
+        table = f"### {setting} (seeds {args.seeds})\n\n" + "\n".join(lines)
+        tables.append(table)
+        (args.out / f"{setting}.md").write_text(table + "\n")
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
