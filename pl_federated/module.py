@@ -472,6 +472,7 @@ class FederatedModule(pl.LightningModule):
         self._round_start = time.perf_counter()
         self.selected_clients = self.select_clients(self.current_round)
         self.excluded = []
+        self.round_local_steps: dict[int, int] = {}  # client -> local optimizer steps this round
         self._loss_sums: dict[str, Tensor] = {}
         self._loss_count = 0
         self._round_logs: dict[str, float] = {}
@@ -593,6 +594,7 @@ class FederatedModule(pl.LightningModule):
         for role in roles:
             self._loss_sums[role] = self._loss_sums.get(role, 0.0) + loss_sums[role]
         self._loss_count += total
+        self.round_local_steps[client] = total
         if self.persist_optimizer:
             for role in roles:
                 self._save_optimizer(role, client)

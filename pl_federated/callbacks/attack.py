@@ -1,0 +1,72 @@
+"""Simulated model-poisoning clients, to measure robust aggregation."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from pl_federated.callbacks.base import FederatedCallback
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+_ATTACKS = ("sign_flip", "scale")
+
+
+class ModelPoisoning(FederatedCallback):
+    """Malicious clients upload ``w_received + factor * (w - w_received)`` instead of their
+    trained parameters ``w``: ``factor = -scale`` (``"sign_flip"``) or ``+scale``
+    (``"scale"``). Buffers (BN statistics) are left as trained. The malicious clients are
+    ``clients`` if given, else a seeded ``fraction`` of all clients (rounded up).
+
+    Args:
+        fraction: share of malicious clients (ignored when ``clients`` is given).
+        clients: explicit malicious client ids.
+        attack: ``"sign_flip"`` or ``"scale"``.
+        scale: magnitude of the factor (default 4).
+    """
+
+    def __init__(
+        self,
+        fraction: float = 0.1,
+        clients: list[int] | None = None,
+        attack: str = "sign_flip",
+        scale: float = 4.0,
+    ) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"`ModelPoisoning.fraction` must be in [0, 1], got {fraction!r}.")
+        if attack not in _ATTACKS:
+            raise ValueError(f"`ModelPoisoning.attack` must be one of {_ATTACKS}, got {attack!r}.")
+        if not scale > 0:
+            raise ValueError(f"`ModelPoisoning.scale` must be > 0, got {scale!r}.")
+        self.fraction, self.clients, self.attack, self.scale = fraction, clients, attack, scale
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        k = pl_module.num_clients
+        if self.clients is not None:
+            self.malicious = sorted({int(c) for c in self.clients})
+        else:
+            perm = torch.randperm(k, generator=pl_module._rng(0, 0, 5))
+            self.malicious = sorted(perm[: math.ceil(self.fraction * k)].tolist())
+        bad = [c for c in self.malicious if not 0 <= c < k]
+        if bad:
+            raise ValueError(f"`ModelPoisoning.clients` {bad} are not clients 0..{k - 1}.")
+
+    @override
+    def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        if client in self.malicious:
+            self._received = [p.detach().clone() for p in fed.client.parameters()]
+
+    @override
+    @torch.no_grad()
+    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        if client not in self.malicious:
+            return
+        factor = -self.scale if self.attack == "sign_flip" else self.scale
+        for p, w0 in zip(fed.client.parameters(), self._received, strict=True):
+            p.copy_(w0 + factor * (p - w0))

@@ -1,0 +1,65 @@
+"""FedRep (Collins et al., ICML 2021): a shared representation, personal heads trained first."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from pl_federated.callbacks.fedper import FedPer
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+
+class FedRep(FedPer):
+    """FedPer's split (personal ``personal_keys`` layers, averaged body), trained in two
+    phases per local update: the first ``head_epochs`` local epochs update only the head (body
+    frozen), the remaining ``local_epochs - head_epochs`` only the body (head frozen). Freezing
+    is ``requires_grad=False`` for the phase, restored after the client's update, so the
+    client's optimizer skips the frozen tensors.
+
+    Args:
+        personal_keys: name prefixes of the head (default ``["head"]``).
+        head_epochs: local epochs of head training before the body epochs.
+        over, weighting: as :class:`FedAvg`.
+    """
+
+    def __init__(
+        self,
+        personal_keys: Sequence[str] = ("head",),
+        head_epochs: int = 1,
+        over: str = "selected",
+        weighting: str = "samples",
+    ) -> None:
+        super().__init__(personal_keys, over=over, weighting=weighting)
+        if not isinstance(head_epochs, int) or head_epochs < 1:
+            raise ValueError(f"`FedRep.head_epochs` must be an int >= 1, got {head_epochs!r}.")
+        self.head_epochs = head_epochs
+
+    def _is_head(self, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in self.personal_keys)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        if pl_module.local_steps is None and pl_module.local_epochs <= self.head_epochs:
+            rank_zero_warn(
+                f"FedRep: `local_epochs`={pl_module.local_epochs} <= `head_epochs`="
+                f"{self.head_epochs}: the shared body is never trained."
+            )
+
+    @override
+    def on_local_epoch_start(
+        self, trainer: pl.Trainer, fed: FederatedModule, client: int, epoch: int
+    ) -> None:
+        head_phase = epoch < self.head_epochs
+        for name, p in fed.client.named_parameters():
+            p.requires_grad_(self._is_head(name) == head_phase)
+
+    @override
+    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        for p in fed.client.parameters():
+            p.requires_grad_(True)

@@ -1,0 +1,135 @@
+"""Byzantine-robust aggregation: coordinate-wise Median and TrimmedMean (Yin et al., 2018),
+Krum / Multi-Krum (Blanchard et al., 2017)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from pl_federated.callbacks.aggregator import Aggregator
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+
+class BufferedAggregator(Aggregator):
+    """Keeps every upload of the round (robust rules need them all, unlike a running sum):
+    :meth:`combine` maps the stacked float entries ``[n, *shape]`` to the new server state.
+    Integer entries (BN counters) take the first upload's value."""
+
+    @override
+    def reset(self, fed: FederatedModule) -> None:
+        self._uploads: list[dict[str, Tensor]] = []
+        self._clients: list[int] = []
+
+    @override
+    def update(
+        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
+    ) -> None:
+        self._uploads.append({k: v.detach().clone() for k, v in state.items()})
+        self._clients.append(client)
+
+    def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @override
+    @torch.no_grad()
+    def aggregate(
+        self, fed: FederatedModule, server_state: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        if not self._uploads:
+            rank_zero_warn(f"{type(self).__name__}: no finite upload; server state unchanged.")
+            return {k: t.clone() for k, t in server_state.items()}
+        floats = [k for k, t in server_state.items() if t.is_floating_point()]
+        stacked = {k: torch.stack([u[k].float() for u in self._uploads]) for k in floats}
+        out = {k: v.to(server_state[k].dtype) for k, v in self.combine(stacked).items()}
+        for k in server_state:
+            if k not in out:
+                out[k] = self._uploads[0][k].clone()
+        self._uploads = []
+        return out
+
+
+def coordinate_median(x: Tensor) -> Tensor:
+    """The coordinate-wise median over dim 0 (mean of the two middle values for even n)."""
+    n = x.shape[0]
+    s = x.sort(dim=0).values
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def trimmed_mean(x: Tensor, beta: float) -> Tensor:
+    """The coordinate-wise mean over dim 0 after dropping the ``floor(beta * n)`` largest and
+    smallest values of each coordinate."""
+    n = x.shape[0]
+    k = int(beta * n)
+    if 2 * k >= n:
+        raise ValueError(f"TrimmedMean(beta={beta}) trims all of {n} uploads; lower beta.")
+    return x.sort(dim=0).values[k : n - k].mean(dim=0)
+
+
+def krum_select(vectors: Tensor, f: int, m: int = 1) -> Tensor:
+    """Indices of the ``m`` rows of ``vectors [n, d]`` with the lowest Krum score: the sum of
+    squared distances to their ``n - f - 2`` nearest other rows. Needs ``n > 2f + 2``."""
+    n = vectors.shape[0]
+    if n <= 2 * f + 2:
+        raise ValueError(f"Krum with f={f} needs more than {2 * f + 2} uploads, got {n}.")
+    d = torch.cdist(vectors.double(), vectors.double()).pow(2)
+    d.fill_diagonal_(float("inf"))
+    scores = d.topk(n - f - 2, dim=1, largest=False).values.sum(dim=1)
+    return scores.argsort()[:m].sort().values
+
+
+class Median(BufferedAggregator):
+    """Coordinate-wise median of the uploads (robust to < 50% arbitrary updates)."""
+
+    @override
+    def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: coordinate_median(x) for k, x in stacked.items()}
+
+
+class TrimmedMean(BufferedAggregator):
+    """Coordinate-wise beta-trimmed mean: per coordinate, drop the ``floor(beta * n)`` largest
+    and smallest values and average the rest.
+
+    Args:
+        beta: trimmed fraction per side, in [0, 0.5).
+    """
+
+    def __init__(self, beta: float = 0.1) -> None:
+        if not 0.0 <= beta < 0.5:
+            raise ValueError(f"`TrimmedMean.beta` must be in [0, 0.5), got {beta!r}.")
+        self.beta = beta
+
+    @override
+    def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: trimmed_mean(x, self.beta) for k, x in stacked.items()}
+
+
+class Krum(BufferedAggregator):
+    """Krum: the upload closest (sum of squared distances to its ``n - f - 2`` nearest
+    neighbours) to the others; with ``m > 1`` Multi-Krum: the mean of the ``m`` best. The
+    last round's chosen clients are in :attr:`selected`.
+
+    Args:
+        f: number of Byzantine uploads to tolerate (needs ``n > 2f + 2`` uploads per round).
+        m: uploads averaged (1: Krum; > 1: Multi-Krum).
+    """
+
+    def __init__(self, f: int = 1, m: int = 1) -> None:
+        for name, value in (("f", f), ("m", m)):
+            if not isinstance(value, int) or value < (0 if name == "f" else 1):
+                raise ValueError(f"`Krum.{name}` must be an int >= {0 if name == 'f' else 1}.")
+        self.f, self.m = f, m
+        self.selected: list[int] = []
+
+    @override
+    def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+        flat = torch.cat([x.flatten(1) for x in stacked.values()], dim=1)
+        idx = krum_select(flat, self.f, min(self.m, flat.shape[0]))
+        self.selected = [self._clients[i] for i in idx.tolist()]
+        return {k: x[idx].mean(dim=0) for k, x in stacked.items()}
