@@ -1,11 +1,17 @@
-"""``pl-federated``: LightningCLI over FederatedModule + FederatedDataModule (fit/validate/test)."""
+"""``pl-federated``: LightningCLI over FederatedModule + FederatedDataModule (fit/validate/test),
+plus ``pl-federated partition`` (the partition report of a config, no training)."""
 
 from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
 from pl_federated.callbacks.summary import FederatedSummary
 from pl_federated.data.datamodule import FederatedDataModule
+from pl_federated.data.report import PartitionReport
 from pl_federated.module import FederatedModule
 
 
@@ -37,9 +43,37 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FederatedCLI:
     )
 
 
+def partition_main(args: list[str]) -> PartitionReport:
+    """``pl-federated partition --config X.yaml [--out DIR] [other overrides]``: build the
+    config's datamodule (no model training), print its :class:`PartitionReport` and write
+    ``partition.csv`` and ``partition.png`` to ``--out`` (default ``outputs/partition``)."""
+    parser = argparse.ArgumentParser(prog="pl-federated partition", add_help=True)
+    parser.add_argument("--out", type=Path, default=Path("outputs/partition"))
+    known, rest = parser.parse_known_args(args)
+    cli = FederatedCLI(
+        FederatedModule,
+        FederatedDataModule,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        args=rest,
+        run=False,
+        save_config_callback=None,
+    )
+    report = PartitionReport.from_datamodule(cli.datamodule)
+    print(report.table())
+    known.out.mkdir(parents=True, exist_ok=True)
+    csv = report.to_csv(known.out / "partition.csv")
+    png = report.heatmap(known.out / "partition.png")
+    print(f"wrote {csv} and {png}")
+    return report
+
+
 def main() -> None:
     """Entry point of the ``pl-federated`` console script."""
-    cli_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "partition":
+        partition_main(sys.argv[2:])
+    else:
+        cli_main()
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ class FederatedModule(pl.LightningModule):
     Evaluation (every ``eval_every_n_rounds`` rounds and at the last round):
 
     * ``global/*``: after aggregation, the new server model on every client's test split;
-      ``global/acc`` and ``global/f1`` (macro) over the pooled test data, plus per-client values.
+      ``global/acc`` and ``global/f1`` (macro) over the pooled test data (or the datamodule's
+      held-out global test set, ``global_test_fraction``), plus per-client values.
     * ``personal/*``: each client trained this round, on its own test split, right after its
       local training and before aggregation (for FedAvg: the locally fine-tuned model);
       ``personal/acc_mean``, ``personal/acc_min``, ``personal/f1_mean`` over those clients.
@@ -734,13 +735,19 @@ class FederatedModule(pl.LightningModule):
 
     def evaluate_global(self) -> dict[str, float]:
         """The server model on the pooled test data and on each client's test split."""
-        x, y, owner = self.datamodule.pooled_test()
+        dm = self.datamodule
+        x, y, owner = dm.pooled_test()
         if not len(y):
             return {}
         self.load_state(SHARED_ROLE, self.server_state)
         preds = self.predict_classes(self.client, x).cpu()
-        self._run_client_validation_step(x, y)
-        acc, f1 = self._acc_f1(preds, y)
+        if len(getattr(dm, "global_test_y", ())):  # a held-out global test set
+            xg, yg = dm.global_test()
+            self._run_client_validation_step(xg, yg)
+            acc, f1 = self._acc_f1(self.predict_classes(self.client, xg).cpu(), yg)
+        else:
+            self._run_client_validation_step(x, y)
+            acc, f1 = self._acc_f1(preds, y)
         per_acc = torch.full((self.num_clients,), float("nan"))
         per_f1 = torch.full((self.num_clients,), float("nan"))
         for k in range(self.num_clients):

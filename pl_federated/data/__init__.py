@@ -6,11 +6,13 @@ from pl_federated.data.partition import (
     IID,
     Dirichlet,
     Domains,
+    FeatureNoise,
     Partition,
     Partitioner,
     Pathological,
     QuantitySkew,
 )
+from pl_federated.data.report import PartitionReport
 
 __all__ = [
     "DATASETS",
@@ -18,8 +20,10 @@ __all__ = [
     "ClientSlots",
     "Dirichlet",
     "Domains",
+    "FeatureNoise",
     "FederatedDataModule",
     "Partition",
+    "PartitionReport",
     "Partitioner",
     "Pathological",
     "QuantitySkew",

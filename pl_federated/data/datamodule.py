@@ -40,6 +40,12 @@ class FederatedDataModule(pl.LightningDataModule):
         public_fraction: share of the whole dataset held out (seeded, before partitioning) as
             a public set no client owns, in ``public_x`` (``public_y`` is kept for analysis
             only): the unlabeled public data of FedMD-style distillation.
+        global_test_fraction: share of the whole dataset held out (seeded, before
+            partitioning) as a global test set no client owns; when > 0, ``global/acc`` and
+            ``global/f1`` are measured on it (else on the pooled client test splits).
+        stratified: split each client's train/val/test per class (each class contributes
+            ``round(n_c * fraction)`` samples, where its count allows), instead of one random
+            cut of the client's shuffled samples.
 
     Raises:
         ValueError: unknown dataset, bad fractions or sizes, or a partition that cannot give
@@ -59,6 +65,8 @@ class FederatedDataModule(pl.LightningDataModule):
         dataset_options: dict[str, Any] | None = None,
         max_train_samples: int | None = None,
         public_fraction: float = 0.0,
+        global_test_fraction: float = 0.0,
+        stratified: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(num_clients, int) or num_clients < 1:
@@ -89,6 +97,13 @@ class FederatedDataModule(pl.LightningDataModule):
         if not 0.0 <= public_fraction < 1.0:
             raise ValueError(f"`public_fraction` must be in [0, 1), got {public_fraction!r}.")
         self.public_fraction = public_fraction
+        if not 0.0 <= global_test_fraction < 1.0 or public_fraction + global_test_fraction >= 1:
+            raise ValueError(
+                f"`global_test_fraction` must be in [0, 1) with `public_fraction` + "
+                f"`global_test_fraction` < 1, got {global_test_fraction!r}."
+            )
+        self.global_test_fraction = global_test_fraction
+        self.stratified = stratified
         self._prepared = False
 
     # --------------------------------------------------------------- setup
@@ -104,47 +119,83 @@ class FederatedDataModule(pl.LightningDataModule):
         self.input_shape = tuple(x.shape[1:])
         self.domain_names = loaded.domain_names
         domains = loaded.domains.numpy() if loaded.domains is not None else None
-        self.public_x, self.public_y = x[:0], y[:0]
-        if self.public_fraction > 0:
-            perm = np.random.default_rng(self.seed + 2).permutation(len(y))
-            n_public = max(1, round(len(y) * self.public_fraction))
-            public, keep = np.sort(perm[:n_public]), np.sort(perm[n_public:])
-            self.public_x, self.public_y = x[public], y[public]
+        held, total = {}, len(y)
+        for name, fraction, offset in (
+            ("public", self.public_fraction, 2),
+            ("global_test", self.global_test_fraction, 4),
+        ):
+            keep = np.arange(len(y))
+            if fraction > 0:
+                perm = np.random.default_rng(self.seed + offset).permutation(len(y))
+                n_out = max(1, round(total * fraction))
+                out, keep = np.sort(perm[:n_out]), np.sort(perm[n_out:])
+                held[name] = (x[out], y[out])
+            else:
+                held[name] = (x[:0], y[:0])
             x, y = x[keep], y[keep]
             domains = domains[keep] if domains is not None else None
+        self.public_x, self.public_y = held["public"]
+        self.global_test_x, self.global_test_y = held["global_test"]
         self.split: Partition = self.partition(
             y.numpy(), self.num_clients, seed=self.seed, domains=domains
         )
         rng = np.random.default_rng(self.seed + 1)
         self.train_x, self.train_y, self.test_x, self.test_y = [], [], [], []
         self.val_x, self.val_y = [], []
-
-        def held_out(n: int, fraction: float) -> int:
-            return 0 if fraction == 0 else max(1, round(n * fraction))
-
         for k, idx in enumerate(self.split.indices):
-            idx = torch.from_numpy(rng.permutation(idx))
-            n_test = held_out(len(idx), self.test_fraction)
-            n_val = held_out(len(idx), self.val_fraction)
-            if len(idx) - n_test - n_val < 1:
-                raise ValueError(
-                    f"Client {k} has {len(idx)} samples: none left for training after "
-                    f"`test_fraction`={self.test_fraction} and `val_fraction`={self.val_fraction}."
-                )
-            test, val, train = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+            test, val, train = self._client_split(k, rng.permutation(idx), y.numpy())
             if self.max_train_samples is not None:
-                train = train[: self.max_train_samples]  # idx is already a seeded permutation
-            for xs, ys, part in (
-                (self.train_x, self.train_y, train),
-                (self.val_x, self.val_y, val),
-                (self.test_x, self.test_y, test),
+                train = train[: self.max_train_samples]  # a seeded permutation already
+            sigma = self.partition.feature_noise(k, self.num_clients)
+            for j, (xs, ys, part) in enumerate(
+                (
+                    (self.train_x, self.train_y, train),
+                    (self.val_x, self.val_y, val),
+                    (self.test_x, self.test_y, test),
+                )
             ):
-                xs.append(x[part].contiguous())
+                part = torch.from_numpy(part)
+                xk = x[part].contiguous()
+                if sigma > 0:
+                    g = torch.Generator().manual_seed(self.seed * 1_000_003 + 3 * k + j)
+                    xk = xk + sigma * torch.randn(xk.shape, generator=g)
+                xs.append(xk)
                 ys.append(y[part].contiguous())
         self.num_train = torch.tensor([len(t) for t in self.train_y])
         self.num_val = torch.tensor([len(t) for t in self.val_y])
         self.num_test = torch.tensor([len(t) for t in self.test_y])
         self._prepared = True
+
+    def _client_split(
+        self, client: int, idx: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(test, val, train) indices of one client from its shuffled indices ``idx``."""
+
+        def held_out(n: int, fraction: float) -> int:
+            return 0 if fraction == 0 else max(1, round(n * fraction))
+
+        if not self.stratified:
+            n_test = held_out(len(idx), self.test_fraction)
+            n_val = held_out(len(idx), self.val_fraction)
+            test, val, train = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+        else:
+            parts: list[list[np.ndarray]] = [[], [], []]
+            for c in np.unique(labels[idx]):
+                members = idx[labels[idx] == c]  # keeps the shuffled order
+                n_test = round(len(members) * self.test_fraction)
+                n_val = round(len(members) * self.val_fraction)
+                if n_test + n_val >= len(members):  # too few of this class: train first
+                    n_test = n_val = 0
+                parts[0].append(members[:n_test])
+                parts[1].append(members[n_test : n_test + n_val])
+                parts[2].append(members[n_test + n_val :])
+            test, val, train = (np.concatenate(p) for p in parts)
+        if len(train) < 1:
+            raise ValueError(
+                f"Client {client} has {len(idx)} samples: none left for training after "
+                f"`test_fraction`={self.test_fraction} and `val_fraction`={self.val_fraction}."
+            )
+        return test, val, train
 
     # ------------------------------------------------------------- access
     def client_train(self, client: int) -> tuple[Tensor, Tensor]:
@@ -162,6 +213,14 @@ class FederatedDataModule(pl.LightningDataModule):
         if split not in getters:
             raise ValueError(f"Unknown split {split!r}; choose one of {sorted(getters)}.")
         return getters[split](client)
+
+    def global_test(self) -> tuple[Tensor, Tensor]:
+        """The held-out global test set (``global_test_fraction``), or the pooled client test
+        splits when there is none."""
+        if len(self.global_test_y):
+            return self.global_test_x, self.global_test_y
+        x, y, _ = self.pooled_test()
+        return x, y
 
     def pooled_test(self) -> tuple[Tensor, Tensor, Tensor]:
         """All clients' test splits concatenated, plus each sample's client id."""

@@ -59,6 +59,11 @@ class Partitioner(ABC):
         num_classes = int(labels.max()) + 1 if len(labels) else 0
         return Partition(indices, label_counts(labels, indices, num_classes))
 
+    def feature_noise(self, client: int, num_clients: int) -> float:
+        """Std of the Gaussian noise added to ``client``'s inputs (0: none; see
+        :class:`FeatureNoise`)."""
+        return 0.0
+
     @abstractmethod
     def split(
         self,
@@ -76,6 +81,26 @@ class IID(Partitioner):
 
     def split(self, labels, num_clients, rng, domains=None):
         return np.array_split(rng.permutation(len(labels)), num_clients)
+
+
+class FeatureNoise(IID):
+    """Feature-distribution skew (NIID-Bench's ``noniid-feature`` idea): IID labels and
+    sizes, and client k's inputs (train, val and test) get Gaussian noise of std
+    ``sigma * k / K`` (client 0 clean). The noise is drawn once per sample at setup, seeded,
+    so runs are reproducible. (NIID-Bench scales by ``k / (K - 1)`` and redraws per access.)
+
+    Args:
+        sigma: the noise scale (>= 0).
+    """
+
+    def __init__(self, sigma: float = 0.1, min_size: int = 10) -> None:
+        super().__init__(min_size)
+        if not sigma >= 0:
+            raise ValueError(f"`FeatureNoise.sigma` must be >= 0, got {sigma!r}.")
+        self.sigma = float(sigma)
+
+    def feature_noise(self, client: int, num_clients: int) -> float:
+        return self.sigma * client / num_clients
 
 
 class Dirichlet(Partitioner):
