@@ -4,9 +4,12 @@ plus ``pl-federated partition`` (the partition report of a config, no training).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import tempfile
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from pl_federated.callbacks.summary import FederatedSummary
@@ -30,8 +33,54 @@ class FederatedCLI(LightningCLI):
         parser.add_lightning_class_args(FederatedSummary, "summary")
 
 
+_CALLBACK_ARG = re.compile(r"^--trainer\.callbacks\.([A-Z]\w*)\.(\w+)=(.*)$", re.DOTALL)
+
+
+def patch_callback_args(args: list[str]) -> list[str]:
+    """Rewrite ``--trainer.callbacks.<ClassName>.<arg>=<value>`` overrides (which jsonargparse
+    cannot express for a callback that is not last in the list) into a patched copy of the last
+    ``--config`` file: the callback of that class name gets ``init_args.<arg> = value`` (value
+    parsed as YAML). This is what makes W&B sweeps over several callbacks' knobs one
+    ``pl-federated fit --config base.yaml ${args}`` command."""
+    overrides = [m for m in (_CALLBACK_ARG.match(a) for a in args) if m]
+    if not overrides:
+        return list(args)
+    rest = [a for a in args if not _CALLBACK_ARG.match(a)]
+    configs = [i for i, a in enumerate(rest) if a == "--config" or a.startswith("--config=")]
+    if not configs:
+        raise ValueError("`--trainer.callbacks.<ClassName>.<arg>=...` needs a `--config` file.")
+    i = configs[-1]
+    path = rest[i].split("=", 1)[1] if "=" in rest[i] else rest[i + 1]
+    config = yaml.safe_load(Path(path).read_text())
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    for m in overrides:
+        name, key, value = m.group(1), m.group(2), yaml.safe_load(m.group(3))
+        matches = [
+            cb for cb in callbacks if str(cb.get("class_path", "")).rsplit(".", 1)[-1] == name
+        ]
+        if len(matches) != 1:
+            names = [str(cb.get("class_path")) for cb in callbacks]
+            raise ValueError(
+                f"`--trainer.callbacks.{name}.{key}`: {path} has {len(matches)} callbacks of "
+                f"class {name!r} (need exactly one); its callbacks: {names}."
+            )
+        matches[0].setdefault("init_args", {})[key] = value
+    patched = Path(tempfile.mkdtemp(prefix="pl_federated_")) / Path(path).name
+    patched.write_text(yaml.safe_dump(config, sort_keys=False))
+    if "=" in rest[i]:
+        rest[i] = f"--config={patched}"
+    else:
+        rest[i + 1] = str(patched)
+    return rest
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> FederatedCLI:
-    """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]``."""
+    """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]``. Callback
+    overrides by class name are applied first (:func:`patch_callback_args`)."""
+    if args is None:  # patch sys.argv itself (LightningCLI warns when both are given)
+        sys.argv[1:] = patch_callback_args(sys.argv[1:])
+    else:
+        args = patch_callback_args(args)
     return FederatedCLI(
         FederatedModule,
         FederatedDataModule,
