@@ -57,3 +57,8 @@ def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, mon
         if r.WhichOneof("record_type") == "metric" and r.metric.glob_name
     }
     assert axes["global/*"] == "round" and axes["personal/*"] == "round"
+    # the partition heatmap and the per-client accuracy bars as images
+    media = {p.parent.name for p in (runs[0] / "files" / "media" / "images").rglob("*.png")}
+    assert {"partition", "clients"} <= media
+    types = {k: v for r in history(next(runs[0].glob("*.wandb"))) for k, v in r.items()}
+    assert types["clients/accuracy/_type"] == "images/separated"

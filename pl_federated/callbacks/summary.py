@@ -50,12 +50,61 @@ class FederatedSummary(Callback):
     written as CSV to ``trainer.log_dir`` when a logger is configured, and the client table is
     logged with ``log_table`` to a :class:`~lightning.pytorch.loggers.WandbLogger`.
 
+    With ``images`` and a logger, two figures go to ``trainer.log_dir`` (and to W&B as images):
+    the partition heatmap at fit start (``partition.png``, key ``partition/heatmap``) and the
+    per-client accuracy bars at the end (``client_accuracy.png``, key ``clients/accuracy``).
+
     Args:
         print_tables: print the tables to stdout (rank zero).
+        images: write/log the partition heatmap and the per-client accuracy bars.
     """
 
-    def __init__(self, print_tables: bool = True) -> None:
+    def __init__(self, print_tables: bool = True, images: bool = True) -> None:
         self.print_tables = print_tables
+        self.images = images
+
+    @staticmethod
+    def _log_image(trainer: pl.Trainer, key: str, path: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[path])
+
+    @override
+    @rank_zero_only
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if not (self.images and trainer.loggers and trainer.log_dir and hasattr(dm, "split")):
+            return
+        from pl_federated.data.report import PartitionReport
+
+        os.makedirs(trainer.log_dir, exist_ok=True)
+        path = os.path.join(trainer.log_dir, "partition.png")
+        PartitionReport(dm.split.counts).heatmap(path)
+        self._log_image(trainer, "partition/heatmap", path)
+
+    def client_accuracy_figure(self, pl_module: pl.LightningModule, path: str) -> str:
+        """Bars of each client's latest global and personalized test accuracy."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        metrics = pl_module.client_metrics
+        names = [n for n in ("global_acc", "personal_acc") if n in metrics]
+        k = pl_module.num_clients
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * k + 2), 3.5))
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            xs = [c + (i - (len(names) - 1) / 2) * width for c in range(k)]
+            ax.bar(xs, metrics[name].nan_to_num(0).tolist(), width, label=name)
+        ax.set_xlabel("client")
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
 
     def round_table(self, history: Sequence[dict[str, float]]) -> tuple[list[str], list[list]]:
         present = [(k, name) for k, name in ROUND_COLUMNS if any(k in h for h in history)]
@@ -85,3 +134,8 @@ class FederatedSummary(Callback):
             if isinstance(logger, WandbLogger):
                 columns, rows = tables["clients"]
                 logger.log_table(key="clients", columns=columns, data=rows)
+        if self.images and trainer.loggers and trainer.log_dir and pl_module.client_metrics:
+            path = os.path.join(trainer.log_dir, "client_accuracy.png")
+            self._log_image(
+                trainer, "clients/accuracy", self.client_accuracy_figure(pl_module, path)
+            )
