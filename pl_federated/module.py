@@ -555,6 +555,7 @@ class FederatedModule(pl.LightningModule):
         for cb in self._fed_callbacks:
             cb.on_client_start(self.trainer, self, client)
         device, sup = self.device, self._supervised_callback
+        transform = getattr(self.datamodule, "train_transform", None)
         x, y = self.datamodule.client_train(client)
         for cb in self._data_callbacks:
             replaced = cb.train_data(self, client, x, y)
@@ -571,7 +572,10 @@ class FederatedModule(pl.LightningModule):
             perm = torch.randperm(n, generator=gen)
             for i in range(min(steps_per_epoch, total - step)):
                 idx = perm[i * bs : (i + 1) * bs]
-                batch = (x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True))
+                xb = x[idx]
+                if transform is not None:
+                    xb = torch.stack([transform(sample) for sample in xb])
+                batch = (xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True))
                 outs = {
                     role: _as_output(self.workers[role].training_step(batch, i)) for role in roles
                 }

@@ -95,3 +95,68 @@ def test_partition_command_prints_and_writes(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "partition.png").stat().st_size > 1000
     lines = (tmp_path / "partition.csv").read_text().splitlines()
     assert len(lines) == 6 and lines[0].startswith("client,size,entropy,tv,emd,c0")
+
+
+def image_tree(root, domains=("amazon", "webcam"), classes=("bike", "cup", "pen"), n=6):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for d_i, d in enumerate(domains):
+        for c in classes:
+            (root / d / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.random((12, 10, 3)) * (0.5 + d_i) * 120  # domains differ in scale
+                Image.fromarray(pixels.astype("uint8")).save(root / d / c / f"{i}.png")
+    return root
+
+
+def test_image_folder_domains_and_per_domain_normalization(tmp_path):
+    from pl_federated.data import Domains
+
+    root = image_tree(tmp_path / "office")
+    dm = FederatedDataModule(
+        "image_folder",
+        num_clients=4,
+        partition=Domains(clients_per_domain=2, min_size=2),
+        dataset_options={"root": str(root), "size": 8},
+        normalize="per_domain",
+    )
+    dm.setup()
+    assert dm.domain_names == ("amazon", "webcam") and dm.num_classes == 3
+    assert dm.train_x[0].shape[1:] == (3, 8, 8)
+    for members in ((0, 1), (2, 3)):  # each domain standardized by its own training data
+        train = torch.cat([dm.train_x[c] for c in members]).transpose(0, 1).flatten(1)
+        torch.testing.assert_close(train.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(train.std(1), torch.ones(3), atol=1e-4, rtol=0)
+    gray = FederatedDataModule(
+        "image_folder",
+        num_clients=2,
+        partition=IID(min_size=2),
+        dataset_options={"root": str(root), "size": 8, "grayscale": True, "domains": ["webcam"]},
+    )
+    gray.setup()
+    assert gray.train_x[0].shape[1:] == (1, 8, 8) and gray.domain_names == ("webcam",)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        FederatedDataModule("image_folder", dataset_options={"root": str(tmp_path / "x")}).setup()
+    with pytest.raises(ValueError, match="per_domain"):
+        FederatedDataModule("digits", normalize="per_domain").setup()
+
+
+class CountingFlip(torch.nn.Module):
+    """Flips every training sample and counts the calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x.flip(-1)
+
+
+def test_train_transform_applies_to_training_samples_only(trainer_factory):
+    flip = CountingFlip()
+    dm = FederatedDataModule("digits", num_clients=3, partition=IID(), train_transform=flip)
+    fed = federation(local_epochs=2)
+    trainer_factory(rounds=1).fit(fed, dm)
+    assert flip.calls == 2 * int(dm.num_train.sum())  # every training sample, every epoch

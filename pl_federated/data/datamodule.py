@@ -46,6 +46,12 @@ class FederatedDataModule(pl.LightningDataModule):
         stratified: split each client's train/val/test per class (each class contributes
             ``round(n_c * fraction)`` samples, where its count allows), instead of one random
             cut of the client's shuffled samples.
+        normalize: ``"none"``, ``"global"`` (per-channel mean/std of all clients' training
+            splits) or ``"per_domain"`` (each domain's own training statistics, for
+            feature-shift datasets); applied to every split of every client.
+        train_transform: a module applied to each training sample of a batch when it is
+            drawn (e.g. a ``torchvision.transforms.v2.Compose`` of random augmentations);
+            evaluation data is never transformed.
 
     Raises:
         ValueError: unknown dataset, bad fractions or sizes, or a partition that cannot give
@@ -67,6 +73,8 @@ class FederatedDataModule(pl.LightningDataModule):
         public_fraction: float = 0.0,
         global_test_fraction: float = 0.0,
         stratified: bool = False,
+        normalize: str = "none",
+        train_transform: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_clients, int) or num_clients < 1:
@@ -104,6 +112,12 @@ class FederatedDataModule(pl.LightningDataModule):
             )
         self.global_test_fraction = global_test_fraction
         self.stratified = stratified
+        if normalize not in ("none", "global", "per_domain"):
+            raise ValueError(
+                f"`normalize` must be 'none', 'global' or 'per_domain', got {normalize!r}."
+            )
+        self.normalize = normalize
+        self.train_transform = train_transform
         self._prepared = False
 
     # --------------------------------------------------------------- setup
@@ -161,10 +175,33 @@ class FederatedDataModule(pl.LightningDataModule):
                     xk = xk + sigma * torch.randn(xk.shape, generator=g)
                 xs.append(xk)
                 ys.append(y[part].contiguous())
+        if self.normalize != "none":
+            self._normalize(domains, self.split.indices)
         self.num_train = torch.tensor([len(t) for t in self.train_y])
         self.num_val = torch.tensor([len(t) for t in self.val_y])
         self.num_test = torch.tensor([len(t) for t in self.test_y])
         self._prepared = True
+
+    def _normalize(self, domains: np.ndarray | None, indices: list[np.ndarray]) -> None:
+        """Standardize every client's splits per channel with training-split statistics: of
+        all clients, or of the clients of the same domain (a client's domain: the most common
+        domain among its samples)."""
+        if self.normalize == "per_domain" and domains is None:
+            raise ValueError("`normalize='per_domain'` needs a dataset with domains.")
+        k = self.num_clients
+        group = (
+            [int(np.bincount(domains[idx]).argmax()) for idx in indices]
+            if self.normalize == "per_domain"
+            else [0] * k
+        )
+        for g in set(group):
+            members = [c for c in range(k) if group[c] == g]
+            train = torch.cat([self.train_x[c] for c in members]).transpose(0, 1).flatten(1)
+            mean = train.mean(dim=1).view(1, -1, *[1] * (self.train_x[0].ndim - 2))
+            std = train.std(dim=1).clamp_min(1e-6).view_as(mean)
+            for c in members:
+                for xs in (self.train_x, self.val_x, self.test_x):
+                    xs[c] = (xs[c] - mean) / std
 
     def _client_split(
         self, client: int, idx: np.ndarray, labels: np.ndarray

@@ -80,6 +80,60 @@ def load_digit_domains(
     return Loaded(torch.cat(xs), torch.cat(ys), torch.cat(ds), names)
 
 
+def load_image_folder(
+    root: str,
+    size: int = 32,
+    grayscale: bool = False,
+    domains: list[str] | None = None,
+    max_per_domain: int | None = None,
+    seed: int = 0,
+) -> Loaded:
+    """Images in ImageFolder layout, one folder per domain: ``root/<domain>/<class>/<image>``
+    (Digit-5, Office, DomainNet style). Every image is resized to ``size`` x ``size`` (RGB, or
+    one channel with ``grayscale``) and kept in memory in [0, 1]; the class index follows the
+    sorted union of class-folder names over all domains, the domain id the sorted domain
+    folders (or the order of ``domains``). ``max_per_domain`` keeps a seeded subset."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"`root`={root!r} is not a folder (dataset 'image_folder').")
+    names = domains or sorted(p.name for p in base.iterdir() if p.is_dir())
+    missing = [d for d in names if not (base / d).is_dir()]
+    if not names or missing:
+        raise ValueError(
+            f"image_folder {root!r}: domain folders {missing or '(none)'} not found; expected "
+            "root/<domain>/<class>/<image>."
+        )
+    classes = sorted({c.name for d in names for c in (base / d).iterdir() if c.is_dir()})
+    index = {c: i for i, c in enumerate(classes)}
+    steps = [v2.Grayscale()] if grayscale else [v2.RGB()]
+    transform = v2.Compose(
+        [
+            v2.ToImage(),
+            *steps,
+            v2.Resize((size, size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    rng = np.random.default_rng(seed)
+    xs, ys, ds = [], [], []
+    for d, name in enumerate(names):
+        folder = ImageFolder(str(base / name))
+        order = np.arange(len(folder.samples))
+        if max_per_domain is not None and len(order) > max_per_domain:
+            order = np.sort(rng.choice(len(order), max_per_domain, replace=False))
+        for i in order:
+            image, target = folder[int(i)]
+            xs.append(transform(image))
+            ys.append(index[folder.classes[target]])
+        ds += [d] * len(order)
+    return Loaded(
+        torch.stack(xs), torch.tensor(ys, dtype=torch.long), torch.tensor(ds), tuple(names)
+    )
+
+
 # name -> (torchvision class, how the split is passed)
 TORCHVISION = {
     "mnist": ("MNIST", "train"),
@@ -139,6 +193,7 @@ DATASETS: dict[str, Callable[..., Loaded]] = {
     "digits": load_digits,
     "npz": load_npz,
     "digit_domains": load_digit_domains,
+    "image_folder": load_image_folder,
     **{name: load_torchvision for name in TORCHVISION},
 }
 
