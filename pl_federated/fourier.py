@@ -49,16 +49,51 @@ def window_mask(rows: int, cols: int, ratio: float, window: str = "reference") -
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"`ratio` must be in [0, 1], got {ratio!r}.")
     mask = torch.zeros(rows, cols, dtype=torch.bool)
-    spans = []
-    for size in (rows, cols):
-        c, b = size // 2, int(size * ratio / 2)
-        if window == "reference":
-            spans.append((c - b, c + b))
-        else:
-            spans.append((max(c - b, 0), min(c + b + 1, size)) if b > 0 else (c, c))
-    (r0, r1), (c0, c1) = spans
+    (r0, r1), (c0, c1) = (_span(size, ratio, window) for size in (rows, cols))
     mask[r0:r1, c0:c1] = True
     return mask
+
+
+def _span(size: int, ratio: float, window: str) -> tuple[int, int]:
+    """The half-open index range of the centred window along one axis of ``size``."""
+    c, b = size // 2, int(size * ratio / 2)
+    if window == "reference":
+        return c - b, c + b
+    return (max(c - b, 0), min(c + b + 1, size)) if b > 0 else (c, c)
+
+
+def fourier_mix_rows(
+    stacked: Tensor,
+    weights: Tensor,
+    ratio: float,
+    variant: str = "amplitude",
+    window: str = "reference",
+) -> Tensor:
+    """Class-wise PFA for a classifier weight ``[K, classes, features]``: each class row gets a
+    1-D FFT over its features, and the low-frequency window (``ratio`` of the feature axis,
+    same windows as :func:`window_mask`) of its amplitude (and phase) is replaced by the
+    clients' weighted mean of that same row. Rows never mix."""
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
+    if window not in WINDOWS:
+        raise ValueError(f"`window` must be one of {WINDOWS}, got {window!r}.")
+    if stacked.ndim != 3:
+        raise ValueError(
+            f"Class-wise PFA needs [K, classes, features], got {tuple(stacked.shape)}."
+        )
+    matrix = stacked.to(torch.float64)
+    size = matrix.shape[-1]
+    lo, hi = _span(size, ratio, window)
+    mask = torch.zeros(size, dtype=torch.bool, device=matrix.device)
+    mask[lo:hi] = True
+    w = (weights.to(matrix) / weights.sum()).view(-1, 1, 1)
+    spectrum = torch.fft.fftshift(torch.fft.fft(matrix, dim=-1), dim=-1)
+    amp, phase = spectrum.abs(), spectrum.angle()
+    amp = torch.where(mask, (w * amp).sum(0, keepdim=True), amp)
+    if variant == "amplitude_phase":
+        phase = torch.where(mask, (w * phase).sum(0, keepdim=True), phase)
+    out = torch.fft.ifft(torch.fft.ifftshift(torch.polar(amp, phase), dim=-1), dim=-1).real
+    return out.to(stacked.dtype)
 
 
 def fourier_mix(

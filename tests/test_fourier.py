@@ -107,3 +107,55 @@ def test_matrix_views_and_schedule():
     assert progressive_ratio(5, 10, 0.7, 0.95) == pytest.approx(0.825)
     with pytest.raises(ValueError, match="window"):
         window_mask(4, 4, 0.5, "round")
+
+
+def numpy_rows_reference(weights, client_w, ratio, variant):
+    """Class-wise PFA written from the spec: a 1-D FFT per class row, reference window."""
+    k, c, d = weights.shape
+    mask = np.zeros(d, dtype=bool)
+    centre, b = d // 2, int(d * ratio / 2)
+    mask[centre - b : centre + b] = True
+    spectra = np.fft.fftshift(np.fft.fft(weights, axis=-1), axes=-1)
+    amps, phases = np.abs(spectra), np.angle(spectra)
+    p = (np.asarray(client_w, dtype=float) / np.sum(client_w)).reshape(-1, 1, 1)
+    amp = np.where(mask, (p * amps).sum(0, keepdims=True), amps)
+    phase = np.where(mask, (p * phases).sum(0, keepdims=True), phases)
+    phase = phase if variant == "amplitude_phase" else phases
+    return np.real(np.fft.ifft(np.fft.ifftshift(amp * np.exp(1j * phase), axes=-1), axis=-1))
+
+
+@pytest.mark.parametrize("variant", ["amplitude", "amplitude_phase"])
+def test_classwise_rows_match_numpy_reference_and_never_mix(variant):
+    from pl_federated.fourier import fourier_mix_rows
+
+    torch.manual_seed(0)
+    stacked = torch.randn(3, 4, 9, dtype=torch.float64)
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    out = fourier_mix_rows(stacked, weights, 0.6, variant)
+    ref = numpy_rows_reference(stacked.numpy(), weights.numpy(), 0.6, variant)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-10)
+    torch.testing.assert_close(fourier_mix_rows(stacked, weights, 0.0, variant), stacked)  # r=0
+    other = stacked.clone()
+    other[:, 2] += 5.0  # change class 2 of every client: the other classes' rows are unchanged
+    moved = fourier_mix_rows(other, weights, 0.6, variant)
+    keep = [0, 1, 3]
+    torch.testing.assert_close(moved[:, keep], out[:, keep])
+
+
+def test_pfa_classwise_option_end_to_end(trainer_factory):
+    from helpers import digits, federation
+
+    from pl_federated.callbacks import ProgressiveFourierAggregation
+
+    pfa = ProgressiveFourierAggregation(classwise_classifier=True)
+    fed = federation(local_steps=3)
+    trainer_factory(rounds=2, callbacks=[pfa]).fit(fed, digits(3))
+    assert pfa.classifier_key == "head.weight"
+    assert fed.store.has("server", 0) and fed.history[-1]["global/acc"] > 0.2
+    with pytest.raises(ValueError, match="classifier_key"):
+        trainer_factory(
+            rounds=1,
+            callbacks=[
+                ProgressiveFourierAggregation(classwise_classifier=True, classifier_key="x")
+            ],
+        ).fit(federation(local_steps=1), digits(3))

@@ -13,7 +13,13 @@ from typing_extensions import override
 
 from pl_federated.callbacks.aggregator import Aggregator
 from pl_federated.callbacks.fedbn import batchnorm_keys
-from pl_federated.fourier import VARIANTS, WINDOWS, fourier_mix, progressive_ratio
+from pl_federated.fourier import (
+    VARIANTS,
+    WINDOWS,
+    fourier_mix,
+    fourier_mix_rows,
+    progressive_ratio,
+)
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -39,6 +45,9 @@ class ProgressiveFourierAggregation(Aggregator):
         variant: ``"amplitude"`` or ``"amplitude_phase"``.
         weighting: ``"uniform"`` (reference code) or ``"samples"``.
         window: ``"reference"`` (half-open, default) or ``"symmetric"`` (real inverse).
+        classwise_classifier: treat the classifier weight class-wise, a 1-D FFT per class row
+            (:func:`~pl_federated.fourier.fourier_mix_rows`) instead of the 2-D transform.
+        classifier_key: the classifier weight's state key (default: the last 2-D weight).
 
     Raises:
         ValueError: an option outside the allowed values.
@@ -51,6 +60,8 @@ class ProgressiveFourierAggregation(Aggregator):
         variant: str = "amplitude",
         weighting: str = "uniform",
         window: str = "reference",
+        classwise_classifier: bool = False,
+        classifier_key: str | None = None,
     ) -> None:
         for name, value in (("r0", r0), ("r1", r1)):
             if not 0.0 <= value <= 1.0:
@@ -68,11 +79,23 @@ class ProgressiveFourierAggregation(Aggregator):
                 )
         self.r0, self.r1 = r0, r1
         self.variant, self.weighting, self.window = variant, weighting, window
+        self.classwise_classifier, self.classifier_key = classwise_classifier, classifier_key
         self._uploads: dict[int, dict[str, Tensor]] = {}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
         pl_module.add_local_keys(batchnorm_keys(pl_module.client))
+        state = pl_module.client.state_dict()
+        if self.classwise_classifier:
+            if self.classifier_key is None:
+                matrices = [k for k, t in state.items() if t.ndim == 2 and t.is_floating_point()]
+                if not matrices:
+                    raise ValueError("PFA `classwise_classifier`: the model has no 2-D weight.")
+                self.classifier_key = matrices[-1]
+            elif self.classifier_key not in state or state[self.classifier_key].ndim != 2:
+                raise ValueError(
+                    f"PFA `classifier_key`={self.classifier_key!r} is not a 2-D state entry."
+                )
 
     @override
     def reset(self, fed: FederatedModule) -> None:
@@ -116,6 +139,8 @@ class ProgressiveFourierAggregation(Aggregator):
             average[key] = (w * stacked).sum(0) / w.sum()
             if key in fed.local_keys:
                 personal[key] = stacked
+            elif self.classwise_classifier and key == self.classifier_key:
+                personal[key] = fourier_mix_rows(stacked, weights, ratio, self.variant, self.window)
             elif like.ndim in (2, 4):
                 personal[key] = fourier_mix(stacked, weights, ratio, self.variant, self.window)
             else:
