@@ -1,0 +1,149 @@
+"""All baselines and the PRR-FL callbacks on one table: personalized and global metrics.
+
+Settings (data from ../shared/data): ``digit_domains`` (MNIST, USPS, scikit-learn digits at
+28x28, 2 clients per domain, at most 150 training images per client, BN CNN, 5 local epochs as
+in PRR-FL) and ``mnist_dirichlet`` (MNIST-10k over 20 clients by Dirichlet(0.3), MLP
+784-200-10, half the clients per round, 3 local epochs so DET can reach every stage). Every client keeps a 10% validation
+split (DET's stage metric) in both settings, for every method alike.
+
+  .venv/bin/python scripts/compare.py --settings digit_domains mnist_dirichlet --seeds 0 1 2
+  .venv/bin/python scripts/compare.py --methods fedavg fedprox pfa_det --seeds 0   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+from kd_comparison import DATA, cnn, digit_domains, fit, stat
+
+from pl_federated import FederatedDataModule
+from pl_federated.callbacks import (
+    SCAFFOLD,
+    DeputyEnhancedTransfer,
+    Ditto,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedBN,
+    FederatedDistillation,
+    FedNova,
+    FedPer,
+    FedProto,
+    FedProx,
+    FedRep,
+    LocalOnly,
+    MutualLearning,
+    ProgressiveFourierAggregation,
+)
+from pl_federated.data import Dirichlet
+from pl_federated.models import MLPClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "local": ("Local-only", lambda: [LocalOnly()]),
+    "fedavg": ("FedAvg", lambda: [FedAvg()]),
+    "fedavgm": ("FedAvgM", lambda: [FedAvgM()]),
+    "fedadam": ("FedAdam (server lr 0.03)", lambda: [FedAdam(server_lr=0.03)]),
+    "fedprox": ("FedProx (mu 0.01)", lambda: [FedAvg(), FedProx(mu=0.01)]),
+    "scaffold": ("SCAFFOLD", lambda: [FedAvg(weighting="uniform"), SCAFFOLD()]),
+    "fednova": ("FedNova", lambda: [FedNova()]),
+    "fedbn": ("FedBN", lambda: [FedBN()]),
+    "fedper": ("FedPer", lambda: [FedPer()]),
+    "fedrep": ("FedRep", lambda: [FedRep(head_epochs=1)]),
+    "ditto": ("Ditto (lambda 0.1)", lambda: [FedAvg(), Ditto(lam=0.1)]),
+    "fml": ("FML", lambda: [FedAvg(), MutualLearning()]),
+    "fd": ("FD", lambda: [LocalOnly(), FederatedDistillation()]),
+    "fedproto": ("FedProto", lambda: [LocalOnly(), FedProto()]),
+    "pfa": ("PFA", lambda: [ProgressiveFourierAggregation()]),
+    "det_fedavg": ("DET + FedAvg", lambda: [FedAvg(), DeputyEnhancedTransfer()]),
+    "pfa_det": ("PFA + DET", lambda: [ProgressiveFourierAggregation(), DeputyEnhancedTransfer()]),
+}
+NOT_APPLICABLE = {"mnist_dirichlet": {"fedbn"}}  # FedBN needs BatchNorm (the MLP has none)
+SETTINGS = {
+    "digit_domains": dict(
+        data=lambda seed: digit_domains(seed, max_train_samples=150, val_fraction=0.1),
+        client=cnn,
+        module=dict(local_epochs=5, clients_per_round=1.0),
+        rounds=10,
+    ),
+    "mnist_dirichlet": dict(
+        data=lambda seed: FederatedDataModule(
+            "npz",
+            path=str(DATA / "mnist_test10k.npz"),
+            num_clients=20,
+            partition=Dirichlet(alpha=0.3, min_size=40),
+            val_fraction=0.1,
+            seed=seed,
+        ),
+        client=lambda: MLPClassifier(input_size=784, hidden=(200,), lr=0.05, momentum=0.9),
+        module=dict(local_epochs=3, clients_per_round=0.5),
+        rounds=20,
+    ),
+}
+
+
+def run(setting: str, method: str, seed: int) -> dict[str, float]:
+    spec = SETTINGS[setting]
+    start = time.perf_counter()
+    fed = fit(
+        spec["data"](seed),
+        spec["client"],
+        METHODS[method][1](),
+        spec["rounds"],
+        seed,
+        **spec["module"],
+    )
+    last = fed.history[-1]
+    acc = fed.client_metrics["personal_acc"]
+    return {
+        "pf1": last["personal/f1_mean"],
+        "pacc": last["personal/acc_mean"],
+        "worst": float(acc[~acc.isnan()].min()),
+        "gacc": last["global/acc"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare")
+    args = parser.parse_args()
+    if not (DATA / "mnist_test10k.npz").is_file():
+        raise SystemExit(f"{DATA} lacks mnist_test10k.npz/usps.npz (see docs/experiments.md).")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for setting in args.settings:
+        lines = [
+            "| method | personal macro-F1 | personal acc | worst client acc | global acc | "
+            "seconds/run |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for method in args.methods:
+            if method in NOT_APPLICABLE.get(setting, ()):
+                continue
+            rs = [run(setting, method, s) for s in args.seeds]
+            lines.append(
+                f"| {METHODS[method][0]} | {stat([r['pf1'] for r in rs])} | "
+                f"{stat([r['pacc'] for r in rs])} | {stat([r['worst'] for r in rs])} | "
+                f"{stat([r['gacc'] for r in rs])} | "
+                f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
+            )
+            print(lines[-1], flush=True)
+        table = f"### {setting} (seeds {args.seeds})\n\n" + "\n".join(lines)
+        (args.out / f"{setting}.md").write_text(table + "\n")
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
