@@ -119,6 +119,9 @@ def _single_optimizer(conf: Any, where: str) -> torch.optim.Optimizer:
     return conf
 
 
+_STORE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 class FederatedModule(pl.LightningModule):
     """Runs a federation of copies of one ordinary LightningModule inside ``Trainer.fit``.
 
@@ -158,6 +161,9 @@ class FederatedModule(pl.LightningModule):
         eval_batch_size: batch size of evaluation forward passes.
         store_device: where per-client state lives: ``"cpu"`` (default; pinned when training
             on a GPU) or ``"model"`` (the model's device: no transfers, uses device memory).
+        store_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``: the dtype of the
+            stored float state (half the memory for many stateful clients, at that precision).
+        store_path: memory-map the per-client state to files under this folder (CPU store).
 
     Raises:
         ValueError: invalid arguments (named), before any training.
@@ -176,6 +182,8 @@ class FederatedModule(pl.LightningModule):
         eval_every_n_rounds: int = 1,
         eval_batch_size: int = 1024,
         store_device: str = "cpu",
+        store_dtype: str = "float32",
+        store_path: str | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (client as class_path/init_args),
@@ -212,6 +220,12 @@ class FederatedModule(pl.LightningModule):
             raise ValueError(f"`local_steps` must be None or an int >= 1, got {local_steps!r}.")
         if store_device not in ("cpu", "model"):
             raise ValueError(f"`store_device` must be 'cpu' or 'model', got {store_device!r}.")
+        if store_dtype not in _STORE_DTYPES:
+            raise ValueError(
+                f"`store_dtype` must be one of {sorted(_STORE_DTYPES)}, got {store_dtype!r}."
+            )
+        if store_path is not None and store_device != "cpu":
+            raise ValueError("`store_path` (a memory-mapped store) needs `store_device: cpu`.")
         if not isinstance(eval_every_n_rounds, int) or eval_every_n_rounds < 0:
             raise ValueError(
                 f"`eval_every_n_rounds` must be an int >= 0, got {eval_every_n_rounds!r}."
@@ -229,6 +243,8 @@ class FederatedModule(pl.LightningModule):
         self.eval_every_n_rounds = eval_every_n_rounds
         self.eval_batch_size = eval_batch_size
         self.store_device = store_device
+        self.store_dtype = store_dtype
+        self.store_path = store_path
         self.server_state: dict[str, Tensor] = {}
         self.store: ClientStore | None = None
         self.excluded: list[int] = []
@@ -399,9 +415,15 @@ class FederatedModule(pl.LightningModule):
 
     def _new_store(self) -> ClientStore:
         model_device = self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
+        dtype = _STORE_DTYPES[self.store_dtype]
         if self.store_device == "model":
-            return ClientStore(self.num_clients, device=model_device)
-        return ClientStore(self.num_clients, pin_memory=model_device.type == "cuda")
+            return ClientStore(self.num_clients, device=model_device, dtype=dtype)
+        return ClientStore(
+            self.num_clients,
+            pin_memory=model_device.type == "cuda",
+            dtype=dtype,
+            path=self.store_path,
+        )
 
     def _setup_callbacks(self) -> None:
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, FederatedCallback)]
@@ -497,7 +519,11 @@ class FederatedModule(pl.LightningModule):
             params = [p for g in opt.param_groups for p in g["params"]]
             for name, value in saved.items():
                 i, key = name.split(".", 1)
-                opt.state[params[int(i)]][key] = value.to(params[int(i)].device, copy=True)
+                p = params[int(i)]
+                dtype = torch.float32 if value.is_floating_point() else value.dtype
+                if value.is_floating_point() and value.shape == p.shape:
+                    dtype = p.dtype  # buffers like momentum: the parameter's dtype
+                opt.state[p][key] = value.to(p.device, dtype, copy=True)
 
     def _save_optimizer(self, role: str, client: int) -> None:
         opt = self._optimizers[role]

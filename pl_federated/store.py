@@ -7,7 +7,9 @@ state is a view ``tensor[k]`` that can be copied into a worker module without al
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -28,6 +30,10 @@ class ClientStore:
         device: where the stacked tensors live (CPU by default; a GPU device keeps them next
             to the model).
         pin_memory: pin CPU tensors, which makes host-to-GPU copies asynchronous.
+        dtype: keep floating-point entries in this dtype (e.g. ``torch.float16`` halves the
+            memory of many stateful clients; values are cast back when loaded into a model).
+        path: memory-map every stacked tensor to a file under this folder (CPU only): the OS
+            pages client state in and out, so resident memory stays far below its size.
 
     Example:
         >>> store = ClientStore(num_clients=3)
@@ -37,13 +43,32 @@ class ClientStore:
     """
 
     def __init__(
-        self, num_clients: int, device: str | torch.device = "cpu", pin_memory: bool = False
+        self,
+        num_clients: int,
+        device: str | torch.device = "cpu",
+        pin_memory: bool = False,
+        dtype: torch.dtype | None = None,
+        path: str | Path | None = None,
     ) -> None:
         if not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}.")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"Store `dtype` must be a floating-point dtype, got {dtype}.")
         self.num_clients = num_clients
         self.device = torch.device(device)
-        self.pin_memory = pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
+        self.dtype = dtype
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            if self.device.type != "cpu":
+                raise ValueError("A memory-mapped store (`path`) lives on the CPU.")
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.pin_memory = (
+            pin_memory
+            and self.path is None
+            and self.device.type == "cpu"
+            and torch.cuda.is_available()
+        )
+        self._files = 0
         self._roles: dict[str, dict[str, Tensor]] = {}
         self._written: dict[str, Tensor] = {}
 
@@ -63,14 +88,30 @@ class ClientStore:
         """Allocate ``role`` with the shapes/dtypes of ``template``; ``fill`` copies it to all."""
         stacked = {}
         for name, t in template.items():
-            buf = torch.zeros((self.num_clients, *t.shape), dtype=t.dtype, device=self.device)
-            if self.pin_memory:
-                buf = buf.pin_memory()
+            buf = self._buffer((self.num_clients, *t.shape), t.dtype)
             if fill:
                 buf.copy_(t.detach().unsqueeze(0).expand_as(buf))
             stacked[name] = buf
         self._roles[role] = stacked
         self._written[role] = torch.full((self.num_clients,), fill, dtype=torch.bool)
+
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A zeroed stacked tensor for entries of ``dtype`` (floats in the store's dtype),
+        memory-mapped or pinned as configured."""
+        if self.dtype is not None and dtype.is_floating_point:
+            dtype = self.dtype
+        if self.path is not None:
+            return self._mapped(shape, dtype)
+        buf = torch.zeros(shape, dtype=dtype, device=self.device)
+        return buf.pin_memory() if self.pin_memory else buf
+
+    def _mapped(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A zero-filled tensor backed by a new file under :attr:`path` (shared mapping)."""
+        numel = math.prod(shape)
+        file = self.path / f"tensor_{self._files:05d}.bin"
+        self._files += 1
+        file.unlink(missing_ok=True)  # from_file(shared=True) sizes a new file with zeros
+        return torch.from_file(str(file), shared=True, size=numel, dtype=dtype).view(shape)
 
     def stacked(self, role: str) -> dict[str, Tensor]:
         """The stacked tensors of ``role``: ``name -> Tensor[K, *shape]`` (no copy)."""
@@ -95,7 +136,7 @@ class ClientStore:
             raise ValueError(f"State for role {role!r} does not match the store; keys {missing}.")
         with torch.no_grad():
             dst = [stacked[name][client] for name in stacked]
-            src = [state[name].detach() for name in stacked]
+            src = [state[name].detach().to(stacked[name].dtype) for name in stacked]
             torch._foreach_copy_(dst, src, non_blocking=True)
         self._written[role][client] = True
 
@@ -142,8 +183,8 @@ class ClientStore:
         for role, tensors in state["roles"].items():
             self._roles[role] = {}
             for name, t in tensors.items():
-                t = t.to(self.device)
-                self._roles[role][name] = t.pin_memory() if self.pin_memory else t
+                buf = self._buffer(tuple(t.shape), t.dtype)
+                self._roles[role][name] = buf.copy_(t)
         self._written = {r: w.clone() for r, w in state["written"].items()}
 
     # --------------------------------------------------------------- helpers

@@ -74,3 +74,48 @@ def test_finite_helpers():
     assert all_finite(state.values())
     assert not all_finite([torch.tensor([1.0, float("nan")])])
     assert not all_finite([torch.tensor([float("inf")])])
+
+
+def test_half_precision_store_keeps_integers_exact():
+    store = ClientStore(num_clients=2, dtype=torch.float16)
+    store.put("model", 1, {"w": torch.tensor([1.0, 1 / 3]), "n": torch.tensor(7)})
+    w, n = store.get("model", 1)["w"], store.get("model", 1)["n"]
+    assert w.dtype == torch.float16 and n.dtype == torch.int64 and int(n) == 7
+    assert abs(float(w[1]) - 1 / 3) < 1e-3
+    with pytest.raises(ValueError, match="floating-point"):
+        ClientStore(2, dtype=torch.int32)
+
+
+def test_memory_mapped_store_round_trip(tmp_path):
+    store = ClientStore(num_clients=3, path=tmp_path / "a")
+    store.put("personal", 2, {"w": torch.arange(4.0).view(2, 2), "b": torch.ones(5)})
+    files = sorted((tmp_path / "a").glob("*.bin"))
+    assert [f.stat().st_size for f in files] == [3 * 4 * 4, 3 * 5 * 4]
+    assert store.get("personal", 2)["w"].tolist() == [[0.0, 1.0], [2.0, 3.0]]
+    again = ClientStore(num_clients=3, path=tmp_path / "b", dtype=torch.bfloat16)
+    again.load_state_dict(store.state_dict())
+    assert again.get("personal", 2)["b"].dtype == torch.bfloat16
+    assert again.has("personal", 2) and not again.has("personal", 0)
+    assert len(list((tmp_path / "b").glob("*.bin"))) == 2
+
+
+def test_federation_with_a_half_precision_memory_mapped_store(trainer_factory, tmp_path):
+    from helpers import digits, federation
+
+    from pl_federated.callbacks import DeputyEnhancedTransfer
+
+    def run(**store):
+        fed = federation(local_epochs=3, persist_optimizer=True, **store)
+        det = DeputyEnhancedTransfer(split="train")
+        trainer_factory(rounds=2, callbacks=[det]).fit(fed, digits(3))
+        return fed
+
+    full = run()
+    half = run(store_dtype="float16", store_path=str(tmp_path / "store"))
+    personal = half.store.stacked("personal")
+    assert all(t.dtype == torch.float16 for t in personal.values())
+    assert list((tmp_path / "store").glob("*.bin"))
+    a, b = full.history[-1]["personal/acc_mean"], half.history[-1]["personal/acc_mean"]
+    assert abs(a - b) < 0.05
+    with pytest.raises(ValueError, match="store_dtype"):
+        federation(store_dtype="float64")
