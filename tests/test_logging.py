@@ -28,6 +28,10 @@ def test_csv_logger_gets_round_metrics_and_tables(trainer_factory, tmp_path, cap
     assert clients[0][:2] == ["client", "samples"] and len(clients) == 4
     printed = capsys.readouterr().out
     assert "global_acc" in printed and "pers_acc_worst" in printed
+    run_dir = tmp_path / "run" / "version_0"  # the partition report, logged once
+    partition = (run_dir / "partition.csv").read_text().splitlines()
+    assert partition[0].startswith("client,size,entropy,tv,emd") and len(partition) == 4
+    assert (run_dir / "partition.png").is_file() and (run_dir / "client_accuracy.png").is_file()
 
 
 def test_tensorboard_logger(trainer_factory, tmp_path):

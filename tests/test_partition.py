@@ -1,14 +1,23 @@
 import numpy as np
 import pytest
 
-from pl_federated.data.partition import IID, Dirichlet
+from pl_federated.data.partition import IID, Dirichlet, FeatureNoise, Pathological, QuantitySkew
 
 
 def labels(n=1000, c=10, seed=0):
     return np.random.default_rng(seed).integers(0, c, size=n)
 
 
-@pytest.mark.parametrize("partitioner", [IID(min_size=5), Dirichlet(alpha=0.5, min_size=5)])
+ALL = [
+    IID(min_size=5),
+    Dirichlet(alpha=0.5, min_size=5),
+    Pathological(classes_per_client=3, min_size=5),
+    QuantitySkew(alpha=1.0, min_size=5),
+    FeatureNoise(sigma=0.2, min_size=5),
+]
+
+
+@pytest.mark.parametrize("partitioner", ALL, ids=lambda p: type(p).__name__)
 def test_disjoint_covering_counts(partitioner):
     y = labels()
     part = partitioner(y, num_clients=8, seed=3)
@@ -23,6 +32,13 @@ def test_disjoint_covering_counts(partitioner):
 def test_iid_equal_sizes():
     part = IID(min_size=1)(labels(1003), num_clients=10, seed=0)
     assert set(part.sizes.tolist()) == {100, 101}
+
+
+@pytest.mark.parametrize("partitioner", ALL, ids=lambda p: type(p).__name__)
+def test_every_partitioner_is_seeded(partitioner):
+    y = labels()
+    a, b = partitioner(y, 8, seed=5), partitioner(y, 8, seed=5)
+    assert all(np.array_equal(i, j) for i, j in zip(a.indices, b.indices, strict=True))
 
 
 def test_seeded():

@@ -51,7 +51,8 @@ class FederatedSummary(Callback):
     logged with ``log_table`` to a :class:`~lightning.pytorch.loggers.WandbLogger`.
 
     With ``images`` and a logger, two figures go to ``trainer.log_dir`` (and to W&B as images):
-    the partition heatmap at fit start (``partition.png``, key ``partition/heatmap``) and the
+    the partition heatmap at fit start (``partition.png``, key ``partition/heatmap``; the
+    report's table goes to ``partition.csv``) and the
     per-client accuracy bars at the end (``client_accuracy.png``, key ``clients/accuracy``).
 
     Args:
@@ -79,7 +80,9 @@ class FederatedSummary(Callback):
 
         os.makedirs(trainer.log_dir, exist_ok=True)
         path = os.path.join(trainer.log_dir, "partition.png")
-        PartitionReport(dm.split.counts).heatmap(path)
+        report = PartitionReport(dm.split.counts)
+        report.heatmap(path)
+        report.to_csv(os.path.join(trainer.log_dir, "partition.csv"))
         self._log_image(trainer, "partition/heatmap", path)
 
     def client_accuracy_figure(self, pl_module: pl.LightningModule, path: str) -> str:
