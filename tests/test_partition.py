@@ -118,3 +118,26 @@ def test_quantity_skew_sizes_vary_labels_stay_iid():
     assert np.abs(dist - 0.1).max() < 0.05  # the largest client's labels look like the global mix
     with pytest.raises(ValueError, match="larger alpha"):
         QuantitySkew(alpha=0.01, min_size=400, max_tries=5)(y, num_clients=10)
+
+
+def test_quantity_skew_size_variance_grows_as_alpha_falls():
+    from pl_federated.data.partition import QuantitySkew
+
+    y = labels(20000)
+
+    def spread(alpha):  # coefficient of variation of client sizes, averaged over seeds
+        return np.mean(
+            [
+                (p := QuantitySkew(alpha=alpha, min_size=5)(y, 20, seed=s)).sizes.std()
+                / p.sizes.mean()
+                for s in range(5)
+            ]
+        )
+
+    assert spread(0.3) > spread(1.0) > spread(10.0)
+
+
+def test_iid_label_mix_is_close_to_uniform():
+    part = IID()(labels(20000), 10, seed=0)
+    dist = part.counts / part.sizes[:, None]
+    assert np.abs(dist - 0.1).max() < 0.03
