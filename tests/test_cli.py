@@ -68,7 +68,9 @@ def test_cli_rejects_bad_config_naming_the_field(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT))
+    "config",
+    sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts),
+    ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_every_shipped_config_runs_one_round(config, monkeypatch, tmp_path):
     if "../shared/data" in config.read_text() and not (ROOT.parent / "shared" / "data").is_dir():
@@ -90,3 +92,16 @@ def test_every_shipped_config_runs_one_round(config, monkeypatch, tmp_path):
     )
     assert len(cli.model.history) == 1
     assert 0.0 <= cli.model.history[0]["global/acc"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_every_shipped_config_prints(config, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_.value.code in (0, None)
+    assert "class_path: pl_federated" in capsys.readouterr().out
