@@ -10,12 +10,23 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from pl_federated.callbacks.summary import FederatedSummary
 from pl_federated.data.datamodule import FederatedDataModule
 from pl_federated.data.report import PartitionReport
 from pl_federated.module import FederatedModule
+
+
+class LoggedConfig(SaveConfigCallback):
+    """Saves ``config.yaml`` to the log dir (Lightning's default) and also logs the full
+    resolved config to every logger as the ``config`` hyperparameter (for W&B: the run's
+    config panel), so a run can be reproduced from the logger alone."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
 
 
 class FederatedCLI(LightningCLI):
@@ -86,6 +97,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FederatedCLI:
         FederatedDataModule,
         seed_everything_default=0,
         auto_configure_optimizers=False,
+        save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -1,5 +1,6 @@
 import csv
 import time
+from pathlib import Path
 
 import pytest
 from helpers import LoggingClient, digits, federation
@@ -66,3 +67,40 @@ def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, mon
     assert {"partition", "clients"} <= media
     types = {k: v for r in history(next(runs[0].glob("*.wandb"))) for k, v in r.items()}
     assert types["clients/accuracy/_type"] == "images/separated"
+
+
+def test_cli_logs_the_full_config_to_wandb(tmp_path, monkeypatch):
+    import json
+
+    from pl_federated.cli import cli_main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            "configs/fedprox.yaml",
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--summary.print_tables=false",
+            "--data.max_train_samples=32",
+            "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    cli.trainer.logger.experiment.finish()
+    run = next((tmp_path / "wandb").glob("offline-run-*"))
+    configs = {}
+    for _ in range(100):
+        for r in records(next(run.glob("*.wandb"))):
+            if r.WhichOneof("record_type") == "config":
+                configs.update({i.key: json.loads(i.value_json) for i in r.config.update})
+        if "config" in configs:
+            break
+        time.sleep(0.2)
+    config = configs["config"]["value"] if "value" in configs["config"] else configs["config"]
+    assert config["data"]["num_clients"] == 20
+    classes = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    assert "pl_federated.callbacks.FedProx" in classes
