@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -118,6 +118,9 @@ def _single_optimizer(conf: Any, where: str) -> torch.optim.Optimizer:
         )
     return conf
 
+
+PROGRESS_BAR_METRICS = ("global/acc", "personal/acc_mean")
+"""Round metrics shown in Lightning's progress bar (all are logged)."""
 
 _STORE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -493,6 +496,10 @@ class FederatedModule(pl.LightningModule):
     # ---------------------------------------------------------------- round loop
     def on_train_epoch_start(self) -> None:
         self._round_start = time.perf_counter()
+        bar = self.trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar) and bar.train_progress_bar is not None:
+            # Lightning's bar says "Epoch N" (set just before this hook); one epoch is a round
+            bar.train_progress_bar.set_description(f"Round {self.current_round}")
         self.selected_clients = self.select_clients(self.current_round)
         self.excluded = []
         self.round_local_steps: dict[int, int] = {}  # client -> local optimizer steps this round
@@ -693,7 +700,10 @@ class FederatedModule(pl.LightningModule):
         metrics.update({k: v.item() for k, v in self._pop_client_logs().items()})
         metrics["round/seconds"] = time.perf_counter() - self._round_start
         self.history.append(metrics)
-        self.log_dict(metrics, on_epoch=True, prog_bar=False, sync_dist=False)
+        bar = {k: v for k, v in metrics.items() if k in PROGRESS_BAR_METRICS}
+        rest = {k: v for k, v in metrics.items() if k not in PROGRESS_BAR_METRICS}
+        self.log_dict(rest, on_epoch=True, prog_bar=False, sync_dist=False)
+        self.log_dict(bar, on_epoch=True, prog_bar=True, sync_dist=False)
 
     def _is_eval_round(self) -> bool:
         if self.eval_every_n_rounds == 0:

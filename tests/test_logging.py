@@ -104,3 +104,15 @@ def test_cli_logs_the_full_config_to_wandb(tmp_path, monkeypatch):
     assert config["data"]["num_clients"] == 20
     classes = [c["class_path"] for c in config["trainer"]["callbacks"]]
     assert "pl_federated.callbacks.FedProx" in classes
+
+
+def test_progress_bar_shows_rounds_and_round_metrics(trainer_factory):
+    fed = federation(local_steps=2)
+    trainer = trainer_factory(rounds=2, enable_progress_bar=True)
+    trainer.fit(fed, digits(num_clients=3))
+    bar = trainer.progress_bar_callback
+    assert bar.train_progress_bar.desc.startswith("Round 1")
+    assert {"global/acc", "personal/acc_mean"} <= trainer.progress_bar_metrics.keys()
+    assert trainer.progress_bar_metrics["global/acc"] == pytest.approx(
+        fed.history[-1]["global/acc"]
+    )
