@@ -24,6 +24,7 @@ from pl_federated.cli import cli_main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "experiments" / "prr_digit_domains"
 METHODS = ["local", "fedavg", "fedbn", "fml", "pfa", "det_fedavg", "pfa_det", "pfa_det_cpa"]
+METHODS += ["longtail_pfa_det", "longtail_pfa_det_cpa"]  # the class-imbalanced variant: CE vs CPA
 LABELS = {
     "local": "Local-only",
     "fedavg": "FedAvg",
@@ -33,6 +34,8 @@ LABELS = {
     "det_fedavg": "DET + FedAvg",
     "pfa_det": "PFA + DET",
     "pfa_det_cpa": "PFA + DET + CPA",
+    "longtail_pfa_det": "long-tailed: PFA + DET (CE)",
+    "longtail_pfa_det_cpa": "long-tailed: PFA + DET + CPA",
 }
 REGIMES = {"ample": 1000, "scarce": 150}  # max training images per client
 CURVES = ("fedavg", "fedbn", "pfa_det")

@@ -141,3 +141,21 @@ def test_iid_label_mix_is_close_to_uniform():
     part = IID()(labels(20000), 10, seed=0)
     dist = part.counts / part.sizes[:, None]
     assert np.abs(dist - 0.1).max() < 0.03
+
+
+def test_long_tail_keeps_an_exponential_class_profile():
+    from pl_federated.data import Domains, LongTail
+
+    y = labels(20000)
+    part = LongTail(imbalance=10.0, min_size=5)(y, 5, seed=0)
+    kept = part.counts.sum(0)
+    fractions = kept / np.bincount(y, minlength=10)
+    np.testing.assert_allclose(fractions, 10.0 ** (-np.arange(10) / 9), rtol=0.01)
+    allidx = np.concatenate(part.indices)
+    assert len(allidx) == len(np.unique(allidx)) == kept.sum()  # disjoint, the kept samples
+    domains = np.repeat([0, 1], 10000)
+    by_domain = LongTail(5.0, inner=Domains(clients_per_domain=2))(y, 4, seed=0, domains=domains)
+    for k, idx in enumerate(by_domain.indices):
+        assert set(domains[idx]) == {k // 2}
+    with pytest.raises(ValueError, match="imbalance"):
+        LongTail(imbalance=0.5)

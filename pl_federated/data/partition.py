@@ -103,6 +103,45 @@ class FeatureNoise(IID):
         return self.sigma * client / num_clients
 
 
+class LongTail(Partitioner):
+    """Class imbalance: keep ``count_c * imbalance ** (-rank_c / (C - 1))`` samples of class c
+    (``rank_c``: the class index, so class 0 keeps all and the last class ``1 / imbalance`` of
+    its samples; the kept samples are a seeded random subset), then split them with ``inner``
+    (default IID; e.g. ``Domains`` for long-tailed feature-shift clients). The dropped samples
+    belong to no client.
+
+    Args:
+        imbalance: ratio of the most to the least kept class fraction (>= 1; 1 keeps all).
+        inner: the partitioner applied to the kept samples.
+    """
+
+    def __init__(
+        self, imbalance: float = 10.0, inner: Partitioner | None = None, min_size: int = 10
+    ) -> None:
+        super().__init__(min_size)
+        if not imbalance >= 1:
+            raise ValueError(f"`LongTail.imbalance` must be >= 1, got {imbalance!r}.")
+        self.imbalance = float(imbalance)
+        self.inner = inner if inner is not None else IID(min_size)
+
+    def keep(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Sorted indices of the samples kept by the long-tail profile."""
+        classes = np.unique(labels)
+        last = max(len(classes) - 1, 1)
+        kept = []
+        for rank, c in enumerate(classes):
+            idx = np.flatnonzero(labels == c)
+            n = max(1, int(len(idx) * self.imbalance ** (-rank / last)))
+            kept.append(rng.choice(idx, n, replace=False))
+        return np.sort(np.concatenate(kept))
+
+    def split(self, labels, num_clients, rng, domains=None):
+        keep = self.keep(labels, rng)
+        inner_domains = domains[keep] if domains is not None else None
+        parts = self.inner.split(labels[keep], num_clients, rng, domains=inner_domains)
+        return [keep[p] for p in parts]
+
+
 class Dirichlet(Partitioner):
     """Label-distribution skew: class c's samples go to clients in proportions ~ Dir(alpha).
 
