@@ -7,12 +7,15 @@ from helpers import LoggingClient, digits, federation
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from wandb_reader import history, records
 
+from pl_federated.callbacks import RetrogressMonitor
 from pl_federated.callbacks.summary import FederatedSummary
 
 
-def fit(trainer_factory, logger, rounds=2):
+def fit(trainer_factory, logger, rounds=2, callbacks=()):
     fed = federation(client=LoggingClient(lr=0.05))
-    trainer = trainer_factory(rounds=rounds, logger=logger, callbacks=[FederatedSummary()])
+    trainer = trainer_factory(
+        rounds=rounds, logger=logger, callbacks=[FederatedSummary(), *callbacks]
+    )
     trainer.fit(fed, digits(num_clients=3))
     return fed, trainer
 
@@ -43,7 +46,8 @@ def test_tensorboard_logger(trainer_factory, tmp_path):
 def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(save_dir=str(tmp_path), project="pl-federated-test")
-    fed, _ = fit(trainer_factory, logger)
+    monitor = RetrogressMonitor(split="train", per_epoch=True)
+    fed, _ = fit(trainer_factory, logger, callbacks=[monitor])
     logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -62,9 +66,9 @@ def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, mon
         if r.WhichOneof("record_type") == "metric" and r.metric.glob_name
     }
     assert axes["global/*"] == "round" and axes["personal/*"] == "round"
-    # the partition heatmap and the per-client accuracy bars as images
+    # the partition heatmap, the per-client accuracy bars and the retrogress curve as images
     media = {p.parent.name for p in (runs[0] / "files" / "media" / "images").rglob("*.png")}
-    assert {"partition", "clients"} <= media
+    assert {"partition", "clients", "retrogress"} <= media
     types = {k: v for r in history(next(runs[0].glob("*.wandb"))) for k, v in r.items()}
     assert types["clients/accuracy/_type"] == "images/separated"
 
