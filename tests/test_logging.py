@@ -71,6 +71,7 @@ def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, mon
     assert {"partition", "clients", "retrogress"} <= media
     types = {k: v for r in history(next(runs[0].glob("*.wandb"))) for k, v in r.items()}
     assert types["clients/accuracy/_type"] == "images/separated"
+    assert types["clients/_type"] == "table-file" and types["clients/ncols"] >= 4
 
 
 def test_cli_logs_the_full_config_to_wandb(tmp_path, monkeypatch):
