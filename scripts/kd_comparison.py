@@ -166,9 +166,14 @@ def run_kd3a(target_domain: int, method: str, seed: int) -> dict[str, float]:
 
 
 def stat(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    """``mean ± std`` over seeds; seeds with no value (NaN) are left out and counted."""
+    kept = [v for v in values if v == v]
+    if not kept:
+        return "n/a"
+    note = f" ({len(kept)}/{len(values)} seeds)" if len(kept) < len(values) else ""
+    if len(kept) == 1:
+        return f"{kept[0]:.3f}{note}"
+    return f"{statistics.mean(kept):.3f} ± {statistics.stdev(kept):.3f}{note}"
 
 
 def main() -> None:
@@ -180,6 +185,9 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--targets", nargs="+", type=int, default=[0, 1, 2], help="kd3a: target domains"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "kd_comparison")
     args = parser.parse_args()
     if not (DATA / "mnist_test10k.npz").is_file():
@@ -196,6 +204,8 @@ def main() -> None:
                 "| --- | ---: | ---: | ---: | ---: |",
             ]
             for target, name in enumerate(("MNIST", "USPS", "sklearn digits")):
+                if target not in args.targets:
+                    continue
                 base = [run_kd3a(target, "fedavg", s) for s in args.seeds]
                 kd = [run_kd3a(target, "kd3a", s) for s in args.seeds]
                 lines.append(
