@@ -3,6 +3,7 @@ Hsu et al., 2019): the averaged client update is a pseudo-gradient for a server 
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +44,9 @@ class ServerOptimizer(FedAvg):
         self.server_lr = server_lr
         self.state: dict[str, dict[str, Tensor]] = {}
 
+    @abstractmethod
     def step(self, name: str, delta: Tensor) -> Tensor:
         """The server's change of parameter ``name`` for pseudo-gradient ``delta``."""
-        raise NotImplementedError
 
     def _buffer(self, slot: str, name: str, like: Tensor, fill: float = 0.0) -> Tensor:
         slots = self.state.setdefault(slot, {})
@@ -136,9 +137,9 @@ class _Adaptive(ServerOptimizer):
             raise ValueError(f"`{name}.tau` must be > 0, got {tau!r}.")
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
 
+    @abstractmethod
     def second_moment(self, v: Tensor, delta_sq: Tensor) -> None:
         """Update ``v`` in place from ``delta ** 2``."""
-        raise NotImplementedError
 
     @override
     def step(self, name: str, delta: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ Krum / Multi-Krum (Blanchard et al., 2017)."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -34,8 +35,9 @@ class BufferedAggregator(Aggregator):
         self._uploads.append({k: v.detach().clone() for k, v in state.items()})
         self._clients.append(client)
 
+    @abstractmethod
     def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The new server state from the stacked float uploads ``[n, *shape]`` by name."""
 
     @override
     @torch.no_grad()
