@@ -62,6 +62,17 @@ def _span(size: int, ratio: float, window: str) -> tuple[int, int]:
     return (max(c - b, 0), min(c + b + 1, size)) if b > 0 else (c, c)
 
 
+def _mix_spectrum(spectrum: Tensor, mask: Tensor, weights: Tensor, variant: str) -> Tensor:
+    """Inside ``mask``, replace the amplitude (and for ``amplitude_phase`` the phase) of each
+    client's (shifted) spectrum ``[K, ...]`` by the ``weights``-weighted mean over clients."""
+    w = (weights.to(spectrum.real) / weights.sum()).view(-1, *[1] * (spectrum.ndim - 1))
+    amp, phase = spectrum.abs(), spectrum.angle()
+    amp = torch.where(mask, (w * amp).sum(0, keepdim=True), amp)
+    if variant == "amplitude_phase":
+        phase = torch.where(mask, (w * phase).sum(0, keepdim=True), phase)
+    return torch.polar(amp, phase)
+
+
 def fourier_mix_rows(
     stacked: Tensor,
     weights: Tensor,
@@ -86,13 +97,9 @@ def fourier_mix_rows(
     lo, hi = _span(size, ratio, window)
     mask = torch.zeros(size, dtype=torch.bool, device=matrix.device)
     mask[lo:hi] = True
-    w = (weights.to(matrix) / weights.sum()).view(-1, 1, 1)
     spectrum = torch.fft.fftshift(torch.fft.fft(matrix, dim=-1), dim=-1)
-    amp, phase = spectrum.abs(), spectrum.angle()
-    amp = torch.where(mask, (w * amp).sum(0, keepdim=True), amp)
-    if variant == "amplitude_phase":
-        phase = torch.where(mask, (w * phase).sum(0, keepdim=True), phase)
-    out = torch.fft.ifft(torch.fft.ifftshift(torch.polar(amp, phase), dim=-1), dim=-1).real
+    mixed = _mix_spectrum(spectrum, mask, weights, variant)
+    out = torch.fft.ifft(torch.fft.ifftshift(mixed, dim=-1), dim=-1).real
     return out.to(stacked.dtype)
 
 
@@ -118,13 +125,8 @@ def fourier_mix(
     matrix = to_matrix(stacked).to(torch.float64)
     rows, cols = matrix.shape[-2:]
     mask = window_mask(rows, cols, ratio, window).to(matrix.device)
-    w = (weights.to(matrix) / weights.sum()).view(-1, 1, 1)
     spectrum = torch.fft.fftshift(torch.fft.fft2(matrix), dim=(-2, -1))
-    amp, phase = spectrum.abs(), spectrum.angle()
-    amp = torch.where(mask, (w * amp).sum(0, keepdim=True), amp)
-    if variant == "amplitude_phase":
-        phase = torch.where(mask, (w * phase).sum(0, keepdim=True), phase)
-    mixed = torch.polar(amp, phase)
+    mixed = _mix_spectrum(spectrum, mask, weights, variant)
     out = torch.fft.ifft2(torch.fft.ifftshift(mixed, dim=(-2, -1))).real
     return from_matrix(out.to(stacked.dtype), stacked.shape)
 

@@ -15,9 +15,9 @@ import statistics
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
+from kd_comparison import fit
 
-from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedAvg, Krum, Median, ModelPoisoning, TrimmedMean
 from pl_federated.data import Dirichlet
 from pl_federated.models import MLPClassifier
@@ -32,26 +32,18 @@ AGGREGATORS = {
 }
 
 
+def mlp() -> MLPClassifier:
+    return MLPClassifier(input_size=784, hidden=(200,), lr=0.05, momentum=0.9)
+
+
 def run(aggregator: str, attack: str | None, fraction: float, seed: int, rounds: int) -> float:
-    pl.seed_everything(seed, verbose=False)
     data = FederatedDataModule(
         "npz", path=str(DATA), num_clients=20, partition=Dirichlet(0.5, min_size=40), seed=seed
     )
-    client = MLPClassifier(input_size=784, hidden=(200,), lr=0.05, momentum=0.9)
-    fed = FederatedModule(client, seed=seed, local_epochs=1, clients_per_round=1.0)
     callbacks = [AGGREGATORS[aggregator]()]
     if attack is not None and fraction > 0:
         callbacks.append(ModelPoisoning(fraction=fraction, attack=attack, scale=4.0))
-    trainer = pl.Trainer(
-        max_epochs=rounds,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-    trainer.fit(fed, data)
+    fed = fit(data, mlp, callbacks, rounds, seed, local_epochs=1, clients_per_round=1.0)
     return fed.history[-1]["global/acc"]
 
 
