@@ -100,7 +100,7 @@ def evaluate(model, dm) -> float:
 
 
 def run_pl_federated(
-    w: Workload, dm: FederatedDataModule, clients_per_step: int
+    w: Workload, dm: FederatedDataModule, clients_per_step: int, vectorize: bool = False
 ) -> tuple[float, float]:
     fed = FederatedModule(
         make_client(w),
@@ -108,6 +108,7 @@ def run_pl_federated(
         local_epochs=1,
         clients_per_step=clients_per_step,
         eval_every_n_rounds=0,
+        vectorize_clients=vectorize,
     )
     t0 = time.perf_counter()
     quiet_trainer(max_epochs=w.rounds, callbacks=[FedAvg()]).fit(fed, dm)
@@ -220,6 +221,8 @@ def main() -> None:
         if per_step > 1:
             label = f"pl_federated, clients_per_step={per_step} (a')"
             variants.append((label, run_pl_federated, (per_step,)))
+        label = f"pl_federated, vectorized, clients_per_step={w.clients_per_round} (v)"
+        variants.append((label, run_pl_federated, (w.clients_per_round, True)))
         if not args.skip_trainer_per_client:
             variants.append(("Trainer per client (c)", run_trainer_per_client, ()))
         results = {}

@@ -24,6 +24,7 @@ from pl_federated.callbacks.aggregator import Aggregator
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.callbacks.fedavg import FedAvg
 from pl_federated.store import SHARED_ROLE, ClientStore, all_finite
+from pl_federated.vectorized import check_vectorizable, group_by_samples, train_group
 
 ROUND_METRIC_GROUPS = (
     "global",
@@ -167,6 +168,12 @@ class FederatedModule(pl.LightningModule):
         store_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``: the dtype of the
             stored float state (half the memory for many stateful clients, at that precision).
         store_path: memory-map the per-client state to files under this folder (CPU store).
+        vectorize_clients: train the clients of a slot (``clients_per_step``) with equal
+            sample counts at once with ``torch.vmap`` (see :mod:`pl_federated.vectorized`):
+            for many small clients. Needs a model without data-dependent Python control flow,
+            an element-wise optimizer, only the shared role, and callbacks that do not act
+            inside a client's update; dropout draws differ from sequential training and the
+            client's own ``self.log`` calls are not collected.
 
     Raises:
         ValueError: invalid arguments (named), before any training.
@@ -187,6 +194,7 @@ class FederatedModule(pl.LightningModule):
         store_device: str = "cpu",
         store_dtype: str = "float32",
         store_path: str | None = None,
+        vectorize_clients: bool = False,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (client as class_path/init_args),
@@ -248,6 +256,7 @@ class FederatedModule(pl.LightningModule):
         self.store_device = store_device
         self.store_dtype = store_dtype
         self.store_path = store_path
+        self.vectorize_clients = bool(vectorize_clients)
         self.server_state: dict[str, Tensor] = {}
         self.store: ClientStore | None = None
         self.excluded: list[int] = []
@@ -514,6 +523,10 @@ class FederatedModule(pl.LightningModule):
             cb.on_round_start(self.trainer, self, self.current_round)
 
     def training_step(self, slot: list[int], slot_idx: int) -> None:
+        if self.vectorize_clients:
+            for group in group_by_samples(self, [int(c) for c in slot]):
+                train_group(self, group)
+            return
         for client in slot:
             self.train_client(int(client))
 
@@ -636,6 +649,11 @@ class FederatedModule(pl.LightningModule):
         if self.persist_optimizer:
             for role in roles:
                 self._save_optimizer(role, client)
+        self._finish_client(client)
+
+    def _finish_client(self, client: int) -> None:
+        """The end of ``client``'s update, its trained state in the workers: ``on_client_end``
+        callbacks, persist the local state, upload (unless non-finite), personal evaluation."""
         for cb in self._fed_callbacks:
             cb.on_client_end(self.trainer, self, client)
         self._save_client(client)
@@ -904,6 +922,8 @@ class FederatedModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.server_state = {k: v.to(self.device) for k, v in self.server_state.items()}
         self._fast_step = self._can_step_directly()
+        if self.vectorize_clients:
+            check_vectorizable(self)
         self._use_round_axis()
 
     def _use_round_axis(self) -> None:

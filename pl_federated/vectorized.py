@@ -1,0 +1,221 @@
+"""Vectorized client training: a group of clients trained at once with ``torch.vmap``.
+
+Each client's state becomes one row of stacked tensors ``[G, *shape]``; one local step runs the
+client module's own ``training_step`` for all G clients in one vmapped call
+(``torch.func.functional_call`` over the stacked parameters and buffers), sums the G losses and
+steps one optimizer over the stacked parameters. Because the clients' losses are independent,
+the gradient of the sum with respect to row g is exactly client g's own gradient, and an
+element-wise optimizer (SGD, Adam, ...) on a stacked tensor is the same optimizer applied per
+row. BatchNorm works per client: its running statistics are stacked buffers updated in place by
+the vmapped call, and its batch statistics are taken per row.
+
+Clients are grouped by their number of training samples, so every client of a group has the
+same batch shapes at every step and the same number of steps: no padding, which would change
+BatchNorm's batch statistics and the mean loss a ``training_step`` returns. Clients of one
+slot (``clients_per_step``) with other sample counts form further groups.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+ELEMENTWISE_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
+)
+"""Optimizers whose update of a tensor is element-wise, so one instance over stacked client
+parameters equals one instance per client."""
+
+UNSUPPORTED_HOOKS = (
+    "on_client_start",
+    "train_data",
+    "on_local_epoch_start",
+    "supervised_loss",
+    "supervised_weight",
+    "client_loss",
+)
+"""Callback hooks that act inside one client's local update and so cannot see a vectorized
+group (``on_client_end`` is supported: it runs per client after the group's update)."""
+
+
+class _TrainingStep(nn.Module):
+    """Calls the worker's ``training_step`` as ``forward``, so ``functional_call`` can run it
+    with the stacked state (its keys are the worker's prefixed with ``worker.``)."""
+
+    def __init__(self, worker: nn.Module) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def forward(self, x: Tensor, y: Tensor, batch_idx: int) -> Tensor:
+        out = self.worker.training_step((x, y), batch_idx)
+        return out["loss"] if isinstance(out, Mapping) else out
+
+
+def _ignore_log(*args: Any, **kwargs: Any) -> None:
+    """``self.log`` of a worker inside vmap: batched values cannot leave the vmapped call."""
+
+
+def check_vectorizable(fed: FederatedModule) -> None:
+    """Raise a ValueError naming what prevents vectorized training of ``fed``'s clients."""
+    from lightning.pytorch import Callback, LightningModule
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    from pl_federated.module import _STEP_HOOKS, _overrides
+
+    if fed.local_roles:
+        raise ValueError(
+            f"`vectorize_clients` trains the shared model only; roles {fed.local_roles} were "
+            "added by callbacks (DET, Ditto, mutual learning, ...): set `vectorize_clients: "
+            "false`."
+        )
+    if fed.persist_optimizer:
+        raise ValueError("`vectorize_clients` does not support `persist_optimizer: true`.")
+    for cb in fed._fed_callbacks:
+        hooks = [h for h in UNSUPPORTED_HOOKS if _overrides(cb, h)]
+        if hooks:
+            raise ValueError(
+                f"`vectorize_clients`: callback {type(cb).__name__} overrides {hooks}, which act "
+                "inside one client's update; set `vectorize_clients: false` for it."
+            )
+    stepped = (
+        [type(fed).__name__]
+        if any(is_overridden(h, fed, LightningModule) for h in _STEP_HOOKS)
+        else []
+    )
+    stepped += [
+        type(cb).__name__
+        for cb in fed.trainer.callbacks
+        if any(is_overridden(h, cb, Callback) for h in _STEP_HOOKS)
+    ]
+    if stepped:
+        raise ValueError(
+            f"`vectorize_clients`: {stepped} override {list(_STEP_HOOKS)}, which would see the "
+            "stacked parameters of all clients of a group (e.g. a gradient norm over all of "
+            "them); set `vectorize_clients: false`."
+        )
+    opt = fed._optimizers[next(iter(fed._optimizers))]
+    if type(opt) not in ELEMENTWISE_OPTIMIZERS:
+        names = [o.__name__ for o in ELEMENTWISE_OPTIMIZERS]
+        raise ValueError(
+            f"`vectorize_clients` needs an element-wise torch optimizer ({names}); the client's "
+            f"`configure_optimizers` returned {type(opt).__name__}."
+        )
+
+
+def _stacked_optimizer(
+    opt: torch.optim.Optimizer, names: Mapping[int, str], params: Mapping[str, Tensor]
+) -> torch.optim.Optimizer:
+    """A new optimizer of ``opt``'s class and hyperparameters over the stacked parameters
+    (``names`` maps ``id(worker parameter)`` to its state_dict key)."""
+    groups = []
+    for group in opt.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        groups.append({**hyper, "params": [params[names[id(p)]] for p in group["params"]]})
+    return type(opt)(groups, **opt.defaults)
+
+
+def group_by_samples(fed: FederatedModule, clients: list[int]) -> list[list[int]]:
+    """``clients`` grouped by training-sample count (groups in order of first appearance)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for client in clients:
+        groups[int(fed.client_num_samples[client])].append(client)
+    return list(groups.values())
+
+
+def train_group(fed: FederatedModule, clients: list[int]) -> None:
+    """The local updates of ``clients`` (equal sample counts) as one vectorized update, then
+    the per-client end of the update (callbacks, upload, personal evaluation)."""
+    from pl_federated.store import SHARED_ROLE
+
+    worker = fed.client
+    device = fed.device
+    lopt = fed._lightning_optimizers()[SHARED_ROLE]
+    names = {id(p): k for k, p in worker.named_parameters()}
+    rows: dict[str, list[Tensor]] = defaultdict(list)
+    for client in clients:
+        fed.load_received_state(client)
+        for k, v in fed.worker_state(SHARED_ROLE).items():
+            rows[k].append(v.clone())
+    param_keys = set(names.values())
+    with torch.no_grad():
+        stacked = {k: torch.stack(v) for k, v in rows.items()}
+    params = {k: v.requires_grad_() for k, v in stacked.items() if k in param_keys}
+    buffers = {k: v for k, v in stacked.items() if k not in param_keys}
+    opt = _stacked_optimizer(lopt.optimizer, names, params)
+    state = {f"worker.{k}": v for k, v in {**params, **buffers}.items()}
+
+    data = [fed.datamodule.client_train(c) for c in clients]
+    n, bs = len(data[0][1]), fed.datamodule.batch_size
+    steps_per_epoch = -(-n // bs)
+    total = (fed.local_steps or fed.local_epochs * steps_per_epoch) if n else 0
+    x = torch.stack([d[0] for d in data])
+    y = torch.stack([d[1] for d in data])
+    gens = [fed._rng(fed.current_round, c + 1, 1) for c in clients]
+    transform = getattr(fed.datamodule, "train_transform", None)
+    rows_index = torch.arange(len(clients))[:, None]
+    module = _TrainingStep(worker)
+    fed._seed_client_randomness(clients[0])
+    loss_sum = torch.zeros((), device=device)
+
+    def client_loss(state: dict[str, Tensor], xb: Tensor, yb: Tensor, i: int) -> Tensor:
+        return functional_call(module, state, (xb, yb, i))
+
+    batched_loss = vmap(client_loss, in_dims=(0, 0, 0, None), randomness="different")
+    saved_log = worker.log
+    worker.log = _ignore_log
+    try:
+        step = 0
+        while step < total:
+            perms = torch.stack([torch.randperm(n, generator=g) for g in gens])
+            for i in range(min(steps_per_epoch, total - step)):
+                idx = perms[:, i * bs : (i + 1) * bs]
+                xb, yb = x[rows_index, idx], y[rows_index, idx]
+                if transform is not None:
+                    xb = torch.stack([torch.stack([transform(s) for s in row]) for row in xb])
+                xb = xb.to(device, non_blocking=True)
+                yb = yb.to(device, non_blocking=True)
+                losses = batched_loss(state, xb, yb, i)
+                loss_sum += losses.detach().sum()
+                _step(fed, opt, losses.sum())
+                for _ in clients:  # Lightning's step counters: one step per client step
+                    lopt._on_before_step()
+                    lopt._on_after_step()
+            step += min(steps_per_epoch, total - step)
+    finally:
+        worker.log = saved_log
+    fed._loss_sums[SHARED_ROLE] = fed._loss_sums.get(SHARED_ROLE, 0.0) + loss_sum
+    fed._loss_count += total * len(clients)
+    for g, client in enumerate(clients):
+        fed.current_client = client
+        fed.load_state(SHARED_ROLE, {k: v[g].detach() for k, v in stacked.items()})
+        fed.round_local_steps[client] = total
+        fed._finish_client(client)
+
+
+def _step(fed: FederatedModule, opt: torch.optim.Optimizer, loss: Tensor) -> None:
+    """Backward and step, through the precision plugin unless the direct path is safe."""
+    opt.zero_grad(set_to_none=True)
+    if fed._fast_step:
+        loss.backward()
+        opt.step()
+    else:
+        fed.manual_backward(loss)
+        fed.trainer.strategy.optimizer_step(opt, closure=lambda: None, model=fed)
