@@ -318,6 +318,24 @@ class FederatedModule(pl.LightningModule):
                 self.trained_roles.append(role)
         return self.workers[role]
 
+    def client_roles(self, client: int) -> list[str]:
+        """The trained roles of ``client`` (all, unless callbacks' ``client_roles`` narrow
+        them; e.g. one architecture per client in a heterogeneous federation)."""
+        roles = list(self.trained_roles)
+        for cb in getattr(self, "_role_callbacks", ()):
+            chosen = cb.client_roles(self, client)
+            if chosen is not None:
+                roles = [r for r in roles if r in chosen]
+        if not roles:
+            raise ValueError(f"Callbacks' `client_roles` left client {client} no role to train.")
+        return roles
+
+    def evaluated_role(self, client: int) -> str:
+        """The role evaluated as ``client``'s personalized model: :attr:`personal_role` when the
+        client trains it, else its first trained role."""
+        roles = self.client_roles(client)
+        return self.personal_role if self.personal_role in roles else roles[0]
+
     def add_local_keys(self, keys: Iterable[str]) -> None:
         """Keep these shared-role state entries on the client (e.g. BatchNorm for FedBN): the
         server's values for them are ignored on receipt, the client's own persist."""
@@ -460,6 +478,7 @@ class FederatedModule(pl.LightningModule):
         self._supervised_callback = supervised[0] if supervised else None
         self._weight_callbacks = [c for c in callbacks if _overrides(c, "supervised_weight")]
         self._data_callbacks = [c for c in callbacks if _overrides(c, "train_data")]
+        self._role_callbacks = [c for c in callbacks if _overrides(c, "client_roles")]
 
     def _lightning_optimizers(self) -> dict[str, Any]:
         """Role -> the LightningOptimizer wrapping that role's optimizer."""
@@ -513,7 +532,7 @@ class FederatedModule(pl.LightningModule):
         self.excluded = []
         self.round_local_steps: dict[int, int] = {}  # client -> local optimizer steps this round
         self._loss_sums: dict[str, Tensor] = {}
-        self._loss_count = 0
+        self._loss_counts: dict[str, int] = {}  # role -> local steps summed in _loss_sums
         self._round_logs: dict[str, float] = {}
         self._personal: dict[int, tuple[float, float]] = {}
         self._evaluate_now = self._is_eval_round()
@@ -570,14 +589,19 @@ class FederatedModule(pl.LightningModule):
         role from the server (its ``local_keys`` from the client's own store), every other role
         from the store (the initial weights the first time)."""
         self.load_received_state(client)
-        for role in self.local_roles:
+        for role in self._held_roles(client):
             stored = self.store.has(role, client)
             initial = self.role_initial_state.get(role, self.initial_state)
             self.load_state(role, self.store.get(role, client) if stored else initial)
 
+    def _held_roles(self, client: int) -> list[str]:
+        """The local roles ``client`` holds: its trained ones and every untrained one."""
+        trained = self.client_roles(client)
+        return [r for r in self.local_roles if r in trained or r not in self.trained_roles]
+
     def _save_client(self, client: int) -> None:
         """Persist what stays on the client: local roles and the shared role's local keys."""
-        for role in self.local_roles:
+        for role in self._held_roles(client):
             self.store.put(role, client, self.worker_state(role))
         if self.local_keys:
             shared = self.worker_state(SHARED_ROLE)
@@ -594,7 +618,7 @@ class FederatedModule(pl.LightningModule):
         self.current_client = client
         self._seed_client_randomness(client)
         self._load_client(client)
-        roles = self.trained_roles
+        roles = self.client_roles(client)
         lopts = self._lightning_optimizers()
         for role in roles:
             self._reset_optimizer(role, client)
@@ -644,7 +668,7 @@ class FederatedModule(pl.LightningModule):
             epoch += 1
         for role in roles:
             self._loss_sums[role] = self._loss_sums.get(role, 0.0) + loss_sums[role]
-        self._loss_count += total
+            self._loss_counts[role] = self._loss_counts.get(role, 0) + total
         self.round_local_steps[client] = total
         if self.persist_optimizer:
             for role in roles:
@@ -669,7 +693,7 @@ class FederatedModule(pl.LightningModule):
         if self._evaluate_now:
             xt, yt = self.datamodule.client_test(client)
             if len(yt):
-                preds = self.predict_classes(self.workers[self.personal_role], xt)
+                preds = self.predict_classes(self.workers[self.evaluated_role(client)], xt)
                 self._personal[client] = self._acc_f1(preds, yt.to(preds.device))
         self.current_client = None
 
@@ -704,7 +728,7 @@ class FederatedModule(pl.LightningModule):
         metrics["round/excluded_clients"] = float(len(self.excluded))
         for role, loss_sum in self._loss_sums.items():
             suffix = "" if role == SHARED_ROLE else f"_{role}"
-            metrics[f"train/loss{suffix}"] = float(loss_sum / max(self._loss_count, 1))
+            metrics[f"train/loss{suffix}"] = float(loss_sum / max(self._loss_counts[role], 1))
         metrics.update(self._round_logs)
         if self._evaluate_now:
             metrics.update(self.evaluate_global())

@@ -202,7 +202,7 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
     finally:
         worker.log = saved_log
     fed._loss_sums[SHARED_ROLE] = fed._loss_sums.get(SHARED_ROLE, 0.0) + loss_sum
-    fed._loss_count += total * len(clients)
+    fed._loss_counts[SHARED_ROLE] = fed._loss_counts.get(SHARED_ROLE, 0) + total * len(clients)
     for g, client in enumerate(clients):
         fed.current_client = client
         fed.load_state(SHARED_ROLE, {k: v[g].detach() for k, v in stacked.items()})

@@ -229,6 +229,41 @@ def test_fedmd_digest_moves_the_client_toward_the_consensus(trainer_factory):
     assert after < 0.95 * before
 
 
+def test_fedmd_heterogeneous_architectures_train_and_exchange_only_scores(trainer_factory):
+    torch.manual_seed(1)
+    other = MLPClassifier(hidden=(64, 32), lr=0.05, momentum=0.9)  # another architecture
+    md = FedMD(public_samples=200, models=[other])
+    fed = federation(local_epochs=2)
+    trainer_factory(rounds=5, callbacks=[LocalOnly(), md]).fit(fed, public_digits())
+    assert md.architectures == [0, 1, 0, 1]
+    assert fed.client_roles(1) == ["arch1"] and fed.client_roles(2) == ["model"]
+    # only clients 1 and 3 hold (and trained) the second architecture
+    assert [fed.store.has("arch1", k) for k in range(4)] == [False, True, False, True]
+    init = fed.role_initial_state["arch1"]
+    row = fed.store.get("arch1", 1)
+    assert any(not torch.equal(row[k], init[k]) for k in init)
+    # every client is evaluated with its own architecture, and learned
+    assert (fed.client_metrics["personal_acc"] > 0.7).all()
+    assert "train/loss_arch1" in fed.history[-1] and fed.history[-1]["train/loss_arch1"] < 1.0
+    # the digest of an arch1 client fits its own model to the consensus
+    x, goal = md.public_x[md.consensus_idx], md.consensus
+    fed.load_state("arch1", init)
+    before = F.l1_loss(fed.forward_batched(fed.workers["arch1"], x), goal)
+    fed._optimizers["arch1"].state.clear()
+    md.digest_epochs = 5
+    md.on_client_start(fed.trainer, fed, client=3)
+    after = F.l1_loss(fed.forward_batched(fed.workers["arch1"], x), goal)
+    assert after < 0.95 * before
+
+
+def test_fedmd_architectures_are_validated(trainer_factory):
+    md = FedMD(public_samples=50, models=[MLPClassifier(hidden=(8,))], architectures=[0, 1, 2, 0])
+    with pytest.raises(ValueError, match="architectures"):
+        trainer_factory(rounds=1, callbacks=[LocalOnly(), md]).fit(federation(), public_digits())
+    with pytest.raises(ValueError, match="models"):
+        FedMD(models=[torch.nn.Linear(2, 2)])
+
+
 def test_fedmd_needs_public_data(trainer_factory):
     with pytest.raises(ValueError, match="public_fraction"):
         trainer_factory(rounds=1, callbacks=[LocalOnly(), FedMD()]).fit(federation(), digits(3))
@@ -258,10 +293,14 @@ def strip(history):
         (lambda: [LocalOnly(), FederatedDistillation()], digits),
         (lambda: [LocalOnly(), FedProto()], digits),
         (lambda: [LocalOnly(), FedMD(public_samples=100)], public_digits),
+        (
+            lambda: [LocalOnly(), FedMD(public_samples=100, models=[_small_personal()])],
+            public_digits,
+        ),
         # a constant gate: the interrupted run has another max_epochs, so another schedule
         (lambda: [KD3A(target_clients=[2], gate_begin=0.5, gate_end=0.5)], digits),
     ],
-    ids=["fml", "fd", "fedproto", "fedmd", "kd3a"],
+    ids=["fml", "fd", "fedproto", "fedmd", "fedmd_heterogeneous", "kd3a"],
 )
 def test_resume_equals_uninterrupted_run(make_callbacks, data, trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path=None):

@@ -42,6 +42,12 @@ class FederatedCallback(Callback):
         """Client ``client``'s state is loaded into the workers and its optimizers are reset;
         local training follows (extra steps may be taken here with ``fed.step_roles``)."""
 
+    def client_roles(self, fed: FederatedModule, client: int) -> list[str] | None:
+        """The trained roles ``client`` trains (and is evaluated with: ``personal`` if among
+        them, else the first), or ``None`` for all. Heterogeneous federations give each client
+        its own architecture this way (FedMD's ``models``). Called before the client loads."""
+        return None
+
     def train_data(
         self, fed: FederatedModule, client: int, x: Tensor, y: Tensor
     ) -> tuple[Tensor, Tensor] | None:

@@ -37,6 +37,12 @@ class FedMD(FederatedCallback):
     clients' input size; its labels are never used. Logged: ``fedmd/digest_loss`` and
     ``fedmd/upload_bytes`` per round.
 
+    Heterogeneous models: ``models`` adds architectures next to the client module (any
+    LightningModules with the same batch format and number of classes); client ``k`` trains
+    architecture ``architectures[k]`` (0 is the client module, ``i`` is ``models[i - 1]``;
+    default ``k % (1 + len(models))``). Each architecture is a role (``arch1``, ``arch2``, ...)
+    persisted per client; only class scores are exchanged, so architectures never meet.
+
     Args:
         public_dataset: ``None`` (the datamodule's public split) or a dataset name.
         public_path: file of a file-based public dataset (``npz``).
@@ -46,6 +52,11 @@ class FedMD(FederatedCallback):
         digest_batch_size: batch size of the digest phase.
         digest_loss: ``"l1"`` or ``"kl"``.
         temperature: KL temperature (``digest_loss="kl"``).
+        models: further client architectures (heterogeneous FedMD).
+        architectures: per client, the index of its architecture (0: the client module).
+
+    Raises:
+        ValueError: an invalid argument, or ``architectures`` not of length K or out of range.
     """
 
     def __init__(
@@ -58,6 +69,8 @@ class FedMD(FederatedCallback):
         digest_batch_size: int = 64,
         digest_loss: str = "l1",
         temperature: float = 1.0,
+        models: list[pl.LightningModule] | None = None,
+        architectures: list[int] | None = None,
     ) -> None:
         if public_samples is not None and (
             not isinstance(public_samples, int) or public_samples < 1
@@ -80,8 +93,36 @@ class FedMD(FederatedCallback):
         self.public_samples = public_samples
         self.digest_epochs, self.digest_batch_size = digest_epochs, digest_batch_size
         self.digest_loss, self.temperature = digest_loss, temperature
+        self.models = list(models or [])
+        for i, m in enumerate(self.models):
+            if not isinstance(m, pl.LightningModule):
+                raise ValueError(
+                    f"`FedMD.models[{i}]` must be a LightningModule, got {type(m).__name__}."
+                )
+        self.architectures = None if architectures is None else [int(a) for a in architectures]
         self.consensus: Tensor | None = None  # [P, C] logits
         self.consensus_idx: Tensor | None = None  # [P] indices into the public set
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
+        k, n = trainer.datamodule.num_clients, 1 + len(self.models)
+        if self.architectures is None:
+            self.architectures = [c % n for c in range(k)]
+        if len(self.architectures) != k or not all(0 <= a < n for a in self.architectures):
+            raise ValueError(
+                f"`FedMD.architectures` must list one index in [0, {n}) per client ({k}), got "
+                f"{self.architectures}."
+            )
+        for i, module in enumerate(self.models, start=1):
+            pl_module.add_role(f"arch{i}", module=module)
+
+    def _role(self, client: int) -> str:
+        arch = self.architectures[client]
+        return SHARED_ROLE if arch == 0 else f"arch{arch}"
+
+    @override
+    def client_roles(self, fed: FederatedModule, client: int) -> list[str] | None:
+        return [self._role(client)] if self.models else None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
@@ -116,7 +157,8 @@ class FedMD(FederatedCallback):
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         if self.consensus is None:
             return
-        worker, device = fed.client, fed.device
+        role = self._role(client)
+        worker, device = fed.workers[role], fed.device
         x, target = self.public_x[self.consensus_idx], self.consensus
         gen = fed._rng(fed.current_round, client + 1, 4)
         bs = self.digest_batch_size
@@ -130,12 +172,12 @@ class FedMD(FederatedCallback):
                     loss = F.l1_loss(logits.float(), goal)
                 else:
                     loss = kl_div(logits, goal, self.temperature)
-                fed.step_roles(loss, [SHARED_ROLE])
+                fed.step_roles(loss, [role])
                 self._digest_losses.append(loss.detach())
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        scores = fed.forward_batched(fed.client, self._next_x).cpu()
+        scores = fed.forward_batched(fed.workers[self._role(client)], self._next_x).cpu()
         self._score_sum = scores if self._score_sum is None else self._score_sum + scores
         self._uploads += 1
 

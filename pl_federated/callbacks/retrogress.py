@@ -75,7 +75,7 @@ class RetrogressMonitor(FederatedCallback):
         self, trainer: pl.Trainer, fed: FederatedModule, client: int, epoch: int
     ) -> None:
         if self.per_epoch:
-            score = self._score(fed, fed.personal_role, client)
+            score = self._score(fed, fed.evaluated_role(client), client)
             self.curve.append((fed.current_round, client, epoch, score))
             self._epochs[client] = epoch + 1
 
@@ -83,7 +83,7 @@ class RetrogressMonitor(FederatedCallback):
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         self._before[client] = self._score(fed, SHARED_ROLE, client)
         if self.per_epoch:
-            score = self._score(fed, fed.personal_role, client)
+            score = self._score(fed, fed.evaluated_role(client), client)
             self.curve.append((fed.current_round, client, self._epochs.get(client, 0), score))
 
     @override
