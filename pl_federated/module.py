@@ -724,6 +724,7 @@ class FederatedModule(pl.LightningModule):
         self.server_state = self.aggregator.aggregate(self, self.server_state)
         for cb in self._fed_callbacks:
             cb.on_round_end(self.trainer, self, self.current_round)
+        self.store.release_memory()
         metrics: dict[str, Any] = {"round": float(self.current_round)}
         metrics["round/excluded_clients"] = float(len(self.excluded))
         for role, loss_sum in self._loss_sums.items():

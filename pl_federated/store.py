@@ -8,6 +8,7 @@ state is a view ``tensor[k]`` that can be copied into a worker module without al
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class ClientStore:
             and torch.cuda.is_available()
         )
         self._files = 0
+        self._maps: list[mmap.mmap] = []
         self._roles: dict[str, dict[str, Tensor]] = {}
         self._written: dict[str, Tensor] = {}
 
@@ -106,12 +108,29 @@ class ClientStore:
         return buf.pin_memory() if self.pin_memory else buf
 
     def _mapped(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """A zero-filled tensor backed by a new file under :attr:`path` (shared mapping)."""
-        numel = math.prod(shape)
+        """A zero-filled tensor backed by a new file under :attr:`path` (shared mapping).
+
+        Python's ``mmap`` rather than ``torch.from_file``: we keep the mapping object, so
+        :meth:`release_memory` can drop its resident pages (``madvise``)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.zeros(shape, dtype=dtype)
         file = self.path / f"tensor_{self._files:05d}.bin"
         self._files += 1
-        file.unlink(missing_ok=True)  # from_file(shared=True) sizes a new file with zeros
-        return torch.from_file(str(file), shared=True, size=numel, dtype=dtype).view(shape)
+        with open(file, "w+b") as f:  # a new sparse file of zeros; the mapping outlives f
+            f.truncate(nbytes)
+            mapping = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_SHARED)
+        self._maps.append(mapping)
+        return torch.frombuffer(mapping, dtype=dtype).view(shape)
+
+    def release_memory(self) -> None:
+        """Drop the resident pages of a memory-mapped store from this process (``madvise
+        MADV_DONTNEED``; the data stays in the files and the page cache and is read back on
+        next access). The module calls this after every round, so resident memory holds
+        about one round's clients rather than every client ever trained. No-op in RAM."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for mapping in self._maps:
+                mapping.madvise(mmap.MADV_DONTNEED)
 
     def stacked(self, role: str) -> dict[str, Tensor]:
         """The stacked tensors of ``role``: ``name -> Tensor[K, *shape]`` (no copy)."""

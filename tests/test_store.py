@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -119,3 +121,26 @@ def test_federation_with_a_half_precision_memory_mapped_store(trainer_factory, t
     assert abs(a - b) < 0.05
     with pytest.raises(ValueError, match="store_dtype"):
         federation(store_dtype="float64")
+
+
+def _rss_mib() -> float:
+    """This process's resident set (VmRSS) in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status")
+
+
+def test_memory_mapped_store_releases_resident_pages_and_keeps_data(tmp_path):
+    store = ClientStore(num_clients=64, path=tmp_path / "m")
+    row = torch.arange(2**18, dtype=torch.float32)  # 1 MiB per client
+    for k in range(64):
+        store.put("model", k, {"w": row + k})
+    before = _rss_mib()
+    store.release_memory()
+    assert before - _rss_mib() > 48  # the 64 MiB of written rows left the resident set
+    assert all(torch.equal(store.get("model", k)["w"], row + k) for k in (0, 31, 63))
+    ram = ClientStore(num_clients=2)
+    ram.put("model", 0, {"w": row})
+    ram.release_memory()  # no-op in RAM
+    assert torch.equal(ram.get("model", 0)["w"], row)

@@ -1,0 +1,201 @@
+"""Many stateful clients: peak resident memory and seconds per round by store kind.
+
+Every client holds two roles, as in PRR-FL: its ``personal`` model (DET) and its own server
+model S_k (Progressive Fourier Aggregation). Before the rounds, every client's rows are written
+(a federation in which every client has trained), then the peak RSS counter is reset
+(``/proc/self/clear_refs``) and ``--rounds`` rounds of ``--selected`` clients run. Each
+variant runs in its own process. Data: random 28x28 inputs, 10 per client (the benchmark is
+about state, not accuracy).
+
+  .venv/bin/python benchmarks/many_clients.py                       # all variants
+  .venv/bin/python benchmarks/many_clients.py --model mlp --store mmap  # one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated.callbacks import (
+    DeputyEnhancedTransfer,
+    FederatedCallback,
+    ProgressiveFourierAggregation,
+)
+from pl_federated.data import IID
+from pl_federated.models import CNNClassifier, MLPClassifier
+
+MODELS = {"mlp": 10_000, "cnn": 1_000}  # clients per model, as in the scale issue
+STORES = {
+    "ram": dict(store_dtype="float32"),
+    "ram-float16": dict(store_dtype="float16"),
+    "mmap": dict(store_dtype="float32"),
+}
+
+
+def status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Prefill(FederatedCallback):
+    """Write every client's ``personal`` and ``server`` rows (as if all had trained), releasing
+    memory-mapped pages chunk by chunk, then reset the peak-RSS counter."""
+
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
+        self.rss_before = status_mib("VmRSS")
+        template = {k: v.clone() for k, v in fed.worker_state("model").items()}
+        chunk = 100
+        for role in ("personal", "server"):
+            for start in range(0, fed.num_clients, chunk):
+                clients = list(range(start, min(start + chunk, fed.num_clients)))
+                rows = {
+                    k: v.unsqueeze(0).expand(len(clients), *v.shape) for k, v in template.items()
+                }
+                fed.store.put_rows(role, clients, rows)
+                fed.store.release_memory()
+        self.state_mib = fed.store.nbytes() / 2**20
+        self.rss_after_prefill = status_mib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS)
+
+
+def run_one(model: str, store: str, rounds: int, selected: int) -> dict:
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    clients = MODELS[model]
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        n = clients * 10
+        path = Path(tmp) / "data.npz"
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        np.savez(path, images=images, labels=rng.integers(0, 10, size=n))
+        del images
+        dm = FederatedDataModule(
+            "npz",
+            path=str(path),
+            num_clients=clients,
+            partition=IID(),
+            test_fraction=0.0,
+            batch_size=10,
+        )
+        torch.manual_seed(0)
+        if model == "mlp":
+            client = MLPClassifier(input_size=784, hidden=(200, 200), lr=0.05)
+        else:
+            client = CNNClassifier(lr=0.01)
+        options = dict(STORES[store])
+        if store == "mmap":
+            options["store_path"] = str(Path(tmp) / "store")
+        fed = FederatedModule(
+            client, clients_per_round=selected, local_epochs=3, eval_every_n_rounds=0, **options
+        )
+        prefill = Prefill()
+        trainer = pl.Trainer(
+            max_epochs=rounds,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[
+                ProgressiveFourierAggregation(),
+                DeputyEnhancedTransfer(split="train"),
+                prefill,
+            ],
+        )
+        start = time.perf_counter()
+        trainer.fit(fed, dm)
+        total = time.perf_counter() - start
+        seconds = [h["round/seconds"] for h in fed.history]
+        return {
+            "model": model,
+            "clients": clients,
+            "store": store,
+            "params": sum(p.numel() for p in client.parameters()),
+            "state_mib": prefill.state_mib,
+            "rss_before_mib": prefill.rss_before,
+            "rss_after_prefill_mib": prefill.rss_after_prefill,
+            "peak_rss_rounds_mib": status_mib("VmHWM"),
+            "peak_rss_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seconds_per_round": sum(seconds) / len(seconds),
+            "fit_seconds": total,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=list(MODELS), nargs="+", default=list(MODELS))
+    parser.add_argument("--store", choices=list(STORES), nargs="+", default=list(STORES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--selected", type=int, default=100)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.model[0], args.store[0], args.rounds, args.selected)))
+        return
+    print(
+        f"# {time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {args.rounds} rounds, "
+        f"{args.selected} clients per round, roles personal + server (PFA + DET)"
+    )
+    print(
+        "| model | clients | store | state (GiB) | RSS before state (GiB) | peak RSS in rounds "
+        "(GiB) | peak / (state + before) | s/round |"
+    )
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for model in args.model:
+        for store in args.store:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--model",
+                    model,
+                    "--store",
+                    store,
+                    "--rounds",
+                    str(args.rounds),
+                    "--selected",
+                    str(args.selected),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode:
+                print(
+                    f"| {model} | {MODELS[model]} | {store} | failed: "
+                    f"{out.stderr.strip().splitlines()[-1]} |",
+                    flush=True,
+                )
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            gib = 1024
+            ratio = r["peak_rss_rounds_mib"] / (r["state_mib"] + r["rss_before_mib"])
+            print(
+                f"| {model} ({r['params']:,} params) | {r['clients']:,} | {store} | "
+                f"{r['state_mib'] / gib:.2f} | {r['rss_before_mib'] / gib:.2f} | "
+                f"{r['peak_rss_rounds_mib'] / gib:.2f} | {ratio:.2f} | "
+                f"{r['seconds_per_round']:.1f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
