@@ -179,11 +179,8 @@ def main() -> None:
                 text=True,
             )
             if out.returncode:
-                print(
-                    f"| {model} | {MODELS[model]} | {store} | failed: "
-                    f"{out.stderr.strip().splitlines()[-1]} |",
-                    flush=True,
-                )
+                why = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+                print(f"| {model} | {MODELS[model]} | {store} | failed: {why} |", flush=True)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             gib = 1024

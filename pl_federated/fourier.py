@@ -62,15 +62,53 @@ def _span(size: int, ratio: float, window: str) -> tuple[int, int]:
     return (max(c - b, 0), min(c + b + 1, size)) if b > 0 else (c, c)
 
 
-def _mix_spectrum(spectrum: Tensor, mask: Tensor, weights: Tensor, variant: str) -> Tensor:
+CHUNK_ELEMENTS = 2**24
+"""Clients per FFT chunk are chosen so a chunk holds about this many weights: the complex128
+temporaries of one chunk then take a few hundred MiB, whatever the number of clients."""
+
+
+def _mix_spectra(
+    matrix: Tensor, mask: Tensor, weights: Tensor, variant: str, dims: tuple[int, ...]
+) -> Tensor:
     """Inside ``mask``, replace the amplitude (and for ``amplitude_phase`` the phase) of each
-    client's (shifted) spectrum ``[K, ...]`` by the ``weights``-weighted mean over clients."""
-    w = (weights.to(spectrum.real) / weights.sum()).view(-1, *[1] * (spectrum.ndim - 1))
-    amp, phase = spectrum.abs(), spectrum.angle()
-    amp = torch.where(mask, (w * amp).sum(0, keepdim=True), amp)
-    if variant == "amplitude_phase":
-        phase = torch.where(mask, (w * phase).sum(0, keepdim=True), phase)
-    return torch.polar(amp, phase)
+    client's shifted FFT over ``dims`` of ``matrix`` ``[K, ...]`` by the ``weights``-weighted
+    mean over clients, and transform back.
+
+    Clients are processed in chunks (:data:`CHUNK_ELEMENTS`): one pass sums the weighted
+    amplitudes (and phases), a second recomputes each chunk's spectrum and mixes it. One chunk
+    (the common case) computes each spectrum once.
+    """
+    fft = torch.fft.fft2 if len(dims) == 2 else torch.fft.fft
+    ifft = torch.fft.ifft2 if len(dims) == 2 else torch.fft.ifft
+
+    def spectrum(rows: Tensor) -> Tensor:
+        return torch.fft.fftshift(fft(rows) if len(dims) == 2 else fft(rows, dim=-1), dim=dims)
+
+    k = matrix.shape[0]
+    per = max(1, CHUNK_ELEMENTS // max(1, matrix[0].numel()))
+    chunks = [slice(start, min(start + per, k)) for start in range(0, k, per)]
+    w = weights.to(torch.float64) / weights.sum()
+    mean_amp = mean_phase = None
+    cached: Tensor | None = None
+    for part in chunks:
+        spec = spectrum(matrix[part])
+        wv = w[part].to(spec.real).view(-1, *[1] * (spec.ndim - 1))
+        amp = (wv * spec.abs()).sum(0, keepdim=True)
+        mean_amp = amp if mean_amp is None else mean_amp + amp
+        if variant == "amplitude_phase":
+            phase = (wv * spec.angle()).sum(0, keepdim=True)
+            mean_phase = phase if mean_phase is None else mean_phase + phase
+        cached = spec if len(chunks) == 1 else None
+    out = torch.empty_like(matrix)
+    for part in chunks:
+        spec = cached if cached is not None else spectrum(matrix[part])
+        amp = torch.where(mask, mean_amp, spec.abs())
+        phase = spec.angle()
+        if variant == "amplitude_phase":
+            phase = torch.where(mask, mean_phase, phase)
+        mixed = torch.fft.ifftshift(torch.polar(amp, phase), dim=dims)
+        out[part] = (ifft(mixed) if len(dims) == 2 else ifft(mixed, dim=-1)).real
+    return out
 
 
 def fourier_mix_rows(
@@ -97,10 +135,7 @@ def fourier_mix_rows(
     lo, hi = _span(size, ratio, window)
     mask = torch.zeros(size, dtype=torch.bool, device=matrix.device)
     mask[lo:hi] = True
-    spectrum = torch.fft.fftshift(torch.fft.fft(matrix, dim=-1), dim=-1)
-    mixed = _mix_spectrum(spectrum, mask, weights, variant)
-    out = torch.fft.ifft(torch.fft.ifftshift(mixed, dim=-1), dim=-1).real
-    return out.to(stacked.dtype)
+    return _mix_spectra(matrix, mask, weights, variant, dims=(-1,)).to(stacked.dtype)
 
 
 def fourier_mix(
@@ -125,9 +160,7 @@ def fourier_mix(
     matrix = to_matrix(stacked).to(torch.float64)
     rows, cols = matrix.shape[-2:]
     mask = window_mask(rows, cols, ratio, window).to(matrix.device)
-    spectrum = torch.fft.fftshift(torch.fft.fft2(matrix), dim=(-2, -1))
-    mixed = _mix_spectrum(spectrum, mask, weights, variant)
-    out = torch.fft.ifft2(torch.fft.ifftshift(mixed, dim=(-2, -1))).real
+    out = _mix_spectra(matrix, mask, weights, variant, dims=(-2, -1))
     return from_matrix(out.to(stacked.dtype), stacked.shape)
 
 

@@ -13,6 +13,7 @@ split (DET's stage metric) in both settings, for every method alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import time
@@ -51,6 +52,10 @@ METHODS = {
     "fedadam": ("FedAdam (server lr 0.03)", lambda: [FedAdam(server_lr=0.03)]),
     "fedprox": ("FedProx (mu 0.01)", lambda: [FedAvg(), FedProx(mu=0.01)]),
     "scaffold": ("SCAFFOLD", lambda: [FedAvg(weighting="uniform"), SCAFFOLD()]),
+    "scaffold_sgd": (
+        "SCAFFOLD, clients without momentum",
+        lambda: [FedAvg(weighting="uniform"), SCAFFOLD()],
+    ),
     "fednova": ("FedNova", lambda: [FedNova()]),
     "fedbn": ("FedBN", lambda: [FedBN()]),
     "fedper": ("FedPer", lambda: [FedPer()]),
@@ -63,7 +68,10 @@ METHODS = {
     "det_fedavg": ("DET + FedAvg", lambda: [FedAvg(), DeputyEnhancedTransfer()]),
     "pfa_det": ("PFA + DET", lambda: [ProgressiveFourierAggregation(), DeputyEnhancedTransfer()]),
 }
-NOT_APPLICABLE = {"mnist_dirichlet": {"fedbn"}}  # FedBN needs BatchNorm (the MLP has none)
+# FedBN needs BatchNorm (the MLP has none); the digit-domain CNN has no momentum anyway
+NOT_APPLICABLE = {"mnist_dirichlet": {"fedbn"}, "digit_domains": {"scaffold_sgd"}}
+# SCAFFOLD's control-variate correction assumes plain SGD local steps
+CLIENT_OPTIONS = {"scaffold_sgd": {"momentum": 0.0}}
 SETTINGS = {
     "digit_domains": dict(
         data=lambda seed: digit_domains(seed, max_train_samples=150, val_fraction=0.1),
@@ -80,7 +88,9 @@ SETTINGS = {
             val_fraction=0.1,
             seed=seed,
         ),
-        client=lambda: MLPClassifier(input_size=784, hidden=(200,), lr=0.05, momentum=0.9),
+        client=lambda **o: MLPClassifier(
+            **{**dict(input_size=784, hidden=(200,), lr=0.05, momentum=0.9), **o}
+        ),
         module=dict(local_epochs=3, clients_per_round=0.5),
         rounds=20,
     ),
@@ -92,7 +102,7 @@ def run(setting: str, method: str, seed: int) -> dict[str, float]:
     start = time.perf_counter()
     fed = fit(
         spec["data"](seed),
-        spec["client"],
+        functools.partial(spec["client"], **CLIENT_OPTIONS.get(method, {})),
         METHODS[method][1](),
         spec["rounds"],
         seed,

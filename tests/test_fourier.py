@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from pl_federated import fourier
 from pl_federated.fourier import fourier_mix, from_matrix, progressive_ratio, to_matrix, window_mask
 
 
@@ -159,3 +160,23 @@ def test_pfa_classwise_option_end_to_end(trainer_factory):
                 ProgressiveFourierAggregation(classwise_classifier=True, classifier_key="x")
             ],
         ).fit(federation(local_steps=1), digits(3))
+
+
+@pytest.mark.parametrize("variant", ["amplitude", "amplitude_phase"])
+def test_fourier_mix_in_client_chunks_equals_one_chunk(variant, monkeypatch):
+    """Chunking over clients (bounded FFT memory) gives the same weights as one chunk."""
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.randn(7, 6, 3, 5, 5, generator=gen)
+    rows = torch.randn(7, 10, 12, generator=gen)
+    weights = torch.rand(7, generator=gen) + 0.1
+    whole = (
+        fourier.fourier_mix(conv, weights, 0.6, variant),
+        fourier.fourier_mix_rows(rows, weights, 0.6, variant),
+    )
+    monkeypatch.setattr(fourier, "CHUNK_ELEMENTS", 2 * 6 * 3 * 25)  # chunks of 2 clients
+    chunked = (
+        fourier.fourier_mix(conv, weights, 0.6, variant),
+        fourier.fourier_mix_rows(rows, weights, 0.6, variant),
+    )
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
