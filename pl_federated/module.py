@@ -23,7 +23,8 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from pl_federated.callbacks.aggregator import Aggregator
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.callbacks.fedavg import FedAvg
-from pl_federated.store import SHARED_ROLE, ClientStore, all_finite
+from pl_federated.store import SHARED_ROLE, ClientStore, all_finite, merge_store_states
+from pl_federated.strategy import FederatedDDPStrategy, all_gather_objects
 from pl_federated.vectorized import check_vectorizable, group_by_samples, train_group
 
 ROUND_METRIC_GROUPS = (
@@ -356,6 +357,48 @@ class FederatedModule(pl.LightningModule):
         return means
 
     @property
+    def world_size(self) -> int:
+        """Processes the clients are sharded over (``strategy: fed_ddp``); 1 otherwise."""
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def owned_clients(self, clients: Iterable[int]) -> list[int]:
+        """The clients among ``clients`` this rank trains (``client % world_size``)."""
+        rank, world = (self.global_rank, self.world_size) if self._trainer else (0, 1)
+        return [c for c in clients if c % world == rank]
+
+    def _busiest_slots(self, selected: Iterable[int]) -> int:
+        counts = [0] * self.world_size
+        for c in selected:
+            counts[c % self.world_size] += 1
+        return math.ceil(max(counts) / self.clients_per_step)
+
+    def slots_this_round(self) -> int:
+        """Training steps every rank runs this round (the busiest rank's slot count)."""
+        return self._busiest_slots(self.selected_clients)
+
+    def max_slots_per_rank(self) -> int:
+        """An upper bound of :meth:`slots_this_round` over the whole run (from the seeded
+        selections when ``max_epochs`` is known)."""
+        rounds = self.trainer.max_epochs
+        if rounds is None or rounds < 0:
+            owned = math.ceil(self.num_clients / self.world_size)
+            return math.ceil(min(self.num_selected, owned) / self.clients_per_step)
+        return max([1, *(self._busiest_slots(self.select_clients(r)) for r in range(rounds))])
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` in rank order (``[obj]`` in one process)."""
+        return all_gather_objects(self._trainer, obj)
+
+    def reduce_sum(self, values: Mapping[str, float]) -> dict[str, float]:
+        """``values`` summed over ranks (same keys on every rank; identity in one process)."""
+        if self.world_size == 1 or not values:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        t = self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    @property
     def current_round(self) -> int:
         return self.trainer.current_epoch
 
@@ -438,6 +481,30 @@ class FederatedModule(pl.LightningModule):
         for worker in self.workers.values():
             worker._trainer = self.trainer  # lets clients read trainer/current_epoch
         self._setup_callbacks()
+        if self.world_size > 1:
+            self._setup_distributed()
+
+    def _setup_distributed(self) -> None:
+        """Check that every federated callback supports sharded clients and start every rank
+        from rank 0's initial weights (no DDP wrapper broadcasts them)."""
+        if not isinstance(self.trainer.strategy, FederatedDDPStrategy):
+            raise ValueError(
+                f"{type(self.trainer.strategy).__name__} with {self.world_size} processes: "
+                "federated training needs `strategy: fed_ddp` (DDP would average the gradients "
+                "of different clients)."
+            )
+        unsupported = [type(c).__name__ for c in self._fed_callbacks if not c.supports_distributed]
+        if unsupported:
+            raise ValueError(
+                f"Callbacks {unsupported} do not support `strategy: fed_ddp` (their server-side "
+                "state is not reduced across processes); run them in one process."
+            )
+        if self.vectorize_clients:
+            raise ValueError("`vectorize_clients` is not supported with `strategy: fed_ddp`.")
+        initial = self.trainer.strategy.broadcast(
+            (self.initial_state, self.role_initial_state, self.server_state)
+        )
+        self.initial_state, self.role_initial_state, self.server_state = initial
 
     def teardown(self, stage: str) -> None:
         if stage == "fit" and hasattr(self, "_limit_val_batches"):
@@ -719,8 +786,43 @@ class FederatedModule(pl.LightningModule):
             for role in roles:
                 lopts[role].step()
 
+    def _sync_round(self) -> None:
+        """Merge what the ranks' clients produced this round (excluded clients, personal
+        metrics, local steps, training-loss and client-log sums) so every rank holds the
+        whole round, as in one process."""
+        if self.world_size == 1:
+            return
+        local = {
+            "excluded": self.excluded,
+            "personal": self._personal,
+            "steps": self.round_local_steps,
+            "loss": {r: (float(v), self._loss_counts[r]) for r, v in self._loss_sums.items()},
+            "logs": {
+                (role, name): (float(router.sums[name]), router.counts[name])
+                for role, router in self._log_routers.items()
+                for name in router.sums
+            },
+        }
+        parts = self.all_gather_objects(local)
+        self.excluded = sorted(c for part in parts for c in part["excluded"])
+        self._personal = {k: v for part in parts for k, v in part["personal"].items()}
+        self.round_local_steps = {k: v for part in parts for k, v in part["steps"].items()}
+        self._loss_sums, self._loss_counts = {}, {}
+        for part in parts:
+            for role, (total, count) in part["loss"].items():
+                self._loss_sums[role] = self._loss_sums.get(role, 0.0) + torch.tensor(total)
+                self._loss_counts[role] = self._loss_counts.get(role, 0) + count
+        for router in self._log_routers.values():
+            router.sums, router.counts = {}, {}
+        for part in parts:
+            for (role, name), (total, count) in part["logs"].items():
+                router = self._log_routers[role]
+                router.sums[name] = router.sums.get(name, 0.0) + torch.tensor(total)
+                router.counts[name] = router.counts.get(name, 0) + count
+
     def on_train_epoch_end(self) -> None:
         """Aggregate, run ``on_round_end`` callbacks, evaluate and log the round."""
+        self._sync_round()
         self.server_state = self.aggregator.aggregate(self, self.server_state)
         for cb in self._fed_callbacks:
             cb.on_round_end(self.trainer, self, self.current_round)
@@ -734,8 +836,9 @@ class FederatedModule(pl.LightningModule):
         if self._evaluate_now:
             metrics.update(self.evaluate_global())
             if self._personal:
-                acc = torch.tensor([v[0] for v in self._personal.values()])
-                f1 = torch.tensor([v[1] for v in self._personal.values()])
+                clients = sorted(self._personal)  # the same order on any number of ranks
+                acc = torch.tensor([self._personal[k][0] for k in clients])
+                f1 = torch.tensor([self._personal[k][1] for k in clients])
                 metrics["personal/acc_mean"] = acc.mean().item()
                 metrics["personal/acc_min"] = acc.min().item()
                 metrics["personal/f1_mean"] = f1.mean().item()
@@ -917,9 +1020,12 @@ class FederatedModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        store = self.store.state_dict() if self.store is not None else None
+        if self.world_size > 1:  # every rank holds its own clients' rows: merge them
+            store = merge_store_states(self.all_gather_objects(store))
         checkpoint["federated"] = {
             "server_state": {k: v.cpu() for k, v in self.server_state.items()},
-            "store": self.store.state_dict() if self.store is not None else None,
+            "store": store,
             "client_metrics": dict(self.client_metrics),
             "history": list(self.history),
             "initial_state": {k: v.cpu() for k, v in self.initial_state.items()},
@@ -975,8 +1081,8 @@ class FederatedModule(pl.LightningModule):
         trainer = self.trainer
         if type(trainer.precision_plugin) is not Precision:
             return False
-        if not isinstance(trainer.strategy, SingleDeviceStrategy):
-            return False
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, FederatedDDPStrategy)):
+            return False  # fed_ddp never all-reduces gradients: the direct path is the same
         if any(is_overridden(h, self, pl.LightningModule) for h in _STEP_HOOKS):
             return False
         return not any(

@@ -216,6 +216,27 @@ class ClientStore:
             raise IndexError(f"Client {client} out of range [0, {self.num_clients}).")
 
 
+def merge_store_states(parts: list[Mapping | None]) -> dict | None:
+    """One :meth:`ClientStore.state_dict` from several ranks' (each wrote its own clients'
+    rows): per role, every client's row comes from a rank that wrote it."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    roles: dict[str, dict[str, Tensor]] = {}
+    written: dict[str, Tensor] = {}
+    for part in parts:
+        for role, tensors in part["roles"].items():
+            mask = part["written"][role]
+            if role not in roles:
+                roles[role] = {n: t.clone() for n, t in tensors.items()}
+                written[role] = mask.clone()
+                continue
+            for name, t in tensors.items():
+                roles[role][name][mask] = t[mask]
+            written[role] |= mask
+    return {"num_clients": parts[0]["num_clients"], "roles": roles, "written": written}
+
+
 def float_keys(state: Mapping[str, Tensor]) -> list[str]:
     """Names of floating-point entries (parameters and float buffers such as BN statistics)."""
     return [k for k, t in state.items() if t.is_floating_point()]

@@ -74,14 +74,23 @@ class WeightedSum:
         self.weight += float(weight)
         self.count += 1
 
-    def sync(self, strategy) -> None:
-        """Sum partial sums over ranks (no-op in one process)."""
-        if strategy is None or getattr(strategy, "world_size", 1) == 1 or self.sums is None:
+    def sync(self, strategy, like: Mapping[str, Tensor]) -> None:
+        """Sum partial sums over ranks (no-op in one process). Every rank takes part, also
+        one whose clients uploaded nothing (its partial sums are zeros shaped like ``like``)."""
+        if strategy is None or getattr(strategy, "world_size", 1) == 1:
             return
+        if self.sums is None:
+            self.sums = {
+                k: torch.zeros_like(t, dtype=t.dtype if t.is_floating_point() else torch.float64)
+                for k, t in like.items()
+            }
         for k in self.sums:
             self.sums[k] = strategy.reduce(self.sums[k], reduce_op="sum")
-        w = strategy.reduce(torch.tensor([self.weight, float(self.count)]), reduce_op="sum")
+        w = torch.tensor([self.weight, float(self.count)], dtype=torch.float64)
+        w = strategy.reduce(w.to(next(iter(self.sums.values())).device), reduce_op="sum")
         self.weight, self.count = float(w[0]), int(w[1])
+        if self.count == 0:
+            self.sums = None
 
     @torch.no_grad()
     def compute(self, like: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -33,7 +33,14 @@ class FederatedCallback(Callback):
         on_round_end(trainer, fed, round)           # after aggregation, before evaluation
 
     Stateful callbacks implement ``state_dict``/``load_state_dict`` (Lightning checkpoints them).
+
+    Under ``strategy: fed_ddp`` each rank runs the client hooks for the clients it owns only;
+    round-level hooks run on every rank. A callback that is correct there (it keeps per-client
+    state only, or reduces what it accumulates across ranks) sets ``supports_distributed =
+    True``; the module refuses the others in a multi-process run.
     """
+
+    supports_distributed: bool = False
 
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
         """A round begins; ``fed.selected_clients`` holds this round's clients."""

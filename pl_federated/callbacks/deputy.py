@@ -82,6 +82,8 @@ class DeputyEnhancedTransfer(FederatedCallback):
         ValueError: invalid thresholds or options; ``split="val"`` without a validation split.
     """
 
+    supports_distributed = True  # stage counts and log are reduced over ranks
+
     def __init__(
         self,
         l1: float = 0.7,
@@ -157,7 +159,12 @@ class DeputyEnhancedTransfer(FederatedCallback):
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        fed.log_round({f"det/{s.name.lower()}": n for s, n in self._counts.items()})
+        counts = fed.reduce_sum({f"det/{s.name.lower()}": n for s, n in self._counts.items()})
+        fed.log_round(counts)
+        if fed.world_size > 1:  # the stage log of every rank's clients, in one-process order
+            rows = [r for r in self.stage_log if r[0] == round]
+            merged = sorted(r for part in fed.all_gather_objects(rows) for r in part)
+            self.stage_log = [r for r in self.stage_log if r[0] != round] + merged
 
     @override
     def state_dict(self) -> dict[str, Any]:

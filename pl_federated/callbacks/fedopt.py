@@ -31,6 +31,8 @@ class ServerOptimizer(FedAvg):
         over, weighting, ignore_clients: as :class:`FedAvg` (how ``avg`` is formed).
     """
 
+    supports_distributed = False  # not yet verified under fed_ddp
+
     def __init__(
         self,
         server_lr: float = 1.0,

@@ -23,6 +23,7 @@ class _ProximalToReceived(FederatedCallback):
     its update starts). Shared by FedProx (role: the shared model) and Ditto (role: personal)."""
 
     role = SHARED_ROLE
+    supports_distributed = True  # per-client state only
 
     def __init__(self, weight: float, name: str) -> None:
         if not weight >= 0:

@@ -53,6 +53,8 @@ class ProgressiveFourierAggregation(Aggregator):
         ValueError: an option outside the allowed values.
     """
 
+    supports_distributed = True  # the ranks' uploads are gathered before mixing
+
     def __init__(
         self,
         r0: float = 0.7,
@@ -115,6 +117,13 @@ class ProgressiveFourierAggregation(Aggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
+        if fed.world_size > 1:  # every rank mixes all uploads (the same result everywhere)
+            mine = {c: {k: t.cpu() for k, t in u.items()} for c, u in self._uploads.items()}
+            self._uploads = {
+                c: {k: t.to(fed.device) for k, t in u.items()}
+                for part in fed.all_gather_objects(mine)
+                for c, u in part.items()
+            }
         if not self._uploads:
             rank_zero_warn("PFA: no client uploaded a finite update; server states unchanged.")
             return {k: t.clone() for k, t in server_state.items()}

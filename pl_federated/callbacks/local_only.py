@@ -20,6 +20,8 @@ class LocalOnly(Aggregator):
     aggregated, the server state stays the initial model (so ``global/*`` metrics describe the
     untrained model; read ``personal/*``)."""
 
+    supports_distributed = True
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
         pl_module.add_local_keys(pl_module.client.state_dict().keys())

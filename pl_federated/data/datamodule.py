@@ -297,10 +297,19 @@ class ClientSlots:
         self.module = module
 
     def __len__(self) -> int:
-        return math.ceil(self.module.num_selected / self.module.clients_per_step)
+        module = self.module
+        if module.world_size == 1:
+            return math.ceil(module.num_selected / module.clients_per_step)
+        # Lightning reads the length once: the most slots any rank needs in any round
+        return module.max_slots_per_rank()
 
     def __iter__(self) -> Iterator[list[int]]:
-        clients = self.module.selected_clients
-        step = self.module.clients_per_step
-        for i in range(0, len(clients), step):
-            yield clients[i : i + step]
+        module = self.module
+        clients = module.owned_clients(module.selected_clients)
+        step = module.clients_per_step
+        slots = [clients[i : i + step] for i in range(0, len(clients), step)]
+        if module.world_size > 1:
+            # every rank runs as many steps as this round's busiest rank (Lightning runs a
+            # collective per training step); the others idle through empty slots
+            slots += [[] for _ in range(module.slots_this_round() - len(slots))]
+        yield from slots

@@ -1,0 +1,104 @@
+"""A tiny federation, run as a script so Lightning's DDP launcher can start its ranks.
+
+    python tests/ddp_run.py --algo fedavg --devices 2 --rounds 3 --out DIR [--resume CKPT]
+
+Writes ``DIR/result.pt`` (server state, history, client metrics; global rank 0 only) and a
+checkpoint per round under ``DIR/ckpt``. ``tests/test_ddp.py`` compares 2 processes with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated.callbacks import (
+    DeputyEnhancedTransfer,
+    FedAvg,
+    FedBN,
+    FedProx,
+    ProgressiveFourierAggregation,
+)
+from pl_federated.data import Dirichlet
+from pl_federated.models import CNNClassifier, MLPClassifier
+
+
+def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
+    torch.manual_seed(0)
+    if algo == "fedavg_prox":
+        client = MLPClassifier(hidden=(32,), lr=0.05, momentum=0.9)
+        return client, [FedAvg(), FedProx(mu=0.01)], dict(local_steps=3)
+    if algo == "fedbn":
+        client = CNNClassifier(image_size=8, channels=(4, 8), hidden=16, batch_norm=True, lr=0.05)
+        return client, [FedBN()], dict(local_steps=3)
+    if algo == "scaffold":  # not supported under fed_ddp: must be refused
+        from pl_federated.callbacks import SCAFFOLD
+
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedAvg(weighting="uniform"), SCAFFOLD()], dict(local_steps=3)
+    if algo == "pfa_det":
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        callbacks = [ProgressiveFourierAggregation(), DeputyEnhancedTransfer(split="train")]
+        return client, callbacks, dict(local_epochs=3)
+    raise ValueError(algo)
+
+
+def run(
+    algo: str,
+    devices: int,
+    rounds: int,
+    out: Path,
+    resume: str | None = None,
+    strategy: str = "fed_ddp",
+) -> FederatedModule:
+    """Fit ``algo`` (1 device: the default single-device strategy; more: ``strategy``)."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    client, callbacks, options = build(algo)
+    fed = FederatedModule(client, clients_per_round=4, seed=0, **options)
+    data = FederatedDataModule(
+        "digits", num_clients=5, partition=Dirichlet(0.5, min_size=20), max_train_samples=40
+    )
+    ckpt = ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(
+        max_epochs=rounds,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy if devices > 1 else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, ckpt],
+    )
+    trainer.fit(fed, data, ckpt_path=resume)
+    if trainer.global_rank == 0:
+        result = {
+            "server_state": {k: v.cpu() for k, v in fed.server_state.items()},
+            "history": [{k: v for k, v in h.items() if k != "round/seconds"} for h in fed.history],
+            "client_metrics": fed.client_metrics,
+            "global_step": trainer.global_step,
+        }
+        torch.save(result, out / "result.pt")
+    return fed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--algo", required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume")
+    parser.add_argument("--strategy", default="fed_ddp")
+    args = parser.parse_args()
+    run(args.algo, args.devices, args.rounds, args.out, args.resume, args.strategy)
+
+
+if __name__ == "__main__":
+    main()

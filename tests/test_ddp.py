@@ -1,0 +1,77 @@
+"""strategy: fed_ddp: 2 CPU processes (gloo) give the numbers of 1 process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ddp_run import run
+
+HERE = Path(__file__).resolve().parent
+
+
+def _launch(tmp_path: Path, algo: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    env.pop("LOCAL_RANK", None)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(HERE / "ddp_run.py"), "--algo", algo, "--out", str(tmp_path), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+
+
+def _two_processes(tmp_path: Path, algo: str) -> dict:
+    out = _launch(tmp_path, algo, "--devices", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return torch.load(tmp_path / "result.pt", weights_only=False)
+
+
+def _assert_same(one: dict, two: dict) -> None:
+    for k, v in one["server_state"].items():
+        torch.testing.assert_close(two["server_state"][k], v, atol=1e-6, rtol=1e-5)
+    assert len(one["history"]) == len(two["history"])
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    for name, values in one["client_metrics"].items():
+        torch.testing.assert_close(two["client_metrics"][name], values, atol=1e-6, rtol=0)
+
+
+def _last_store(root: Path) -> dict:
+    ckpt = sorted((root / "ckpt").glob("*.ckpt"), key=os.path.getmtime)[-1]
+    return torch.load(ckpt, weights_only=False)["federated"]["store"]
+
+
+@pytest.mark.parametrize("algo", ["fedavg_prox", "fedbn", "pfa_det"])
+def test_two_processes_equal_one_process(algo, tmp_path):
+    two = _two_processes(tmp_path / "two", algo)
+    run(algo, devices=1, rounds=3, out=tmp_path / "one")
+    one = torch.load(tmp_path / "one" / "result.pt", weights_only=False)
+    _assert_same(one, two)
+    # the checkpoint of the 2-process run holds every client's state (gathered from both ranks)
+    store_one, store_two = _last_store(tmp_path / "one"), _last_store(tmp_path / "two")
+    assert store_one["roles"].keys() == store_two["roles"].keys()
+    for role, tensors in store_one["roles"].items():
+        assert torch.equal(store_one["written"][role], store_two["written"][role]), role
+        for name, t in tensors.items():
+            torch.testing.assert_close(store_two["roles"][role][name], t, atol=1e-6, rtol=1e-5)
+    if algo == "pfa_det":
+        assert store_one["written"]["personal"].sum() >= 4  # clients of both ranks
+
+
+def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
+    _two_processes(tmp_path / "two", "pfa_det")
+    after_two_rounds = next((tmp_path / "two" / "ckpt").glob("epoch=1-*.ckpt"))
+    run("pfa_det", devices=1, rounds=3, out=tmp_path / "resumed", resume=str(after_two_rounds))
+    run("pfa_det", devices=1, rounds=3, out=tmp_path / "straight")
+    resumed = torch.load(tmp_path / "resumed" / "result.pt", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "result.pt", weights_only=False)
+    _assert_same(straight, resumed)
+
+
+def test_unsupported_callbacks_and_the_stock_ddp_strategy_are_refused(tmp_path):
+    out = _launch(tmp_path / "a", "scaffold", "--devices", "2")
+    assert out.returncode != 0 and "do not support `strategy: fed_ddp`" in out.stderr
+    out = _launch(tmp_path / "b", "fedavg_prox", "--devices", "2", "--strategy", "ddp")
+    assert out.returncode != 0 and "needs `strategy: fed_ddp`" in out.stderr
