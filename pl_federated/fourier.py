@@ -72,7 +72,8 @@ def _mix_spectra(
 ) -> Tensor:
     """Inside ``mask``, replace the amplitude (and for ``amplitude_phase`` the phase) of each
     client's shifted FFT over ``dims`` of ``matrix`` ``[K, ...]`` by the ``weights``-weighted
-    mean over clients, and transform back.
+    mean over clients, and transform back (in float64, chunk by chunk; the result has
+    ``matrix``'s dtype).
 
     Clients are processed in chunks (:data:`CHUNK_ELEMENTS`): one pass sums the weighted
     amplitudes (and phases), a second recomputes each chunk's spectrum and mixes it. One chunk
@@ -87,11 +88,11 @@ def _mix_spectra(
     k = matrix.shape[0]
     per = max(1, CHUNK_ELEMENTS // max(1, matrix[0].numel()))
     chunks = [slice(start, min(start + per, k)) for start in range(0, k, per)]
-    w = weights.to(torch.float64) / weights.sum()
+    w = weights.to(torch.float64) / weights.to(torch.float64).sum()
     mean_amp = mean_phase = None
     cached: Tensor | None = None
     for part in chunks:
-        spec = spectrum(matrix[part])
+        spec = spectrum(matrix[part].to(torch.float64))
         wv = w[part].to(spec.real).view(-1, *[1] * (spec.ndim - 1))
         amp = (wv * spec.abs()).sum(0, keepdim=True)
         mean_amp = amp if mean_amp is None else mean_amp + amp
@@ -101,7 +102,7 @@ def _mix_spectra(
         cached = spec if len(chunks) == 1 else None
     out = torch.empty_like(matrix)
     for part in chunks:
-        spec = cached if cached is not None else spectrum(matrix[part])
+        spec = cached if cached is not None else spectrum(matrix[part].to(torch.float64))
         amp = torch.where(mask, mean_amp, spec.abs())
         phase = spec.angle()
         if variant == "amplitude_phase":
@@ -130,12 +131,12 @@ def fourier_mix_rows(
         raise ValueError(
             f"Class-wise PFA needs [K, classes, features], got {tuple(stacked.shape)}."
         )
-    matrix = stacked.to(torch.float64)
+    matrix = stacked
     size = matrix.shape[-1]
     lo, hi = _span(size, ratio, window)
     mask = torch.zeros(size, dtype=torch.bool, device=matrix.device)
     mask[lo:hi] = True
-    return _mix_spectra(matrix, mask, weights, variant, dims=(-1,)).to(stacked.dtype)
+    return _mix_spectra(matrix, mask, weights, variant, dims=(-1,))
 
 
 def fourier_mix(
@@ -157,11 +158,11 @@ def fourier_mix(
     """
     if variant not in VARIANTS:
         raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
-    matrix = to_matrix(stacked).to(torch.float64)
+    matrix = to_matrix(stacked)
     rows, cols = matrix.shape[-2:]
     mask = window_mask(rows, cols, ratio, window).to(matrix.device)
     out = _mix_spectra(matrix, mask, weights, variant, dims=(-2, -1))
-    return from_matrix(out.to(stacked.dtype), stacked.shape)
+    return from_matrix(out, stacked.shape)
 
 
 def progressive_ratio(round: int, rounds: int, r0: float, r1: float) -> float:

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
@@ -103,11 +102,10 @@ class RetrogressMonitor(FederatedCallback):
             fed.log_round(metrics)
 
     @override
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        if not (self.plot and self.per_epoch and self.curve):
+        out_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
+        if not (trainer.is_global_zero and self.plot and self.per_epoch and self.curve):
             return
-        out_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "retrogress.png")
         self.save_curve(path)

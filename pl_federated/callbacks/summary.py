@@ -10,7 +10,6 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 ROUND_COLUMNS = (
@@ -71,18 +70,19 @@ class FederatedSummary(Callback):
                 logger.log_image(key=key, images=[path])
 
     @override
-    @rank_zero_only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # `trainer.log_dir` broadcasts: every rank asks, then only rank 0 writes
+        log_dir = trainer.log_dir if trainer.loggers else None
         dm = trainer.datamodule
-        if not (self.images and trainer.loggers and trainer.log_dir and hasattr(dm, "split")):
+        if not (trainer.is_global_zero and self.images and log_dir and hasattr(dm, "split")):
             return
         from pl_federated.data.report import PartitionReport
 
-        os.makedirs(trainer.log_dir, exist_ok=True)
-        path = os.path.join(trainer.log_dir, "partition.png")
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, "partition.png")
         report = PartitionReport(dm.split.counts)
         report.heatmap(path)
-        report.to_csv(os.path.join(trainer.log_dir, "partition.csv"))
+        report.to_csv(os.path.join(log_dir, "partition.csv"))
         self._log_image(trainer, "partition/heatmap", path)
 
     def client_accuracy_figure(self, pl_module: pl.LightningModule, path: str) -> str:
@@ -117,8 +117,14 @@ class FederatedSummary(Callback):
         return [name for _, name in present], rows
 
     @override
-    @rank_zero_only
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast: every rank asks
+        if trainer.is_global_zero:
+            self._write_results(trainer, pl_module, log_dir)
+
+    def _write_results(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, log_dir: str | None
+    ) -> None:
         if not getattr(pl_module, "history", None):
             return
         tables = {
@@ -128,17 +134,17 @@ class FederatedSummary(Callback):
         if self.print_tables:
             for name, (columns, rows) in tables.items():
                 print(f"\n{name}\n{format_table(columns, rows)}")
-        if trainer.loggers and trainer.log_dir:
-            os.makedirs(trainer.log_dir, exist_ok=True)
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
             for name, (columns, rows) in tables.items():
-                with open(os.path.join(trainer.log_dir, f"{name}.csv"), "w", newline="") as f:
+                with open(os.path.join(log_dir, f"{name}.csv"), "w", newline="") as f:
                     csv.writer(f).writerows([columns, *rows])
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 columns, rows = tables["clients"]
                 logger.log_table(key="clients", columns=columns, data=rows)
-        if self.images and trainer.loggers and trainer.log_dir and pl_module.client_metrics:
-            path = os.path.join(trainer.log_dir, "client_accuracy.png")
+        if self.images and log_dir and pl_module.client_metrics:
+            path = os.path.join(log_dir, "client_accuracy.png")
             self._log_image(
                 trainer, "clients/accuracy", self.client_accuracy_figure(pl_module, path)
             )
