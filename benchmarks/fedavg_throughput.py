@@ -1,6 +1,8 @@
 """FedAvg throughput: pl_federated vs a lean hand-written loop vs a Trainer per client.
 
-All three variants run in ONE process on the same data split, the same initial weights and the
+Variants: the lean hand-written loop (b), pl_federated sequential (a, a'), vectorized (v),
+2-process fed_ddp (d, a subprocess; timed inside the ranks from on_train_start to on_train_end),
+and a Trainer per client (c). All run on the same data split, the same initial weights and the
 same client selection, and only the training (rounds of local updates + averaging) is timed.
 
 Workloads:
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -117,6 +122,50 @@ def run_pl_federated(
     return seconds, evaluate(fed.client, dm)
 
 
+class _TrainTimer(pl.Callback):
+    """Seconds from on_train_start to on_train_end: excludes process launch and setup."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def run_ddp_child(w: Workload, dm: FederatedDataModule, clients_per_step: int) -> None:
+    """Rank side of variant (d): 2 CPU processes (gloo) under ``strategy: fed_ddp``; the
+    launcher starts rank 1 by re-running this script. Rank 0 prints the result as JSON."""
+    fed = FederatedModule(
+        make_client(w),
+        clients_per_round=w.clients_per_round,
+        local_epochs=1,
+        clients_per_step=clients_per_step,
+        eval_every_n_rounds=0,
+    )
+    timer = _TrainTimer()
+    trainer = quiet_trainer(
+        max_epochs=w.rounds, callbacks=[FedAvg(), timer], strategy="fed_ddp", devices=2
+    )
+    trainer.fit(fed, dm)
+    if trainer.global_rank == 0:
+        fed.client.load_state_dict(fed.server_state)
+        print("DDP_RESULT " + json.dumps([timer.seconds, evaluate(fed.client, dm)]), flush=True)
+
+
+def run_ddp(w: Workload, dm: FederatedDataModule, clients_per_step: int) -> tuple[float, float]:
+    """Variant (d): this script as a 2-process fed_ddp run, timed inside the ranks (the
+    training loop only, like the in-process variants; process start-up is not counted)."""
+    cmd = [sys.executable, __file__, "--ddp-child", "--workload", w.name]
+    cmd += ["--clients-per-step", str(clients_per_step)]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in out.stdout.splitlines():
+        if line.startswith("DDP_RESULT "):
+            seconds, acc = json.loads(line.split(" ", 1)[1])
+            return seconds, acc
+    raise RuntimeError(f"fed_ddp run failed:\n{out.stderr[-2000:]}")
+
+
 def average(states, weights):
     total = sum(weights)
     return {
@@ -186,6 +235,9 @@ def main() -> None:
     parser.add_argument("--workload", choices=["silo", "device", "both"], default="both")
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant; best time is kept")
     parser.add_argument("--skip-trainer-per-client", action="store_true")
+    parser.add_argument("--skip-ddp", action="store_true")
+    parser.add_argument("--ddp-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--clients-per-step", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import logging
@@ -193,6 +245,18 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     path, source = mnist_npz(tmp)
+    if args.ddp_child:
+        w = WORKLOADS[args.workload]
+        dm = FederatedDataModule(
+            "npz",
+            path=path,
+            num_clients=w.num_clients,
+            partition=w.partition,
+            test_fraction=0.0,
+            batch_size=w.batch_size,
+        )
+        run_ddp_child(w, dm, args.clients_per_step)
+        return
     print(
         f"# {time.strftime('%Y-%m-%d')}  {platform.processor() or platform.machine()}  "
         f"torch {torch.__version__}  lightning {pl.__version__}  threads {torch.get_num_threads()}"
@@ -226,6 +290,9 @@ def main() -> None:
         group = min(25, w.clients_per_round)
         label = f"pl_federated, vectorized, clients_per_step={group} (v)"
         variants.append((label, run_pl_federated, (group, True)))
+        if not args.skip_ddp:
+            label = f"pl_federated, fed_ddp 2 processes, clients_per_step={per_step} (d)"
+            variants.append((label, run_ddp, (per_step,)))
         if not args.skip_trainer_per_client:
             variants.append(("Trainer per client (c)", run_trainer_per_client, ()))
         results = {}

@@ -103,6 +103,7 @@ def main() -> None:
             results, start = [], time.perf_counter()
             for seed in args.seeds:
                 results.append(run(method, regime, seed, args.rounds, args.out))
+                print(f"# {regime} {method} seed {seed}: {results[-1]}", flush=True)
             seconds = (time.perf_counter() - start) / len(args.seeds)
             cols = [fmt([r[k] for r in results]) for k in ("f1", "acc", "worst", "retrogress")]
             lines.append(f"| {LABELS[method]} | " + " | ".join(cols) + f" | {seconds:.0f} |")
