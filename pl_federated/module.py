@@ -611,7 +611,10 @@ class FederatedModule(pl.LightningModule):
     def training_step(self, slot: list[int], slot_idx: int) -> None:
         if self.vectorize_clients:
             for group in group_by_samples(self, [int(c) for c in slot]):
-                train_group(self, group)
+                if len(group) == 1:  # nothing to vectorize: vmap would only add its overhead
+                    self.train_client(group[0])
+                else:
+                    train_group(self, group)
             return
         for client in slot:
             self.train_client(int(client))
