@@ -41,7 +41,9 @@ REGIMES = {"ample": 1000, "scarce": 150}  # max training images per client
 CURVES = ("fedavg", "fedbn", "pfa_det")
 
 
-def run(method: str, regime: str, seed: int, rounds: int, out: Path) -> dict[str, float]:
+def run(
+    method: str, regime: str, seed: int, rounds: int, out: Path, extra: tuple[str, ...] = ()
+) -> dict[str, float]:
     save_dir = out / "runs" / regime
     cli = cli_main(
         [
@@ -55,6 +57,7 @@ def run(method: str, regime: str, seed: int, rounds: int, out: Path) -> dict[str
             f"--trainer.logger.init_args.name={method}",
             f"--trainer.logger.init_args.version=seed{seed}",
             "--summary.print_tables=false",
+            *extra,
         ]
     )
     history = cli.model.history
@@ -87,6 +90,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "prr_digit_domains")
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="one more pl-federated override for every run (repeatable), e.g. "
+        "--extra=--data.partition.init_args.imbalance=50",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -102,7 +112,7 @@ def main() -> None:
         for method in args.methods:
             results, start = [], time.perf_counter()
             for seed in args.seeds:
-                results.append(run(method, regime, seed, args.rounds, args.out))
+                results.append(run(method, regime, seed, args.rounds, args.out, args.extra))
                 print(f"# {regime} {method} seed {seed}: {results[-1]}", flush=True)
             seconds = (time.perf_counter() - start) / len(args.seeds)
             cols = [fmt([r[k] for r in results]) for k in ("f1", "acc", "worst", "retrogress")]
