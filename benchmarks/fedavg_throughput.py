@@ -73,6 +73,18 @@ def mnist_npz(tmp: Path) -> tuple[str, str]:
     return str(path), "scikit-learn digits resized to 28x28 (1,797)"
 
 
+def workload_data(w: Workload, path: str) -> FederatedDataModule:
+    """The workload's clients over the .npz at ``path`` (no test split: training is timed)."""
+    return FederatedDataModule(
+        "npz",
+        path=path,
+        num_clients=w.num_clients,
+        partition=w.partition,
+        test_fraction=0.0,
+        batch_size=w.batch_size,
+    )
+
+
 def make_client(w: Workload) -> pl.LightningModule:
     torch.manual_seed(0)
     if w.model == "cnn":
@@ -247,14 +259,7 @@ def main() -> None:
     path, source = mnist_npz(tmp)
     if args.ddp_child:
         w = WORKLOADS[args.workload]
-        dm = FederatedDataModule(
-            "npz",
-            path=path,
-            num_clients=w.num_clients,
-            partition=w.partition,
-            test_fraction=0.0,
-            batch_size=w.batch_size,
-        )
+        dm = workload_data(w, path)
         run_ddp_child(w, dm, args.clients_per_step)
         return
     print(
@@ -267,14 +272,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name in names:
         w = WORKLOADS[name]
-        dm = FederatedDataModule(
-            "npz",
-            path=path,
-            num_clients=w.num_clients,
-            partition=w.partition,
-            test_fraction=0.0,
-            batch_size=w.batch_size,
-        )
+        dm = workload_data(w, path)
         dm.setup("fit")
         updates = w.rounds * w.clients_per_round
         per_step = 1 if name == "silo" else w.clients_per_round

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from pl_federated.store import SHARED_ROLE
+
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
@@ -143,8 +145,6 @@ def group_by_samples(fed: FederatedModule, clients: list[int]) -> list[list[int]
 def train_group(fed: FederatedModule, clients: list[int]) -> None:
     """The local updates of ``clients`` (equal sample counts) as one vectorized update, then
     the per-client end of the update (callbacks, upload, personal evaluation)."""
-    from pl_federated.store import SHARED_ROLE
-
     worker = fed.client
     device = fed.device
     lopt = fed._lightning_optimizers()[SHARED_ROLE]
