@@ -75,3 +75,14 @@ def test_unsupported_callbacks_and_the_stock_ddp_strategy_are_refused(tmp_path):
     assert out.returncode != 0 and "do not support `strategy: fed_ddp`" in out.stderr
     out = _launch(tmp_path / "b", "fedavg_prox", "--devices", "2", "--strategy", "ddp")
     assert out.returncode != 0 and "needs `strategy: fed_ddp`" in out.stderr
+
+
+def test_one_process_checkpoint_resumes_on_two_processes(tmp_path):
+    run("fedavg_prox", devices=1, rounds=2, out=tmp_path / "one")
+    after_two_rounds = next((tmp_path / "one" / "ckpt").glob("epoch=1-*.ckpt"))
+    out = _launch(tmp_path / "two", "fedavg_prox", "--resume", str(after_two_rounds))
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = torch.load(tmp_path / "two" / "result.pt", weights_only=False)
+    run("fedavg_prox", devices=1, rounds=3, out=tmp_path / "straight")
+    straight = torch.load(tmp_path / "straight" / "result.pt", weights_only=False)
+    _assert_same(straight, resumed)
