@@ -646,13 +646,17 @@ class FederatedModule(pl.LightningModule):
         if flat:
             self.store.put(f"optim/{role}", client, flat)
 
-    def load_received_state(self, client: int) -> None:
-        """Load into the shared worker what ``client`` holds right after receiving the server
-        state: the server's (or its own ``S_k``) entries, its own client-local keys."""
+    def received_state(self, client: int) -> Mapping[str, Tensor]:
+        """What ``client``'s shared model holds right after receiving the server state: the
+        server's (or its own ``S_k``) entries, its own client-local keys (views, no copy)."""
         incoming = self.incoming_state(client)
         if self.local_keys and self.store.has("local", client):
             incoming = {**incoming, **self.store.get("local", client)}
-        self.load_state(SHARED_ROLE, incoming)
+        return incoming
+
+    def load_received_state(self, client: int) -> None:
+        """Load :meth:`received_state` into the shared worker."""
+        self.load_state(SHARED_ROLE, self.received_state(client))
 
     def _load_client(self, client: int) -> None:
         """Load what ``client`` holds at the start of its update into the workers: the shared
@@ -745,14 +749,21 @@ class FederatedModule(pl.LightningModule):
                 self._save_optimizer(role, client)
         self._finish_client(client)
 
-    def _finish_client(self, client: int) -> None:
+    def _finish_client(
+        self,
+        client: int,
+        upload: Mapping[str, Tensor] | None = None,
+        finite: bool | None = None,
+    ) -> None:
         """The end of ``client``'s update, its trained state in the workers: ``on_client_end``
-        callbacks, persist the local state, upload (unless non-finite), personal evaluation."""
+        callbacks, persist the local state, upload (unless non-finite), personal evaluation.
+        Vectorized training passes the ``upload`` rows (and their ``finite`` check) directly
+        when nothing needs the state in the workers (see ``vectorized.train_group``)."""
         for cb in self._fed_callbacks:
             cb.on_client_end(self.trainer, self, client)
         self._save_client(client)
-        upload = self.worker_state(SHARED_ROLE)
-        if all_finite(upload.values()):
+        upload = self.worker_state(SHARED_ROLE) if upload is None else upload
+        if all_finite(upload.values()) if finite is None else finite:
             self.aggregator.update(self, client, upload, int(self.client_num_samples[client]))
         else:
             self.excluded.append(client)

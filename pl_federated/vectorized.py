@@ -145,18 +145,19 @@ def group_by_samples(fed: FederatedModule, clients: list[int]) -> list[list[int]
 def train_group(fed: FederatedModule, clients: list[int]) -> None:
     """The local updates of ``clients`` (equal sample counts) as one vectorized update, then
     the per-client end of the update (callbacks, upload, personal evaluation)."""
+    from pl_federated.module import _overrides
+
     worker = fed.client
     device = fed.device
     lopt = fed._lightning_optimizers()[SHARED_ROLE]
     names = {id(p): k for k, p in worker.named_parameters()}
-    rows: dict[str, list[Tensor]] = defaultdict(list)
-    for client in clients:
-        fed.load_received_state(client)
-        for k, v in fed.worker_state(SHARED_ROLE).items():
-            rows[k].append(v.clone())
+    received = [fed.received_state(c) for c in clients]
     param_keys = set(names.values())
     with torch.no_grad():
-        stacked = {k: torch.stack(v) for k, v in rows.items()}
+        stacked = {
+            k: torch.stack([r[k].to(device, v.dtype) for r in received])
+            for k, v in fed.worker_state(SHARED_ROLE).items()
+        }
     params = {k: v.requires_grad_() for k, v in stacked.items() if k in param_keys}
     buffers = {k: v for k, v in stacked.items() if k not in param_keys}
     opt = _stacked_optimizer(lopt.optimizer, names, params)
@@ -203,11 +204,28 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
         worker.log = saved_log
     fed._loss_sums[SHARED_ROLE] = fed._loss_sums.get(SHARED_ROLE, 0.0) + loss_sum
     fed._loss_counts[SHARED_ROLE] = fed._loss_counts.get(SHARED_ROLE, 0) + total * len(clients)
+    with torch.no_grad():  # one NaN/Inf check per tensor for all clients (see all_finite)
+        sums = [
+            t.reshape(len(clients), -1).sum(1, dtype=torch.float64)
+            for t in stacked.values()
+            if t.is_floating_point()
+        ]
+        finite = torch.stack(sums).isfinite().all(0)
+    # the workers need each client's state only for on_client_end, local keys, evaluation
+    needs_worker = (
+        fed._evaluate_now
+        or bool(fed.local_keys)
+        or any(_overrides(cb, "on_client_end") for cb in fed._fed_callbacks)
+    )
     for g, client in enumerate(clients):
         fed.current_client = client
-        fed.load_state(SHARED_ROLE, {k: v[g].detach() for k, v in stacked.items()})
         fed.round_local_steps[client] = total
-        fed._finish_client(client)
+        rows = {k: v[g].detach() for k, v in stacked.items()}
+        if needs_worker:
+            fed.load_state(SHARED_ROLE, rows)
+            fed._finish_client(client)
+        else:
+            fed._finish_client(client, upload=rows, finite=bool(finite[g]))
 
 
 def _step(fed: FederatedModule, opt: torch.optim.Optimizer, loss: Tensor) -> None:

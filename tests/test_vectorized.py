@@ -126,3 +126,24 @@ def test_vectorized_bf16_mixed_matches_sequential_bf16(trainer_factory):
     assert vec["train/loss"] < 2.2  # it learns
     assert vec["train/loss"] == pytest.approx(seq["train/loss"], abs=0.02)
     assert vec["global/acc"] == pytest.approx(seq["global/acc"], abs=0.05)
+
+
+class _NaNClientData(FederatedDataModule):
+    """Client 1's training inputs are NaN, so its update is non-finite."""
+
+    def client_train(self, client):
+        x, y = super().client_train(client)
+        return (torch.full_like(x, float("nan")), y) if client == 1 else (x, y)
+
+
+@pytest.mark.parametrize("eval_every", [0, 1])  # rows uploaded directly / through the worker
+def test_vectorized_excludes_a_non_finite_client(trainer_factory, eval_every):
+    data = _NaNClientData(
+        "digits", num_clients=4, partition=IID(), batch_size=16, max_train_samples=60
+    )
+    torch.manual_seed(0)
+    fed = federation(vectorize_clients=True, clients_per_step=4, eval_every_n_rounds=eval_every)
+    with pytest.warns(UserWarning, match="client 1's update has NaN"):
+        trainer_factory(rounds=1).fit(fed, data)
+    assert fed.excluded == [1] and fed.history[-1]["round/excluded_clients"] == 1.0
+    assert all(torch.isfinite(v).all() for v in fed.server_state.values())
