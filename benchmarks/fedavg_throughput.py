@@ -116,10 +116,9 @@ def evaluate(model, dm) -> float:
     return acc
 
 
-def run_pl_federated(
-    w: Workload, dm: FederatedDataModule, clients_per_step: int, vectorize: bool = False
-) -> tuple[float, float]:
-    fed = FederatedModule(
+def make_federation(w: Workload, clients_per_step: int, vectorize: bool = False) -> FederatedModule:
+    """The FedAvg federation every pl_federated variant times (evaluation off)."""
+    return FederatedModule(
         make_client(w),
         clients_per_round=w.clients_per_round,
         local_epochs=1,
@@ -127,6 +126,12 @@ def run_pl_federated(
         eval_every_n_rounds=0,
         vectorize_clients=vectorize,
     )
+
+
+def run_pl_federated(
+    w: Workload, dm: FederatedDataModule, clients_per_step: int, vectorize: bool = False
+) -> tuple[float, float]:
+    fed = make_federation(w, clients_per_step, vectorize)
     t0 = time.perf_counter()
     quiet_trainer(max_epochs=w.rounds, callbacks=[FedAvg()]).fit(fed, dm)
     seconds = time.perf_counter() - t0
@@ -147,13 +152,7 @@ class _TrainTimer(pl.Callback):
 def run_ddp_child(w: Workload, dm: FederatedDataModule, clients_per_step: int) -> None:
     """Rank side of variant (d): 2 CPU processes (gloo) under ``strategy: fed_ddp``; the
     launcher starts rank 1 by re-running this script. Rank 0 prints the result as JSON."""
-    fed = FederatedModule(
-        make_client(w),
-        clients_per_round=w.clients_per_round,
-        local_epochs=1,
-        clients_per_step=clients_per_step,
-        eval_every_n_rounds=0,
-    )
+    fed = make_federation(w, clients_per_step)
     timer = _TrainTimer()
     trainer = quiet_trainer(
         max_epochs=w.rounds, callbacks=[FedAvg(), timer], strategy="fed_ddp", devices=2
