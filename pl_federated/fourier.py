@@ -62,18 +62,24 @@ def _span(size: int, ratio: float, window: str) -> tuple[int, int]:
     return (max(c - b, 0), min(c + b + 1, size)) if b > 0 else (c, c)
 
 
-CHUNK_ELEMENTS = 2**24
+CHUNK_ELEMENTS = 2**22
 """Clients per FFT chunk are chosen so a chunk holds about this many weights: the complex128
-temporaries of one chunk then take a few hundred MiB, whatever the number of clients."""
+temporaries of one chunk then take about 0.3 GiB, whatever the number of clients."""
 
 
 def _mix_spectra(
-    matrix: Tensor, mask: Tensor, weights: Tensor, variant: str, dims: tuple[int, ...]
+    matrix: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    variant: str,
+    dims: tuple[int, ...],
+    out: Tensor | None = None,
 ) -> Tensor:
     """Inside ``mask``, replace the amplitude (and for ``amplitude_phase`` the phase) of each
     client's shifted FFT over ``dims`` of ``matrix`` ``[K, ...]`` by the ``weights``-weighted
     mean over clients, and transform back (in float64, chunk by chunk; the result has
-    ``matrix``'s dtype).
+    ``matrix``'s dtype) into ``out`` (a new tensor by default; ``out=matrix`` is safe: a chunk
+    is read before it is overwritten).
 
     Clients are processed in chunks (:data:`CHUNK_ELEMENTS`): one pass sums the weighted
     amplitudes (and phases), a second recomputes each chunk's spectrum and mixes it. One chunk
@@ -100,7 +106,7 @@ def _mix_spectra(
             phase = (wv * spec.angle()).sum(0, keepdim=True)
             mean_phase = phase if mean_phase is None else mean_phase + phase
         cached = spec if len(chunks) == 1 else None
-    out = torch.empty_like(matrix)
+    out = torch.empty_like(matrix) if out is None else out
     for part in chunks:
         spec = cached if cached is not None else spectrum(matrix[part].to(torch.float64))
         amp = torch.where(mask, mean_amp, spec.abs())
@@ -118,11 +124,13 @@ def fourier_mix_rows(
     ratio: float,
     variant: str = "amplitude",
     window: str = "reference",
+    inplace: bool = False,
 ) -> Tensor:
     """Class-wise PFA for a classifier weight ``[K, classes, features]``: each class row gets a
     1-D FFT over its features, and the low-frequency window (``ratio`` of the feature axis,
     same windows as :func:`window_mask`) of its amplitude (and phase) is replaced by the
-    clients' weighted mean of that same row. Rows never mix."""
+    clients' weighted mean of that same row. Rows never mix. ``inplace`` writes the result
+    into ``stacked``."""
     if variant not in VARIANTS:
         raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
     if window not in WINDOWS:
@@ -136,7 +144,7 @@ def fourier_mix_rows(
     lo, hi = _span(size, ratio, window)
     mask = torch.zeros(size, dtype=torch.bool, device=matrix.device)
     mask[lo:hi] = True
-    return _mix_spectra(matrix, mask, weights, variant, dims=(-1,))
+    return _mix_spectra(matrix, mask, weights, variant, (-1,), out=matrix if inplace else None)
 
 
 def fourier_mix(
@@ -145,6 +153,7 @@ def fourier_mix(
     ratio: float,
     variant: str = "amplitude",
     window: str = "reference",
+    inplace: bool = False,
 ) -> Tensor:
     """One personalized weight per client: the low frequencies of the amplitude (and phase)
     spectrum are replaced by their ``weights``-weighted mean over clients.
@@ -155,14 +164,23 @@ def fourier_mix(
         ratio: window size as a fraction of each matrix dimension.
         variant: ``"amplitude"`` (phase kept per client) or ``"amplitude_phase"``.
         window: ``"reference"`` or ``"symmetric"`` (see :func:`window_mask`).
+        inplace: write the result into ``stacked`` (which it returns): no second tensor of
+            its size, which matters for large layers of many clients (a conv weight still
+            goes through one permuted copy).
     """
     if variant not in VARIANTS:
         raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}.")
     matrix = to_matrix(stacked)
     rows, cols = matrix.shape[-2:]
     mask = window_mask(rows, cols, ratio, window).to(matrix.device)
-    out = _mix_spectra(matrix, mask, weights, variant, dims=(-2, -1))
-    return from_matrix(out, stacked.shape)
+    into = matrix if inplace else None
+    out = from_matrix(
+        _mix_spectra(matrix, mask, weights, variant, (-2, -1), out=into), stacked.shape
+    )
+    if inplace and out.data_ptr() != stacked.data_ptr():
+        stacked.copy_(out)
+        return stacked
+    return out
 
 
 def progressive_ratio(round: int, rounds: int, r0: float, r1: float) -> float:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from pl_federated.store import SHARED_ROLE
+from pl_federated.store import SHARED_ROLE, finite_rows
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -204,13 +204,7 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
         worker.log = saved_log
     fed._loss_sums[SHARED_ROLE] = fed._loss_sums.get(SHARED_ROLE, 0.0) + loss_sum
     fed._loss_counts[SHARED_ROLE] = fed._loss_counts.get(SHARED_ROLE, 0) + total * len(clients)
-    with torch.no_grad():  # one NaN/Inf check per tensor for all clients (see all_finite)
-        sums = [
-            t.reshape(len(clients), -1).sum(1, dtype=torch.float64)
-            for t in stacked.values()
-            if t.is_floating_point()
-        ]
-        finite = torch.stack(sums).isfinite().all(0)
+    finite = finite_rows(stacked.values(), len(clients))  # one check for all clients
     # the workers need each client's state only for on_client_end, local keys, evaluation
     needs_worker = (
         fed._evaluate_now

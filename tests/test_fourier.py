@@ -180,3 +180,80 @@ def test_fourier_mix_in_client_chunks_equals_one_chunk(variant, monkeypatch):
     )
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 2 * 10 * 12])
+def test_fourier_mix_inplace_writes_the_same_result_into_the_input(chunk, monkeypatch):
+    """``inplace`` (PFA's memory saver) overwrites the stacked input with exactly the result
+    of the out-of-place call, with one chunk and with chunks of 2 clients."""
+    if chunk is not None:
+        monkeypatch.setattr(fourier, "CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(1)
+    linear = torch.randn(5, 10, 12, generator=gen)
+    conv = torch.randn(5, 4, 3, 3, 3, generator=gen)
+    weights = torch.rand(5, generator=gen) + 0.1
+    for stacked, mix in (
+        (linear, fourier.fourier_mix),
+        (conv, fourier.fourier_mix),
+        (linear, fourier.fourier_mix_rows),
+    ):
+        expected = mix(stacked, weights, 0.6, "amplitude_phase")
+        target = stacked.clone()
+        result = mix(target, weights, 0.6, "amplitude_phase", inplace=True)
+        assert result.data_ptr() == target.data_ptr()
+        torch.testing.assert_close(target, expected, atol=0, rtol=0)
+
+
+def test_pfa_aggregator_mixes_the_uploads_in_client_order_and_skips_missing_clients():
+    """The aggregator's preallocated upload rows give, per client, exactly ``fourier_mix`` of
+    the uploads sorted by client; BN stays local, biases are averaged, a selected client
+    that did not upload (excluded for NaN) gets no row; the global state is the mean."""
+    from types import SimpleNamespace
+
+    from pl_federated.callbacks import ProgressiveFourierAggregation
+    from pl_federated.store import ClientStore
+
+    gen = torch.Generator().manual_seed(2)
+    uploads = {
+        c: {
+            "conv.weight": torch.randn(4, 2, 3, 3, generator=gen),
+            "fc.weight": torch.randn(6, 8, generator=gen),
+            "fc.bias": torch.randn(6, generator=gen),
+            "bn.running_mean": torch.randn(4, generator=gen),
+        }
+        for c in range(5)
+    }
+    like = {k: torch.zeros_like(v) for k, v in uploads[0].items()}
+    logged = {}
+    fed = SimpleNamespace(
+        selected_clients=[3, 0, 2, 1],
+        world_size=1,
+        client_num_samples=torch.tensor([10, 20, 30, 40, 50]),
+        store=ClientStore(5),
+        local_keys={"bn.running_mean"},
+        current_round=0,
+        trainer=SimpleNamespace(max_epochs=4),
+        log_round=logged.update,
+    )
+    pfa = ProgressiveFourierAggregation(weighting="samples")
+    pfa.reset(fed)
+    for c in (3, 0, 1):  # client 2 was excluded
+        pfa.update(fed, c, uploads[c], int(fed.client_num_samples[c]))
+    with pytest.raises(RuntimeError, match="not selected"):
+        pfa.update(fed, 4, uploads[4], 50)
+    average = pfa.aggregate(fed, like)
+    clients = [0, 1, 3]
+    weights = fed.client_num_samples[clients].double()
+    server = fed.store.stacked("server")
+    for key in ("conv.weight", "fc.weight"):
+        stacked = torch.stack([uploads[c][key] for c in clients])
+        torch.testing.assert_close(server[key][clients], fourier_mix(stacked, weights, 0.7))
+    w = (weights / weights.sum()).float()
+    for key in like:
+        mean = sum(wi * uploads[c][key] for wi, c in zip(w, clients, strict=True))
+        torch.testing.assert_close(average[key], mean)
+    torch.testing.assert_close(server["fc.bias"][clients], average["fc.bias"].expand(3, 6))
+    for c in clients:
+        torch.testing.assert_close(server["bn.running_mean"][c], uploads[c]["bn.running_mean"])
+    assert not fed.store.has("server", 2) and fed.store.has("server", 3)
+    assert logged == {"pfa/ratio": pytest.approx(0.7)}

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pl_federated.store import ClientStore, all_finite, float_keys
+from pl_federated.store import ClientStore, all_finite, finite_rows, float_keys
 
 
 def test_roles_allocate_lazily_and_round_trip_exactly():
@@ -76,6 +76,19 @@ def test_finite_helpers():
     assert all_finite(state.values())
     assert not all_finite([torch.tensor([1.0, float("nan")])])
     assert not all_finite([torch.tensor([float("inf")])])
+    big = torch.tensor([3e38, 3e38, -1.0])  # finite, but its float32 sum overflows
+    assert all_finite([big, torch.zeros(0), torch.tensor(1.0)])
+    assert not all_finite([big, torch.tensor([float("-inf"), float("inf")])])
+
+
+def test_finite_rows_per_client_row() -> None:
+    a = torch.ones(4, 3, 2)
+    b = torch.ones(4, 5, dtype=torch.float16)
+    a[1, 2, 0] = float("nan")
+    a[2] = 3e38  # finite; the row's float32 sum overflows and is re-checked exactly
+    b[3, 1] = float("inf")
+    ints = torch.zeros(4, 2, dtype=torch.long)
+    assert finite_rows([a, b, ints], 4).tolist() == [True, False, True, False]
 
 
 def test_half_precision_store_keeps_integers_exact():
@@ -144,3 +157,15 @@ def test_memory_mapped_store_releases_resident_pages_and_keeps_data(tmp_path):
     ram.put("model", 0, {"w": row})
     ram.release_memory()  # no-op in RAM
     assert torch.equal(ram.get("model", 0)["w"], row)
+
+
+def test_put_rows_writes_a_subset_of_entries() -> None:
+    store = ClientStore(num_clients=4)
+    store.allocate("server", {"w": torch.zeros(2), "b": torch.zeros(1)})
+    store.put_rows("server", [3, 1], {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])})
+    assert store.get("server", 3)["w"].tolist() == [1.0, 2.0]
+    assert store.get("server", 1)["w"].tolist() == [3.0, 4.0]
+    assert store.get("server", 1)["b"].tolist() == [0.0]  # not given: kept
+    assert store.has("server", 1) and not store.has("server", 0)
+    with pytest.raises(ValueError, match="keys"):
+        store.put_rows("server", [0], {"other": torch.zeros(1, 2)})
