@@ -42,7 +42,8 @@ class FederatedDataModule(pl.LightningDataModule):
             only): the unlabeled public data of FedMD-style distillation.
         global_test_fraction: share of the whole dataset held out (seeded, before
             partitioning) as a global test set no client owns; when > 0, ``global/acc`` and
-            ``global/f1`` are measured on it (else on the pooled client test splits).
+            ``global/f1`` are measured on it (else on the pooled client test splits). For
+            datasets with domains, ``global_test_domains`` holds each sample's domain.
         stratified: split each client's train/val/test per class (each class contributes
             ``round(n_c * fraction)`` samples, where its count allows), instead of one random
             cut of the client's shuffled samples.
@@ -133,7 +134,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.input_shape = tuple(x.shape[1:])
         self.domain_names = loaded.domain_names
         domains = loaded.domains.numpy() if loaded.domains is not None else None
-        held, total = {}, len(y)
+        held, held_domains, total = {}, {}, len(y)
         for name, fraction, offset in (
             ("public", self.public_fraction, 2),
             ("global_test", self.global_test_fraction, 4),
@@ -144,12 +145,19 @@ class FederatedDataModule(pl.LightningDataModule):
                 n_out = max(1, round(total * fraction))
                 out, keep = np.sort(perm[:n_out]), np.sort(perm[n_out:])
                 held[name] = (x[out], y[out])
+                held_domains[name] = domains[out] if domains is not None else None
             else:
                 held[name] = (x[:0], y[:0])
+                held_domains[name] = domains[:0] if domains is not None else None
             x, y = x[keep], y[keep]
             domains = domains[keep] if domains is not None else None
         self.public_x, self.public_y = held["public"]
         self.global_test_x, self.global_test_y = held["global_test"]
+        # which domain each global test sample comes from (feature-shift datasets), so a
+        # domain's clients can be scored on that domain's held-out, unpartitioned samples
+        self.global_test_domains = (
+            torch.from_numpy(held_domains["global_test"]) if domains is not None else None
+        )
         self.split: Partition = self.partition(
             y.numpy(), self.num_clients, seed=self.seed, domains=domains
         )
