@@ -2,22 +2,26 @@
 
 For every regime, method and seed it runs `pl-federated fit` in-process and records the final
 round's personalized macro-F1/accuracy (mean over clients), the worst client's accuracy and
-the mean retrogress (macro-F1 drop at receipt, averaged over clients and rounds >= 1). Writes
+the retrogress (macro-F1 drop at receipt): mean over clients and all receipts, the first
+receipt's mean and the largest single drop. Writes
 a Markdown table (mean ± std over seeds) to stdout and to --out, and copies the retrogress
 curves of FedAvg, FedBN and PFA+DET (first seed) next to it.
 
   .venv/bin/python scripts/prr_digit_domains.py --regimes scarce ample --seeds 0 1 2
+  .venv/bin/python scripts/prr_digit_domains.py --from-runs outputs/prr_digit_domains  # re-tabulate
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import shutil
 import statistics
-import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pl_federated.cli import cli_main
 
@@ -60,19 +64,39 @@ def run(
             *extra,
         ]
     )
-    history = cli.model.history
-    last = history[-1]
-    drops = [h["retrogress/mean"] for h in history[1:] if "retrogress/mean" in h]
     if seed == 0 and method in CURVES:
         src = save_dir / method / f"seed{seed}" / "retrogress.png"
         if src.is_file():
             shutil.copy(src, out / f"retrogress_{regime}_{method}.png")
+    return summarize(cli.model.history)
+
+
+def summarize(history: list[Mapping[str, Any]]) -> dict[str, float]:
+    """The table's numbers from a run's per-round history (``fed.history`` or the rows of the
+    CSVLogger's ``metrics.csv``). Retrogress counts every receipt, the first one included
+    (round 0's aggregate, after the clients' first local training)."""
+
+    def values(key: str) -> list[float]:
+        found = [h.get(key) for h in history]
+        return [float(v) for v in found if v not in (None, "")]
+
+    nan = float("nan")
+    drops, largest = values("retrogress/mean"), values("retrogress/max")
     return {
-        "f1": last["personal/f1_mean"],
-        "acc": last["personal/acc_mean"],
-        "worst": last["personal/acc_min"],
-        "retrogress": statistics.fmean(drops) if drops else float("nan"),
+        "f1": values("personal/f1_mean")[-1],
+        "acc": values("personal/acc_mean")[-1],
+        "worst": values("personal/acc_min")[-1],
+        "retrogress": statistics.fmean(drops) if drops else nan,
+        "first": drops[0] if drops else nan,
+        "largest": max(largest) if largest else nan,
+        "seconds": sum(values("round/seconds")),
     }
+
+
+def read_history(run_dir: Path) -> list[dict[str, str]]:
+    """A finished run's per-round history from its CSVLogger ``metrics.csv``."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("personal/f1_mean", "") != ""]
 
 
 def fmt(values: list[float]) -> str:
@@ -97,6 +121,14 @@ def main() -> None:
         help="one more pl-federated override for every run (repeatable), e.g. "
         "--extra=--data.partition.init_args.imbalance=50",
     )
+    parser.add_argument(
+        "--from-runs",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="train nothing: tabulate finished runs (--rounds rounds) from their metrics.csv, "
+        "looked up as DIR/runs/<regime>/<method>/seed<n> in each DIR given (first match wins)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -106,16 +138,32 @@ def main() -> None:
         lines += [
             f"\n### {regime} data (at most {REGIMES[regime]} training images per client), "
             f"{args.rounds} rounds, seeds {args.seeds}\n",
-            "| method | personal macro-F1 | personal acc | worst client acc | mean retrogress (F1) | seconds/run |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| method | personal macro-F1 | personal acc | worst client acc | mean retrogress "
+            "(F1, all receipts) | first receipt | largest drop | training s/run |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for method in args.methods:
-            results, start = [], time.perf_counter()
+            results = []
             for seed in args.seeds:
-                results.append(run(method, regime, seed, args.rounds, args.out, args.extra))
+                if args.from_runs is None:
+                    results.append(run(method, regime, seed, args.rounds, args.out, args.extra))
+                else:
+                    histories = [
+                        read_history(d / "runs" / regime / method / f"seed{seed}")
+                        for d in args.from_runs
+                        if (d / "runs" / regime / method / f"seed{seed}" / "metrics.csv").is_file()
+                    ]
+                    complete = [h for h in histories if len(h) == args.rounds]
+                    if not complete:
+                        print(f"# {regime} {method} seed {seed}: no finished run", flush=True)
+                        continue
+                    results.append(summarize(complete[0]))
                 print(f"# {regime} {method} seed {seed}: {results[-1]}", flush=True)
-            seconds = (time.perf_counter() - start) / len(args.seeds)
-            cols = [fmt([r[k] for r in results]) for k in ("f1", "acc", "worst", "retrogress")]
+            if not results:
+                continue
+            keys = ("f1", "acc", "worst", "retrogress", "first", "largest")
+            cols = [fmt([r[k] for r in results]) for k in keys]
+            seconds = statistics.fmean(r["seconds"] for r in results)
             lines.append(f"| {LABELS[method]} | " + " | ".join(cols) + f" | {seconds:.0f} |")
             print(lines[-1], flush=True)
     table = "\n".join(lines)
