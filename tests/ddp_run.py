@@ -24,6 +24,7 @@ from pl_federated.callbacks import (
     FedBN,
     FedProx,
     ProgressiveFourierAggregation,
+    RetrogressMonitor,
 )
 from pl_federated.data import Dirichlet
 from pl_federated.models import CNNClassifier, MLPClassifier
@@ -44,7 +45,11 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
         return client, [FedAvg(weighting="uniform"), SCAFFOLD()], dict(local_steps=3)
     if algo == "pfa_det":
         client = MLPClassifier(hidden=(32,), lr=0.05)
-        callbacks = [ProgressiveFourierAggregation(), DeputyEnhancedTransfer(split="train")]
+        callbacks = [
+            ProgressiveFourierAggregation(),
+            DeputyEnhancedTransfer(split="train"),
+            RetrogressMonitor(split="train", per_epoch=True, plot=False),
+        ]
         return client, callbacks, dict(local_epochs=3)
     raise ValueError(algo)
 
@@ -83,6 +88,9 @@ def run(
             "history": [{k: v for k, v in h.items() if k != "round/seconds"} for h in fed.history],
             "client_metrics": fed.client_metrics,
             "global_step": trainer.global_step,
+            "retrogress": [
+                (cb.history, cb.curve) for cb in callbacks if isinstance(cb, RetrogressMonitor)
+            ],
         }
         torch.save(result, out / "result.pt")
     return fed

@@ -36,6 +36,15 @@ def _assert_same(one: dict, two: dict) -> None:
             assert b[key] == pytest.approx(a[key], abs=1e-6), key
     for name, values in one["client_metrics"].items():
         torch.testing.assert_close(two["client_metrics"][name], values, atol=1e-6, rtol=0)
+    # RetrogressMonitor: every client's before/after scores and per-epoch curve, in order
+    assert len(one["retrogress"]) == len(two["retrogress"])
+    for (hist_one, curve_one), (hist_two, curve_two) in zip(
+        one["retrogress"], two["retrogress"], strict=True
+    ):
+        assert [h[:2] for h in hist_one] == [h[:2] for h in hist_two] and len(hist_one) > 0
+        assert [c[:3] for c in curve_one] == [c[:3] for c in curve_two] and len(curve_one) > 0
+        for a, b in zip(hist_one + curve_one, hist_two + curve_two, strict=True):
+            assert b[-2:] == pytest.approx(a[-2:], abs=1e-6)
 
 
 def _last_store(root: Path) -> dict:

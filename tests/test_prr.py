@@ -83,6 +83,7 @@ class FakeFed:
         self.excluded = []
         self.logged = {}
         self.current_round = 0
+        self.world_size = 1
         self.personal_role = "model"
 
     def score(self, role, client, split, metric):

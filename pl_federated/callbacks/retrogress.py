@@ -39,6 +39,8 @@ class RetrogressMonitor(FederatedCallback):
         plot: write/log the curve figure at the end of fit (needs ``per_epoch``).
     """
 
+    supports_distributed = True  # each rank scores its own clients; on_round_end merges
+
     def __init__(
         self, metric: str = "f1", split: str = "val", per_epoch: bool = False, plot: bool = True
     ) -> None:
@@ -68,6 +70,7 @@ class RetrogressMonitor(FederatedCallback):
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
         self._before: dict[int, float] = {}
         self._epochs: dict[int, int] = {}
+        self._round_curve: list[tuple[int, int, int, float]] = []
 
     @override
     def on_local_epoch_start(
@@ -75,7 +78,7 @@ class RetrogressMonitor(FederatedCallback):
     ) -> None:
         if self.per_epoch:
             score = self._score(fed, fed.evaluated_role(client), client)
-            self.curve.append((fed.current_round, client, epoch, score))
+            self._round_curve.append((fed.current_round, client, epoch, score))
             self._epochs[client] = epoch + 1
 
     @override
@@ -83,19 +86,28 @@ class RetrogressMonitor(FederatedCallback):
         self._before[client] = self._score(fed, SHARED_ROLE, client)
         if self.per_epoch:
             score = self._score(fed, fed.evaluated_role(client), client)
-            self.curve.append((fed.current_round, client, self._epochs.get(client, 0), score))
+            self._round_curve.append(
+                (fed.current_round, client, self._epochs.get(client, 0), score)
+            )
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        drops = {}
+        history = []
         for client, before in self._before.items():
             if client in fed.excluded:
                 continue
             fed.load_received_state(client)
-            after = self._score(fed, SHARED_ROLE, client)
-            drops[client] = before - after
-            self.history.append((round, client, before, after))
-        if drops:
+            history.append((round, client, before, self._score(fed, SHARED_ROLE, client)))
+        curve = self._round_curve
+        if fed.world_size > 1:  # under fed_ddp every rank scored its own clients: merge
+            parts = fed.all_gather_objects((history, curve))
+            history = [h for part in parts for h in part[0]]
+            curve = [c for part in parts for c in part[1]]
+        # client order, whatever the number of ranks (and the training order) was
+        self.history += sorted(history, key=lambda h: h[1])
+        self.curve += sorted(curve, key=lambda c: (c[1], c[2]))
+        if history:
+            drops = {client: before - after for _, client, before, after in sorted(history)}
             values = torch.tensor(list(drops.values()))
             metrics = {"retrogress/mean": values.mean(), "retrogress/max": values.max()}
             metrics.update({f"retrogress/client_{k}": v for k, v in drops.items()})
