@@ -153,15 +153,22 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
     names = {id(p): k for k, p in worker.named_parameters()}
     received = [fed.received_state(c) for c in clients]
     param_keys = set(names.values())
+    # Stacked state [G, *shape] per entry; a parameter matrix is stored transposed, [G, in,
+    # out], and the model sees a transposed view: the weight gradient of vmap's linear layer
+    # then comes out in the stored layout, where the usual one costs a transposed copy of
+    # every matrix's gradient at every step.
+    like = fed.worker_state(SHARED_ROLE)
+    flipped = {k for k, v in like.items() if k in param_keys and v.ndim == 2}
     with torch.no_grad():
-        stacked = {
-            k: torch.stack([r[k].to(device, v.dtype) for r in received])
-            for k, v in fed.worker_state(SHARED_ROLE).items()
+        stored = {
+            k: torch.stack([r[k].to(device, v.dtype) for r in received]) for k, v in like.items()
         }
-    params = {k: v.requires_grad_() for k, v in stacked.items() if k in param_keys}
-    buffers = {k: v for k, v in stacked.items() if k not in param_keys}
-    opt = _stacked_optimizer(lopt.optimizer, names, params)
-    state = {f"worker.{k}": v for k, v in {**params, **buffers}.items()}
+        stored.update({k: stored[k].transpose(1, 2).contiguous() for k in flipped})
+    leaves = {k: v.requires_grad_() for k, v in stored.items() if k in param_keys}
+    opt = _stacked_optimizer(lopt.optimizer, names, leaves)
+
+    def model_state() -> dict[str, Tensor]:  # transposed views taken in grad mode, per step
+        return {f"worker.{k}": v.transpose(1, 2) if k in flipped else v for k, v in stored.items()}
 
     data = [fed.datamodule.client_train(c) for c in clients]
     n, bs = len(data[0][1]), fed.datamodule.batch_size
@@ -193,7 +200,7 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
                     xb = torch.stack([torch.stack([transform(s) for s in row]) for row in xb])
                 xb = xb.to(device, non_blocking=True)
                 yb = yb.to(device, non_blocking=True)
-                losses = batched_loss(state, xb, yb, i)
+                losses = batched_loss(model_state(), xb, yb, i)
                 loss_sum += losses.detach().sum()
                 _step(fed, opt, losses.sum())
                 for _ in clients:  # Lightning's step counters: one step per client step
@@ -204,7 +211,8 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
         worker.log = saved_log
     fed._loss_sums[SHARED_ROLE] = fed._loss_sums.get(SHARED_ROLE, 0.0) + loss_sum
     fed._loss_counts[SHARED_ROLE] = fed._loss_counts.get(SHARED_ROLE, 0) + total * len(clients)
-    finite = finite_rows(stacked.values(), len(clients))  # one check for all clients
+    stacked = {k: v.detach().transpose(1, 2) if k in flipped else v for k, v in stored.items()}
+    finite = finite_rows(stored.values(), len(clients))  # one check for all clients, any layout
     # the workers need each client's state only for on_client_end, local keys, evaluation
     needs_worker = (
         fed._evaluate_now
