@@ -147,3 +147,39 @@ def test_vectorized_excludes_a_non_finite_client(trainer_factory, eval_every):
         trainer_factory(rounds=1).fit(fed, data)
     assert fed.excluded == [1] and fed.history[-1]["round/excluded_clients"] == 1.0
     assert all(torch.isfinite(v).all() for v in fed.server_state.values())
+
+
+class _RawMatrixClassifier(MLPClassifier):
+    """Uses a raw parameter matrix as ``x @ W`` (not ``F.linear``) and ``W.sum()`` in its loss,
+    so the transposed storage of matrices inside a vectorized group is checked beyond
+    linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=(16,), lr=0.05, momentum=0.9)
+        self.mix = torch.nn.Parameter(torch.randn(10, 10) * 0.1)
+
+    def forward(self, x):
+        return super().forward(x) @ self.mix
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        return loss + 1e-3 * self.mix.sum() ** 2
+
+
+def test_vectorized_raw_parameter_matrix_equals_sequential(trainer_factory):
+    runs = [
+        _fit(
+            trainer_factory,
+            _RawMatrixClassifier,
+            _equal_clients,
+            lambda: [FedAvg()],
+            v,
+            clients_per_step=4,
+        )
+        for v in (False, True)
+    ]
+    _assert_same(*runs)
+    torch.manual_seed(0)
+    initial = _RawMatrixClassifier().mix.detach()  # what _fit built: the matrix was trained
+    assert (runs[1][0].server_state["mix"] - initial).abs().max() > 1e-4
