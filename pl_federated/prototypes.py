@@ -47,14 +47,21 @@ class PrototypeBank:
         self._sums.index_add_(0, targets, features)
         self._n += torch.bincount(targets, minlength=self.num_classes).float()
 
-    def finish_client(self, client: int) -> None:
-        """Store ``client``'s prototypes (sums / counts) and counts; no-op without samples."""
+    def finish_client(self, client: int) -> bool:
+        """Store ``client``'s prototypes (sums / counts) and counts; no-op without samples.
+        Returns whether something was stored."""
         if self._sums is None:
-            return
+            return False
+        self.put(client, self._sums / self._n.clamp_min(1).unsqueeze(1), self._n)
+        return True
+
+    def put(self, client: int, prototypes: Tensor, counts: Tensor) -> None:
+        """Set ``client``'s prototypes ``[C, D]`` and per-class sample counts ``[C]`` (e.g.
+        another process's client under ``fed_ddp``)."""
         if self.local is None:
-            self.local = torch.zeros(self.num_clients, *self._sums.shape)
-        self.local[client] = self._sums / self._n.clamp_min(1).unsqueeze(1)
-        self.counts[client] = self._n
+            self.local = torch.zeros(self.num_clients, *prototypes.shape)
+        self.local[client] = prototypes
+        self.counts[client] = counts
 
     @property
     def local_present(self) -> Tensor:

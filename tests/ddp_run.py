@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pl_federated import FederatedDataModule, FederatedModule
 from pl_federated.callbacks import (
+    ConjointPrototypeAlignment,
     DeputyEnhancedTransfer,
     FedAvg,
     FedBN,
@@ -49,6 +50,14 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
             ProgressiveFourierAggregation(),
             DeputyEnhancedTransfer(split="train"),
             RetrogressMonitor(split="train", per_epoch=True, plot=False),
+        ]
+        return client, callbacks, dict(local_epochs=3)
+    if algo == "pfa_det_cpa":
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        callbacks = [
+            ProgressiveFourierAggregation(),
+            DeputyEnhancedTransfer(split="train"),
+            ConjointPrototypeAlignment(warmup_rounds=1),
         ]
         return client, callbacks, dict(local_epochs=3)
     raise ValueError(algo)
@@ -88,6 +97,9 @@ def run(
             "history": [{k: v for k, v in h.items() if k != "round/seconds"} for h in fed.history],
             "client_metrics": fed.client_metrics,
             "global_step": trainer.global_step,
+            "prototypes": [
+                cb.bank.global_ for cb in callbacks if isinstance(cb, ConjointPrototypeAlignment)
+            ],
             "retrogress": [
                 (cb.history, cb.curve) for cb in callbacks if isinstance(cb, RetrogressMonitor)
             ],

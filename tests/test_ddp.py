@@ -36,6 +36,8 @@ def _assert_same(one: dict, two: dict) -> None:
             assert b[key] == pytest.approx(a[key], abs=1e-6), key
     for name, values in one["client_metrics"].items():
         torch.testing.assert_close(two["client_metrics"][name], values, atol=1e-6, rtol=0)
+    for a, b in zip(one["prototypes"], two["prototypes"], strict=True):  # CPA's global ones
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
     # RetrogressMonitor: every client's before/after scores and per-epoch curve, in order
     assert len(one["retrogress"]) == len(two["retrogress"])
     for (hist_one, curve_one), (hist_two, curve_two) in zip(
@@ -52,7 +54,7 @@ def _last_store(root: Path) -> dict:
     return torch.load(ckpt, weights_only=False)["federated"]["store"]
 
 
-@pytest.mark.parametrize("algo", ["fedavg_prox", "fedbn", "pfa_det"])
+@pytest.mark.parametrize("algo", ["fedavg_prox", "fedbn", "pfa_det", "pfa_det_cpa"])
 def test_two_processes_equal_one_process(algo, tmp_path):
     two = _two_processes(tmp_path / "two", algo)
     run(algo, devices=1, rounds=3, out=tmp_path / "one")
@@ -65,8 +67,10 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         assert torch.equal(store_one["written"][role], store_two["written"][role]), role
         for name, t in tensors.items():
             torch.testing.assert_close(store_two["roles"][role][name], t, atol=1e-6, rtol=1e-5)
-    if algo == "pfa_det":
+    if algo.startswith("pfa_det"):
         assert store_one["written"]["personal"].sum() >= 4  # clients of both ranks
+    if algo == "pfa_det_cpa":  # prototypes of both ranks' clients were averaged
+        assert one["prototypes"][0] is not None and one["history"][-1]["cpa/global_classes"] > 0
 
 
 def test_two_process_checkpoint_resumes_on_one_process(tmp_path):

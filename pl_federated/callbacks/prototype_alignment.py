@@ -42,6 +42,8 @@ class ConjointPrototypeAlignment(FederatedCallback):
         noise_std: std of the Gaussian perturbation of global prototypes (0 = none).
     """
 
+    supports_distributed = True  # ranks exchange their clients' new prototypes each round
+
     def __init__(
         self, beta: float = 0.8, tau: float = 3.0, warmup_rounds: int = 15, noise_std: float = 0.0
     ) -> None:
@@ -79,6 +81,10 @@ class ConjointPrototypeAlignment(FederatedCallback):
         return gamma.to(targets.device)[targets]
 
     @override
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        self._uploaded: list[int] = []  # this rank's clients that stored prototypes this round
+
+    @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         self.bank.start_client()
 
@@ -97,10 +103,17 @@ class ConjointPrototypeAlignment(FederatedCallback):
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        self.bank.finish_client(client)
+        if self.bank.finish_client(client):
+            self._uploaded.append(client)
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        if fed.world_size > 1:  # every rank gets every rank's new prototypes, then averages
+            bank = self.bank
+            mine = {c: (bank.local[c].clone(), bank.counts[c].clone()) for c in self._uploaded}
+            for part in fed.all_gather_objects(mine):
+                for client, (prototypes, counts) in part.items():
+                    bank.put(client, prototypes, counts)
         if self.bank.local is None:
             return
         generator = torch.Generator().manual_seed(fed._seed_for(round, 7919))
