@@ -21,6 +21,7 @@ from pl_federated import FederatedDataModule, FederatedModule
 from pl_federated.callbacks import (
     ConjointPrototypeAlignment,
     DeputyEnhancedTransfer,
+    FedAdam,
     FedAvg,
     FedBN,
     FedProx,
@@ -52,6 +53,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
             RetrogressMonitor(split="train", per_epoch=True, plot=False),
         ]
         return client, callbacks, dict(local_epochs=3)
+    if algo == "fedadam":
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedAdam(server_lr=0.01)], dict(local_steps=3)
     if algo == "pfa_det_cpa":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         callbacks = [

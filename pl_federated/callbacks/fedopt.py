@@ -31,7 +31,8 @@ class ServerOptimizer(FedAvg):
         over, weighting, ignore_clients: as :class:`FedAvg` (how ``avg`` is formed).
     """
 
-    supports_distributed = False  # not yet verified under fed_ddp
+    supports_distributed = True  # FedAvg's average is summed over ranks; then every rank
+    # takes the same deterministic server step, so the optimizer states stay identical
 
     def __init__(
         self,
@@ -61,9 +62,9 @@ class ServerOptimizer(FedAvg):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        if self._sum.count == 0:
-            return super().aggregate(fed, server_state)
-        avg = super().aggregate(fed, server_state)
+        avg = super().aggregate(fed, server_state)  # sums over ranks under fed_ddp first
+        if self._sum.count == 0:  # nobody uploaded (on any rank): no server step
+            return avg
         params = {n for n, _ in fed.client.named_parameters()}
         out = dict(avg)
         for name in params & avg.keys():
