@@ -24,6 +24,7 @@ from pl_federated.callbacks import (
     FedAdam,
     FedAvg,
     FedBN,
+    FedNova,
     FedProx,
     ProgressiveFourierAggregation,
     RetrogressMonitor,
@@ -53,6 +54,11 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
             RetrogressMonitor(split="train", per_epoch=True, plot=False),
         ]
         return client, callbacks, dict(local_epochs=3)
+    if algo == "fednova":  # unequal clients: unequal local steps, normalized
+        client = CNNClassifier(
+            image_size=8, channels=(4, 8), hidden=16, batch_norm=True, lr=0.05, momentum=0.9
+        )
+        return client, [FedNova()], dict(local_epochs=1)
     if algo == "fedadam":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedAdam(server_lr=0.01)], dict(local_steps=3)

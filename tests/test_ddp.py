@@ -54,7 +54,9 @@ def _last_store(root: Path) -> dict:
     return torch.load(ckpt, weights_only=False)["federated"]["store"]
 
 
-@pytest.mark.parametrize("algo", ["fedavg_prox", "fedbn", "fedadam", "pfa_det", "pfa_det_cpa"])
+@pytest.mark.parametrize(
+    "algo", ["fedavg_prox", "fedbn", "fedadam", "fednova", "pfa_det", "pfa_det_cpa"]
+)
 def test_two_processes_equal_one_process(algo, tmp_path):
     two = _two_processes(tmp_path / "two", algo)
     run(algo, devices=1, rounds=3, out=tmp_path / "one")

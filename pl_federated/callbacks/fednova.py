@@ -35,6 +35,8 @@ class FedNova(Aggregator):
     Buffers (BN statistics) are sample-weighted averages.
     """
 
+    supports_distributed = True  # its sums are reduced over ranks before the step
+
     @override
     def reset(self, fed: FederatedModule) -> None:
         self._params = {n for n, _ in fed.client.named_parameters()}
@@ -66,6 +68,8 @@ class FedNova(Aggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
+        if fed.world_size > 1:
+            self._sync(fed, server_state)
         if self._d is None:
             rank_zero_warn("FedNova: no finite upload; server state unchanged.")
             return {k: t.clone() for k, t in server_state.items()}
@@ -80,3 +84,21 @@ class FedNova(Aggregator):
             out.setdefault(k, t.clone())
         fed.log_round({"fednova/tau_eff": tau_eff})
         return out
+
+    def _sync(self, fed: FederatedModule, server_state: Mapping[str, Tensor]) -> None:
+        """Sum the normalized updates, step and sample totals and the buffers' weighted sums
+        over ranks (a rank whose clients uploaded nothing joins with zeros)."""
+        strategy = fed.trainer.strategy
+        if self._d is None:
+            self._d = {
+                k: torch.zeros_like(server_state[k], dtype=torch.float32) for k in self._params
+            }
+        for k in sorted(self._d):  # the same order on every rank (set order is per process)
+            self._d[k] = strategy.reduce(self._d[k], reduce_op="sum")
+        totals = fed.reduce_sum({"tau": self._tau, "n": self._n})
+        self._tau, self._n = totals["tau"], totals["n"]
+        buffers = {k: v for k, v in server_state.items() if k not in self._params}
+        if buffers:
+            self._buffers.sync(strategy, buffers)
+        if self._n == 0:
+            self._d = None
