@@ -26,6 +26,7 @@ from pl_federated.callbacks import (
     FedBN,
     FedNova,
     FedProx,
+    Krum,
     ProgressiveFourierAggregation,
     RetrogressMonitor,
 )
@@ -59,6 +60,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
             image_size=8, channels=(4, 8), hidden=16, batch_norm=True, lr=0.05, momentum=0.9
         )
         return client, [FedNova()], dict(local_epochs=1)
+    if algo == "krum":
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [Krum(f=0, m=2)], dict(local_steps=3)  # 4 uploads a round
     if algo == "fedadam":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedAdam(server_lr=0.01)], dict(local_steps=3)

@@ -55,7 +55,7 @@ def _last_store(root: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "algo", ["fedavg_prox", "fedbn", "fedadam", "fednova", "pfa_det", "pfa_det_cpa"]
+    "algo", ["fedavg_prox", "fedbn", "fedadam", "fednova", "krum", "pfa_det", "pfa_det_cpa"]
 )
 def test_two_processes_equal_one_process(algo, tmp_path):
     two = _two_processes(tmp_path / "two", algo)

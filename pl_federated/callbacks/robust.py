@@ -23,6 +23,8 @@ class BufferedAggregator(Aggregator):
     :meth:`combine` maps the stacked float entries ``[n, *shape]`` to the new server state.
     Integer entries (BN counters) take the first upload's value."""
 
+    supports_distributed = True  # every rank gathers all uploads, in selection order
+
     @override
     def reset(self, fed: FederatedModule) -> None:
         self._uploads: list[dict[str, Tensor]] = []
@@ -44,6 +46,8 @@ class BufferedAggregator(Aggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
+        if fed.world_size > 1:
+            self._gather(fed)
         if not self._uploads:
             rank_zero_warn(f"{type(self).__name__}: no finite upload; server state unchanged.")
             return {k: t.clone() for k, t in server_state.items()}
@@ -55,6 +59,19 @@ class BufferedAggregator(Aggregator):
                 out[k] = self._uploads[0][k].clone()
         self._uploads = []
         return out
+
+    def _gather(self, fed: FederatedModule) -> None:
+        """Every rank's uploads on every rank, in the order one process trains them (the
+        selection order), so order-sensitive rules (Krum's ties, integer entries) match."""
+        mine = [
+            (c, {k: t.cpu() for k, t in u.items()})
+            for c, u in zip(self._clients, self._uploads, strict=True)
+        ]
+        pairs = [pair for part in fed.all_gather_objects(mine) for pair in part]
+        order = {c: i for i, c in enumerate(fed.selected_clients)}
+        pairs.sort(key=lambda pair: order.get(pair[0], len(order)))
+        self._clients = [c for c, _ in pairs]
+        self._uploads = [{k: t.to(fed.device) for k, t in u.items()} for _, u in pairs]
 
 
 def coordinate_median(x: Tensor) -> Tensor:
