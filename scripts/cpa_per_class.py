@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import tempfile
 import warnings
-from pathlib import Path
 
 import torch
+from prr_digit_domains import CONFIGS, fmt  # this folder: the PRR experiment's configs, mean ± std
 from torchmetrics.functional.classification import multiclass_f1_score, multiclass_recall
 
 from pl_federated.cli import cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "experiments" / "prr_digit_domains"
 METHODS = {"CE": "longtail_pfa_det", "CPA": "longtail_pfa_det_cpa"}
 
 
@@ -67,12 +64,6 @@ def run(config: str, seed: int, args: argparse.Namespace, save_dir: str) -> dict
     result = {k: torch.stack(v).float().mean(0) for k, v in out.items()}
     result["train_counts"] = torch.stack([y.bincount(minlength=c) for y in dm.train_y]).sum(0)
     return result
-
-
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:
