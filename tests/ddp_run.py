@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pl_federated import FederatedDataModule, FederatedModule
 from pl_federated.callbacks import (
+    SCAFFOLD,
     ConjointPrototypeAlignment,
     DeputyEnhancedTransfer,
     FedAdam,
@@ -42,11 +43,14 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fedbn":
         client = CNNClassifier(image_size=8, channels=(4, 8), hidden=16, batch_norm=True, lr=0.05)
         return client, [FedBN()], dict(local_steps=3)
-    if algo == "scaffold":  # not supported under fed_ddp: must be refused
-        from pl_federated.callbacks import SCAFFOLD
-
+    if algo == "scaffold":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedAvg(weighting="uniform"), SCAFFOLD()], dict(local_steps=3)
+    if algo == "fd":  # not supported under fed_ddp: must be refused
+        from pl_federated.callbacks import FederatedDistillation
+
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedAvg(), FederatedDistillation()], dict(local_steps=3)
     if algo == "pfa_det":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         callbacks = [
@@ -114,6 +118,7 @@ def run(
             "prototypes": [
                 cb.bank.global_ for cb in callbacks if isinstance(cb, ConjointPrototypeAlignment)
             ],
+            "scaffold_control": [cb.control for cb in callbacks if isinstance(cb, SCAFFOLD)],
             "retrogress": [
                 (cb.history, cb.curve) for cb in callbacks if isinstance(cb, RetrogressMonitor)
             ],

@@ -38,6 +38,9 @@ def _assert_same(one: dict, two: dict) -> None:
         torch.testing.assert_close(two["client_metrics"][name], values, atol=1e-6, rtol=0)
     for a, b in zip(one["prototypes"], two["prototypes"], strict=True):  # CPA's global ones
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    for a, b in zip(one["scaffold_control"], two["scaffold_control"], strict=True):
+        for name, c in a.items():  # SCAFFOLD's server control variate
+            torch.testing.assert_close(b[name], c, atol=1e-6, rtol=1e-5)
     # RetrogressMonitor: every client's before/after scores and per-epoch curve, in order
     assert len(one["retrogress"]) == len(two["retrogress"])
     for (hist_one, curve_one), (hist_two, curve_two) in zip(
@@ -55,7 +58,8 @@ def _last_store(root: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "algo", ["fedavg_prox", "fedbn", "fedadam", "fednova", "krum", "pfa_det", "pfa_det_cpa"]
+    "algo",
+    ["fedavg_prox", "fedbn", "fedadam", "fednova", "krum", "scaffold", "pfa_det", "pfa_det_cpa"],
 )
 def test_two_processes_equal_one_process(algo, tmp_path):
     two = _two_processes(tmp_path / "two", algo)
@@ -86,7 +90,7 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
 
 
 def test_unsupported_callbacks_and_the_stock_ddp_strategy_are_refused(tmp_path):
-    out = _launch(tmp_path / "a", "scaffold", "--devices", "2")
+    out = _launch(tmp_path / "a", "fd", "--devices", "2")
     assert out.returncode != 0 and "do not support `strategy: fed_ddp`" in out.stderr
     out = _launch(tmp_path / "b", "fedavg_prox", "--devices", "2", "--strategy", "ddp")
     assert out.returncode != 0 and "needs `strategy: fed_ddp`" in out.stderr

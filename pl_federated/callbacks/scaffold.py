@@ -32,6 +32,8 @@ class SCAFFOLD(FederatedCallback):
     The derivation assumes plain SGD on the client (no momentum or weight decay).
     """
 
+    supports_distributed = True  # c_i is per client; the sum of c_i+ - c_i is reduced
+
     def __init__(self) -> None:
         self.control: dict[str, Tensor] | None = None
 
@@ -91,6 +93,10 @@ class SCAFFOLD(FederatedCallback):
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+        if fed.world_size > 1:  # dict order (named_parameters) is the same on every rank
+            strategy = trainer.strategy
+            for n, delta in self._delta_sum.items():
+                self._delta_sum[n] = strategy.reduce(delta.to(fed.device), reduce_op="sum").cpu()
         for n, delta in self._delta_sum.items():
             self.control[n] += delta / fed.num_clients
         norm = sum(float(t.pow(2).sum()) for t in self.control.values()) ** 0.5
