@@ -24,7 +24,7 @@ from pl_federated.callbacks.aggregator import Aggregator
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.callbacks.fedavg import FedAvg
 from pl_federated.store import SHARED_ROLE, ClientStore, all_finite, merge_store_states
-from pl_federated.strategy import FederatedDDPStrategy, all_gather_objects
+from pl_federated.strategy import FederatedDDPStrategy, all_gather_objects, reduce_tensors
 from pl_federated.vectorized import check_vectorizable, group_by_samples, train_group
 
 ROUND_METRIC_GROUPS = (
@@ -388,6 +388,18 @@ class FederatedModule(pl.LightningModule):
     def all_gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` in rank order (``[obj]`` in one process)."""
         return all_gather_objects(self._trainer, obj)
+
+    def gather_clients(self, per_client: Mapping[int, Any]) -> dict[int, Any]:
+        """Merge every rank's ``{client: value}`` (values picklable: CPU tensors) into one
+        dict held by every rank; ``per_client`` itself in one process."""
+        return {c: v for part in self.all_gather_objects(dict(per_client)) for c, v in part.items()}
+
+    def reduce_sum_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each tensor summed over ranks (same keys and shapes on every rank, reduced in sorted
+        key order); identity in one process."""
+        if self.world_size == 1:
+            return dict(tensors)
+        return reduce_tensors(self.trainer.strategy, tensors)
 
     def reduce_sum(self, values: Mapping[str, float]) -> dict[str, float]:
         """``values`` summed over ranks (same keys on every rank; identity in one process)."""

@@ -13,10 +13,12 @@ partial sums with the collectives (see ``FederatedCallback.supports_distributed`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch import Tensor
 from typing_extensions import override
 
 
@@ -50,6 +52,17 @@ class FederatedDDPStrategy(DDPStrategy):
 
 if "fed_ddp" not in StrategyRegistry:
     FederatedDDPStrategy.register_strategies(StrategyRegistry)
+
+
+def reduce_tensors(strategy: Any, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor summed over ranks, in sorted key order (every rank must issue the same
+    collectives in the same order; a set's or a per-rank dict's order may differ). Results
+    come back on each tensor's own device."""
+    out = dict(tensors)
+    for key in sorted(out):
+        t = out[key]
+        out[key] = strategy.reduce(t.to(strategy.root_device), reduce_op="sum").to(t.device)
+    return out
 
 
 def all_gather_objects(trainer: Any, obj: Any) -> list[Any]:

@@ -167,8 +167,8 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
     leaves = {k: v.requires_grad_() for k, v in stored.items() if k in param_keys}
     opt = _stacked_optimizer(lopt.optimizer, names, leaves)
 
-    def model_state() -> dict[str, Tensor]:  # transposed views taken in grad mode, per step
-        return {f"worker.{k}": v.transpose(1, 2) if k in flipped else v for k, v in stored.items()}
+    def views() -> dict[str, Tensor]:  # [G, *shape] per entry; taken in grad mode, per step
+        return {k: v.transpose(1, 2) if k in flipped else v for k, v in stored.items()}
 
     data = [fed.datamodule.client_train(c) for c in clients]
     n, bs = len(data[0][1]), fed.datamodule.batch_size
@@ -200,7 +200,7 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
                     xb = torch.stack([torch.stack([transform(s) for s in row]) for row in xb])
                 xb = xb.to(device, non_blocking=True)
                 yb = yb.to(device, non_blocking=True)
-                losses = batched_loss(model_state(), xb, yb, i)
+                losses = batched_loss({f"worker.{k}": v for k, v in views().items()}, xb, yb, i)
                 loss_sum += losses.detach().sum()
                 _step(fed, opt, losses.sum())
                 for _ in clients:  # Lightning's step counters: one step per client step
@@ -211,7 +211,7 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
         worker.log = saved_log
     fed._loss_sums[SHARED_ROLE] = fed._loss_sums.get(SHARED_ROLE, 0.0) + loss_sum
     fed._loss_counts[SHARED_ROLE] = fed._loss_counts.get(SHARED_ROLE, 0) + total * len(clients)
-    stacked = {k: v.detach().transpose(1, 2) if k in flipped else v for k, v in stored.items()}
+    stacked = {k: v.detach() for k, v in views().items()}
     finite = finite_rows(stored.values(), len(clients))  # one check for all clients, any layout
     # the workers need each client's state only for on_client_end, local keys, evaluation
     needs_worker = (

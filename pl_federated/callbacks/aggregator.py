@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.strategy import reduce_tensors
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -84,8 +85,7 @@ class WeightedSum:
                 k: torch.zeros_like(t, dtype=t.dtype if t.is_floating_point() else torch.float64)
                 for k, t in like.items()
             }
-        for k in self.sums:
-            self.sums[k] = strategy.reduce(self.sums[k], reduce_op="sum")
+        self.sums = reduce_tensors(strategy, self.sums)
         w = torch.tensor([self.weight, float(self.count)], dtype=torch.float64)
         w = strategy.reduce(w.to(next(iter(self.sums.values())).device), reduce_op="sum")
         self.weight, self.count = float(w[0]), int(w[1])

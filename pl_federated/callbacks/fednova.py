@@ -93,8 +93,7 @@ class FedNova(Aggregator):
             self._d = {
                 k: torch.zeros_like(server_state[k], dtype=torch.float32) for k in self._params
             }
-        for k in sorted(self._d):  # the same order on every rank (set order is per process)
-            self._d[k] = strategy.reduce(self._d[k], reduce_op="sum")
+        self._d = fed.reduce_sum_tensors(self._d)
         totals = fed.reduce_sum({"tau": self._tau, "n": self._n})
         self._tau, self._n = totals["tau"], totals["n"]
         buffers = {k: v for k, v in server_state.items() if k not in self._params}

@@ -134,7 +134,7 @@ class ProgressiveFourierAggregation(Aggregator):
                 c: {k: b[self._rows[c]].cpu() for k, b in self._buffers.items()}
                 for c in self._uploaded
             }
-            uploads = {c: u for part in fed.all_gather_objects(mine) for c, u in part.items()}
+            uploads = fed.gather_clients(mine)
             clients = sorted(uploads)
             stacked = {
                 k: torch.stack([uploads[c][k] for c in clients]).to(fed.device)

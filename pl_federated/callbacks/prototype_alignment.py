@@ -111,9 +111,8 @@ class ConjointPrototypeAlignment(FederatedCallback):
         if fed.world_size > 1:  # every rank gets every rank's new prototypes, then averages
             bank = self.bank
             mine = {c: (bank.local[c].clone(), bank.counts[c].clone()) for c in self._uploaded}
-            for part in fed.all_gather_objects(mine):
-                for client, (prototypes, counts) in part.items():
-                    bank.put(client, prototypes, counts)
+            for client, (prototypes, counts) in fed.gather_clients(mine).items():
+                bank.put(client, prototypes, counts)
         if self.bank.local is None:
             return
         generator = torch.Generator().manual_seed(fed._seed_for(round, 7919))

@@ -63,15 +63,16 @@ class BufferedAggregator(Aggregator):
     def _gather(self, fed: FederatedModule) -> None:
         """Every rank's uploads on every rank, in the order one process trains them (the
         selection order), so order-sensitive rules (Krum's ties, integer entries) match."""
-        mine = [
-            (c, {k: t.cpu() for k, t in u.items()})
+        mine = {
+            c: {k: t.cpu() for k, t in u.items()}
             for c, u in zip(self._clients, self._uploads, strict=True)
-        ]
-        pairs = [pair for part in fed.all_gather_objects(mine) for pair in part]
+        }
+        uploads = fed.gather_clients(mine)
         order = {c: i for i, c in enumerate(fed.selected_clients)}
-        pairs.sort(key=lambda pair: order.get(pair[0], len(order)))
-        self._clients = [c for c, _ in pairs]
-        self._uploads = [{k: t.to(fed.device) for k, t in u.items()} for _, u in pairs]
+        self._clients = sorted(uploads, key=lambda c: order.get(c, len(order)))
+        self._uploads = [
+            {k: t.to(fed.device) for k, t in uploads[c].items()} for c in self._clients
+        ]
 
 
 def coordinate_median(x: Tensor) -> Tensor:

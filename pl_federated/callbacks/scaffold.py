@@ -93,10 +93,7 @@ class SCAFFOLD(FederatedCallback):
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        if fed.world_size > 1:  # dict order (named_parameters) is the same on every rank
-            strategy = trainer.strategy
-            for n, delta in self._delta_sum.items():
-                self._delta_sum[n] = strategy.reduce(delta.to(fed.device), reduce_op="sum").cpu()
+        self._delta_sum = fed.reduce_sum_tensors(self._delta_sum)  # over ranks (fed_ddp)
         for n, delta in self._delta_sum.items():
             self.control[n] += delta / fed.num_clients
         norm = sum(float(t.pow(2).sum()) for t in self.control.values()) ** 0.5
