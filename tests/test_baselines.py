@@ -204,10 +204,9 @@ def test_fednova_normalizes_unequal_local_steps():
     fed.server_state = x
     y = [perturbed(x, 1), perturbed(x, 2)]
     nova = FedNova()
-    fed._round_logs = {}
 
     def aggregate(steps, samples):
-        fed.round_local_steps = dict(enumerate(steps))
+        fed.round_state.local_steps = dict(enumerate(steps))
         nova.reset(fed)
         for k in range(2):
             nova.update(fed, k, y[k], samples[k])
@@ -223,7 +222,7 @@ def test_fednova_normalizes_unequal_local_steps():
     for k in x:
         d = 0.5 * (x[k] - y[0][k]) / 2 + 0.5 * (x[k] - y[1][k]) / 8
         torch.testing.assert_close(out[k], x[k] - tau_eff * d)
-    assert fed._round_logs["fednova/tau_eff"] == 5.0
+    assert fed.round_logger.round_logs["fednova/tau_eff"] == 5.0
 
 
 def test_fednova_end_to_end(trainer_factory):

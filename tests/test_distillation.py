@@ -223,7 +223,7 @@ def test_fedmd_digest_moves_the_client_toward_the_consensus(trainer_factory):
     before = F.l1_loss(fed.forward_batched(fed.client, x), goal)
     fed.trainer.fit_loop.epoch_progress.current.completed = 0
     md._digest_losses = []
-    fed._optimizers["model"].state.clear()
+    fed.optimizer("model").state.clear()
     md.on_client_start(fed.trainer, fed, client=0)
     after = F.l1_loss(fed.forward_batched(fed.client, x), goal)
     assert after < 0.95 * before
@@ -249,7 +249,7 @@ def test_fedmd_heterogeneous_architectures_train_and_exchange_only_scores(traine
     x, goal = md.public_x[md.consensus_idx], md.consensus
     fed.load_state("arch1", init)
     before = F.l1_loss(fed.forward_batched(fed.workers["arch1"], x), goal)
-    fed._optimizers["arch1"].state.clear()
+    fed.optimizer("arch1").state.clear()
     md.digest_epochs = 5
     md.on_client_start(fed.trainer, fed, client=3)
     after = F.l1_loss(fed.forward_batched(fed.workers["arch1"], x), goal)

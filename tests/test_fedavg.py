@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pl_federated.callbacks import FedAvg, WeightedSum
+from pl_federated.engine.collectives import Collectives
 
 
 def tiny_model(seed: int) -> nn.Module:
@@ -18,7 +19,9 @@ def tiny_model(seed: int) -> nn.Module:
 
 def fake_fed(samples):
     return SimpleNamespace(
-        client_num_samples=torch.tensor(samples), num_clients=len(samples), _trainer=None
+        client_num_samples=torch.tensor(samples),
+        num_clients=len(samples),
+        collectives=Collectives(lambda: None),
     )
 
 

@@ -7,7 +7,7 @@ from helpers import LoggingClient, digits, federation
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from wandb_reader import history, records
 
-from pl_federated.callbacks import RetrogressMonitor
+from pl_federated.callbacks import FederatedCallback, RetrogressMonitor
 from pl_federated.callbacks.summary import FederatedSummary
 
 
@@ -18,6 +18,13 @@ def fit(trainer_factory, logger, rounds=2, callbacks=()):
     )
     trainer.fit(fed, digits(num_clients=3))
     return fed, trainer
+
+
+class CustomPrefix(FederatedCallback):
+    """A user's algorithm logging under a prefix the engine has never heard of."""
+
+    def on_round_end(self, trainer, fed, round):
+        fed.log_round({"myalgo/rounds_seen": round + 1})
 
 
 def test_csv_logger_gets_round_metrics_and_tables(trainer_factory, tmp_path, capsys):
@@ -47,7 +54,7 @@ def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(save_dir=str(tmp_path), project="pl-federated-test")
     monitor = RetrogressMonitor(split="train", per_epoch=True)
-    fed, _ = fit(trainer_factory, logger, callbacks=[monitor])
+    fed, _ = fit(trainer_factory, logger, callbacks=[monitor, CustomPrefix()])
     logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -66,6 +73,8 @@ def test_wandb_offline_run_contains_round_metrics(trainer_factory, tmp_path, mon
         if r.WhichOneof("record_type") == "metric" and r.metric.glob_name
     }
     assert axes["global/*"] == "round" and axes["personal/*"] == "round"
+    assert axes["myalgo/*"] == "round" and axes["retrogress/*"] == "round"
+    assert [r["myalgo/rounds_seen"] for r in rows] == [1, 2]
     # the partition heatmap, the per-client accuracy bars and the retrogress curve as images
     media = {p.parent.name for p in (runs[0] / "files" / "media" / "images").rglob("*.png")}
     assert {"partition", "clients", "retrogress"} <= media

@@ -48,7 +48,7 @@ def test_partial_participation_trains_only_selected(trainer_factory):
     trainer = trainer_factory(rounds=3)
     trainer.fit(fed, digits(num_clients=6))
     assert trainer.global_step == 3 * 2 * 3  # rounds x clients x local_steps
-    assert len(fed._personal) == 2  # personal eval only for this round's clients
+    assert len(fed.round_state.personal) == 2  # personal eval only for this round's clients
 
 
 def test_client_self_log_is_routed_to_round_means(trainer_factory):

@@ -7,8 +7,8 @@ from helpers import digits, federation
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import DeputyEnhancedTransfer, FedAvg, FedBN, FedProx
 from pl_federated.data import IID
+from pl_federated.loops.vectorized import group_by_samples
 from pl_federated.models import CNNClassifier, MLPClassifier
-from pl_federated.vectorized import group_by_samples
 
 
 def _fit(trainer_factory, client_fn, data_fn, callbacks_fn, vectorize, rounds=2, **module):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from pl_federated.callbacks.base import FederatedCallback
-from pl_federated.strategy import reduce_tensors
+from pl_federated.engine.collectives import Collectives
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -75,20 +75,19 @@ class WeightedSum:
         self.weight += float(weight)
         self.count += 1
 
-    def sync(self, strategy, like: Mapping[str, Tensor]) -> None:
+    def sync(self, collectives: Collectives, like: Mapping[str, Tensor]) -> None:
         """Sum partial sums over ranks (no-op in one process). Every rank takes part, also
         one whose clients uploaded nothing (its partial sums are zeros shaped like ``like``)."""
-        if strategy is None or getattr(strategy, "world_size", 1) == 1:
+        if collectives.world_size == 1:
             return
         if self.sums is None:
             self.sums = {
                 k: torch.zeros_like(t, dtype=t.dtype if t.is_floating_point() else torch.float64)
                 for k, t in like.items()
             }
-        self.sums = reduce_tensors(strategy, self.sums)
-        w = torch.tensor([self.weight, float(self.count)], dtype=torch.float64)
-        w = strategy.reduce(w.to(next(iter(self.sums.values())).device), reduce_op="sum")
-        self.weight, self.count = float(w[0]), int(w[1])
+        self.sums = collectives.reduce_sum_tensors(self.sums)
+        totals = collectives.reduce_sum({"weight": self.weight, "count": float(self.count)})
+        self.weight, self.count = totals["weight"], int(totals["count"])
         if self.count == 0:
             self.sums = None
 

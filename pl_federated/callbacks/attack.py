@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 _ATTACKS = ("sign_flip", "scale")
+STREAM = "attack.malicious"  # the seeded choice of malicious clients
 
 
 class ModelPoisoning(FederatedCallback):
@@ -46,12 +47,16 @@ class ModelPoisoning(FederatedCallback):
         self.fraction, self.clients, self.attack, self.scale = fraction, clients, attack, scale
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
+        pl_module.register_rng_stream(STREAM, 5)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         k = pl_module.num_clients
         if self.clients is not None:
             self.malicious = sorted({int(c) for c in self.clients})
         else:
-            perm = torch.randperm(k, generator=pl_module._rng(0, 0, 5))
+            perm = torch.randperm(k, generator=pl_module.rng(STREAM, 0))
             self.malicious = sorted(perm[: math.ceil(self.fraction * k)].tolist())
         bad = [c for c in self.malicious if not 0 <= c < k]
         if bad:

@@ -3,14 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from pl_federated.engine.round_state import RoundState
+
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One federated hook: where the engine calls it and whether it acts inside one client's
+    local update (then a vectorized group of clients cannot run it)."""
+
+    name: str
+    scope: str  # "round", "client" or "batch": how often it is called
+    inside_update: bool
+
+
+HOOKS = (
+    Hook("select_clients", "round", False),
+    Hook("on_round_start", "round", False),
+    Hook("client_roles", "client", False),
+    Hook("on_client_start", "client", True),
+    Hook("train_data", "client", True),
+    Hook("on_local_epoch_start", "client", True),
+    Hook("supervised_loss", "batch", True),
+    Hook("supervised_weight", "batch", True),
+    Hook("client_loss", "batch", True),
+    Hook("on_client_end", "client", False),
+    Hook("on_round_end", "round", False),
+)
+"""The federated hooks in call order: the one table the engine's dispatch, the vectorized
+path's check and the docs derive from."""
+
+HOOK_NAMES = tuple(h.name for h in HOOKS)
+
+
+def overrides(callback: Callback, hook: str) -> bool:
+    """Whether ``callback``'s class implements federated ``hook`` (or ``aggregate`` etc.)."""
+    return getattr(type(callback), hook) is not getattr(FederatedCallback, hook)
 
 
 class FederatedCallback(Callback):
@@ -19,7 +56,8 @@ class FederatedCallback(Callback):
     All hooks are optional. The :class:`~pl_federated.module.FederatedModule` calls them in this
     order within one round (= one Lightning training epoch)::
 
-        on_round_start(trainer, fed, round)           # may reorder fed.selected_clients
+        select_clients(trainer, fed, round, selected) # may reorder or replace the selection
+        on_round_start(trainer, fed, round)           # fed.selected_clients is final
         for each selected client k (one training step per slot):
             on_client_start(trainer, fed, k)          # k's state loaded, optimizers reset
             train_data(fed, k, x, y)                  # may replace k's training data
@@ -41,6 +79,29 @@ class FederatedCallback(Callback):
     """
 
     supports_distributed: bool = False
+
+    def add_round_state(self, name: str, default: Any, reduce: str = "sum") -> None:
+        """Declare a per-round accumulator ``self.<name>``: the engine resets it to a copy of
+        ``default`` before ``on_round_start`` and, under ``fed_ddp``, merges it across ranks
+        before aggregation and ``on_round_end`` (``reduce``: ``"sum"``, ``"cat"``,
+        ``"gather"`` by client, or ``"local"``; see :mod:`pl_federated.engine.round_state`).
+        Call it in ``__init__`` or ``setup``."""
+        self.round_state.add(name, default, reduce)
+
+    @property
+    def round_state(self) -> RoundState:
+        """This callback's declared round state (see :meth:`add_round_state`)."""
+        if "_round_state" not in self.__dict__:
+            self.__dict__["_round_state"] = RoundState(target=self)
+        return self.__dict__["_round_state"]
+
+    def select_clients(
+        self, trainer: pl.Trainer, fed: FederatedModule, server_round: int, selected: list[int]
+    ) -> list[int] | None:
+        """Reorder or replace this round's clients (``selected``: the seeded selection, or an
+        earlier callback's choice), or ``None`` to keep them. ``fed.selected_clients`` is
+        read-only afterwards."""
+        return None
 
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
         """A round begins; ``fed.selected_clients`` holds this round's clients."""

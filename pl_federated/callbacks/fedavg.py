@@ -81,7 +81,7 @@ class FedAvg(Aggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        self._sum.sync(fed.trainer.strategy if fed._trainer is not None else None, server_state)
+        self._sum.sync(fed.collectives, server_state)
         if self._sum.count == 0:
             rank_zero_warn("FedAvg: no client uploaded a finite update; server state unchanged.")
             return {k: t.clone() for k, t in server_state.items()}

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 _LOSSES = ("l1", "kl")
+PUBLIC_STREAM = "fedmd.public"  # the round's public subset
+DIGEST_STREAM = "fedmd.digest"  # a client's batch order over the public subset
 
 
 class FedMD(FederatedCallback):
@@ -115,6 +117,8 @@ class FedMD(FederatedCallback):
             )
         for i, module in enumerate(self.models, start=1):
             pl_module.add_role(f"arch{i}", module=module)
+        pl_module.register_rng_stream(PUBLIC_STREAM, 3)
+        pl_module.register_rng_stream(DIGEST_STREAM, 4)
 
     def _role(self, client: int) -> str:
         arch = self.architectures[client]
@@ -143,7 +147,8 @@ class FedMD(FederatedCallback):
         n = len(self.public_x)
         if self.public_samples is None or self.public_samples >= n:
             return torch.arange(n)
-        return torch.randperm(n, generator=fed._rng(round, 0, 3))[: self.public_samples].sort()[0]
+        perm = torch.randperm(n, generator=fed.rng(PUBLIC_STREAM, round))
+        return perm[: self.public_samples].sort()[0]
 
     @override
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
@@ -160,7 +165,7 @@ class FedMD(FederatedCallback):
         role = self._role(client)
         worker, device = fed.workers[role], fed.device
         x, target = self.public_x[self.consensus_idx], self.consensus
-        gen = fed._rng(fed.current_round, client + 1, 4)
+        gen = fed.rng(DIGEST_STREAM, fed.current_round, client)
         bs = self.digest_batch_size
         for _ in range(self.digest_epochs):
             perm = torch.randperm(len(x), generator=gen)

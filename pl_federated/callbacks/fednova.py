@@ -49,7 +49,7 @@ class FedNova(Aggregator):
     def update(
         self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
     ) -> None:
-        group = fed._optimizers[SHARED_ROLE].param_groups[0]
+        group = fed.optimizer(SHARED_ROLE).param_groups[0]
         a = effective_steps(fed.round_local_steps[client], float(group.get("momentum", 0.0)))
         x = fed.incoming_state(client)
         n = float(num_samples)
@@ -88,7 +88,6 @@ class FedNova(Aggregator):
     def _sync(self, fed: FederatedModule, server_state: Mapping[str, Tensor]) -> None:
         """Sum the normalized updates, step and sample totals and the buffers' weighted sums
         over ranks (a rank whose clients uploaded nothing joins with zeros)."""
-        strategy = fed.trainer.strategy
         if self._d is None:
             self._d = {
                 k: torch.zeros_like(server_state[k], dtype=torch.float32) for k in self._params
@@ -98,6 +97,6 @@ class FedNova(Aggregator):
         self._tau, self._n = totals["tau"], totals["n"]
         buffers = {k: v for k, v in server_state.items() if k not in self._params}
         if buffers:
-            self._buffers.sync(strategy, buffers)
+            self._buffers.sync(fed.collectives, buffers)
         if self._n == 0:
             self._d = None

@@ -154,11 +154,14 @@ class KD3A(Aggregator):
         return self.gate_begin + (self.gate_end - self.gate_begin) * progress
 
     @override
+    def select_clients(
+        self, trainer: pl.Trainer, fed: FederatedModule, server_round: int, selected: list[int]
+    ) -> list[int]:
+        targets = set(self.target_clients)  # targets train after the sources they vote with
+        return [c for c in selected if c not in targets] + [c for c in selected if c in targets]
+
+    @override
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        targets = set(self.target_clients)
-        fed.selected_clients = [c for c in fed.selected_clients if c not in targets] + [
-            c for c in fed.selected_clients if c in targets
-        ]
         self._gate = self.gate_at(round, trainer.max_epochs)
         self._focus = torch.zeros(len(self.sources), dtype=torch.float64)
         self._covered = self._target_samples = 0

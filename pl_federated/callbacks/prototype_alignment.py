@@ -18,6 +18,8 @@ from pl_federated.store import SHARED_ROLE
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
+NOISE_STREAM = "cpa.noise"  # the Gaussian perturbation of the global prototypes
+
 
 class ConjointPrototypeAlignment(FederatedCallback):
     """Replaces the clients' supervised loss with the CPA loss.
@@ -62,6 +64,12 @@ class ConjointPrototypeAlignment(FederatedCallback):
             noise_std,
         )
         self.bank: PrototypeBank | None = None
+        # client -> (prototypes, counts) it stored this round; merged across ranks
+        self.add_round_state("new_prototypes", {}, reduce="gather")
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
+        pl_module.register_rng_stream(NOISE_STREAM, 7)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
@@ -79,10 +87,6 @@ class ConjointPrototypeAlignment(FederatedCallback):
         present = bank.local_present[client] & bank.global_present
         gamma = prototype_weights(bank.local[client], bank.global_, present, self.tau)
         return gamma.to(targets.device)[targets]
-
-    @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        self._uploaded: list[int] = []  # this rank's clients that stored prototypes this round
 
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
@@ -103,19 +107,18 @@ class ConjointPrototypeAlignment(FederatedCallback):
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        if self.bank.finish_client(client):
-            self._uploaded.append(client)
+        bank = self.bank
+        if bank.finish_client(client):
+            self.new_prototypes[client] = (bank.local[client].clone(), bank.counts[client].clone())
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        if fed.world_size > 1:  # every rank gets every rank's new prototypes, then averages
-            bank = self.bank
-            mine = {c: (bank.local[c].clone(), bank.counts[c].clone()) for c in self._uploaded}
-            for client, (prototypes, counts) in fed.gather_clients(mine).items():
-                bank.put(client, prototypes, counts)
+        if fed.world_size > 1:  # every rank holds every rank's new prototypes, then averages
+            for client, (prototypes, counts) in self.new_prototypes.items():
+                self.bank.put(client, prototypes, counts)
         if self.bank.local is None:
             return
-        generator = torch.Generator().manual_seed(fed._seed_for(round, 7919))
+        generator = fed.rng(NOISE_STREAM, round)
         self.bank.aggregate("clients", noise_std=self.noise_std, generator=generator)
         fed.log_round({"cpa/global_classes": float(self.bank.global_present.sum())})
 

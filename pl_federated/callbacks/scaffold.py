@@ -84,7 +84,7 @@ class SCAFFOLD(FederatedCallback):
         y = [p.detach() for p in self._params]
         if steps == 0 or not all_finite(y):
             return
-        lr = float(fed._optimizers[SHARED_ROLE].param_groups[0]["lr"])
+        lr = float(fed.optimizer(SHARED_ROLE).param_groups[0]["lr"])
         new_ci = {}
         for n, ci, x, yi in zip(self._names, self._ci, self._received, y, strict=True):
             new_ci[n] = ci - self._c[n] + (x - yi) / (steps * lr)

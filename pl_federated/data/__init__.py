@@ -1,6 +1,6 @@
 """Datasets, partitions and the FederatedDataModule."""
 
-from pl_federated.data.datamodule import ClientSlots, FederatedDataModule
+from pl_federated.data.datamodule import FederatedDataModule
 from pl_federated.data.datasets import DATASETS, load_dataset
 from pl_federated.data.partition import (
     IID,
@@ -18,7 +18,6 @@ from pl_federated.data.report import PartitionReport
 __all__ = [
     "DATASETS",
     "IID",
-    "ClientSlots",
     "Dirichlet",
     "Domains",
     "FeatureNoise",

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -273,16 +272,15 @@ class FederatedDataModule(pl.LightningDataModule):
         return torch.cat(self.test_x), torch.cat(self.test_y), owner
 
     # -------------------------------------------------------- dataloaders
-    def train_dataloader(self) -> ClientSlots:
-        from pl_federated.module import FederatedModule
-
+    def train_dataloader(self) -> Iterable[list[int]]:
+        """The round's client slots, as the FederatedModule plans them (``client_slots``)."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if not isinstance(module, FederatedModule):
+        if not callable(getattr(module, "client_slots", None)):
             raise TypeError(
                 "FederatedDataModule trains a FederatedModule; got "
                 f"{type(module).__name__}. Wrap your LightningModule: FederatedModule(client=...)."
             )
-        return ClientSlots(module)
+        return module.client_slots()
 
     def test_dataloader(self) -> range:
         """One step per client for ``trainer.test``; each step evaluates that client."""
@@ -291,33 +289,3 @@ class FederatedDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> range:
         """One step per client for ``trainer.validate`` (not used during fit)."""
         return range(self.num_clients)
-
-
-class ClientSlots:
-    """The round's training iterable: lists of client ids (``clients_per_step`` per slot).
-
-    Lazy: the selection is read when Lightning starts iterating the epoch (after
-    ``on_train_epoch_start``, where the module selects the round's clients and callbacks may
-    reorder them), so it always follows the module's current round, also after a resume.
-    """
-
-    def __init__(self, module) -> None:
-        self.module = module
-
-    def __len__(self) -> int:
-        module = self.module
-        if module.world_size == 1:
-            return math.ceil(module.num_selected / module.clients_per_step)
-        # Lightning reads the length once: the most slots any rank needs in any round
-        return module.max_slots_per_rank()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        module = self.module
-        clients = module.owned_clients(module.selected_clients)
-        step = module.clients_per_step
-        slots = [clients[i : i + step] for i in range(0, len(clients), step)]
-        if module.world_size > 1:
-            # every rank runs as many steps as this round's busiest rank (Lightning runs a
-            # collective per training step); the others idle through empty slots
-            slots += [[] for _ in range(module.slots_this_round() - len(slots))]
-        yield from slots

@@ -19,16 +19,21 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from pl_federated.callbacks.base import HOOKS, overrides
+from pl_federated.loops.local_update import (
+    add_loss,
+    finish_client,
+    local_epoch_lengths,
+    seed_client_randomness,
+)
+from pl_federated.loops.optimization import STEP_HOOKS, overrides_step_hooks
 from pl_federated.store import SHARED_ROLE, finite_rows
-
-if TYPE_CHECKING:
-    from pl_federated.module import FederatedModule
 
 ELEMENTWISE_OPTIMIZERS = (
     torch.optim.SGD,
@@ -46,14 +51,7 @@ ELEMENTWISE_OPTIMIZERS = (
 """Optimizers whose update of a tensor is element-wise, so one instance over stacked client
 parameters equals one instance per client."""
 
-UNSUPPORTED_HOOKS = (
-    "on_client_start",
-    "train_data",
-    "on_local_epoch_start",
-    "supervised_loss",
-    "supervised_weight",
-    "client_loss",
-)
+UNSUPPORTED_HOOKS = tuple(h.name for h in HOOKS if h.inside_update)
 """Callback hooks that act inside one client's local update and so cannot see a vectorized
 group (``on_client_end`` is supported: it runs per client after the group's update)."""
 
@@ -75,13 +73,8 @@ def _ignore_log(*args: Any, **kwargs: Any) -> None:
     """``self.log`` of a worker inside vmap: batched values cannot leave the vmapped call."""
 
 
-def check_vectorizable(fed: FederatedModule) -> None:
+def check_vectorizable(fed: Any) -> None:
     """Raise a ValueError naming what prevents vectorized training of ``fed``'s clients."""
-    from lightning.pytorch import Callback, LightningModule
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    from pl_federated.module import _STEP_HOOKS, _overrides
-
     if fed.local_roles:
         raise ValueError(
             f"`vectorize_clients` trains the shared model only; roles {fed.local_roles} were "
@@ -90,30 +83,21 @@ def check_vectorizable(fed: FederatedModule) -> None:
         )
     if fed.persist_optimizer:
         raise ValueError("`vectorize_clients` does not support `persist_optimizer: true`.")
-    for cb in fed._fed_callbacks:
-        hooks = [h for h in UNSUPPORTED_HOOKS if _overrides(cb, h)]
+    for cb in fed.dispatch.callbacks:
+        hooks = [h for h in UNSUPPORTED_HOOKS if overrides(cb, h)]
         if hooks:
             raise ValueError(
                 f"`vectorize_clients`: callback {type(cb).__name__} overrides {hooks}, which act "
                 "inside one client's update; set `vectorize_clients: false` for it."
             )
-    stepped = (
-        [type(fed).__name__]
-        if any(is_overridden(h, fed, LightningModule) for h in _STEP_HOOKS)
-        else []
-    )
-    stepped += [
-        type(cb).__name__
-        for cb in fed.trainer.callbacks
-        if any(is_overridden(h, cb, Callback) for h in _STEP_HOOKS)
-    ]
+    stepped = overrides_step_hooks(fed, fed.trainer.callbacks)
     if stepped:
         raise ValueError(
-            f"`vectorize_clients`: {stepped} override {list(_STEP_HOOKS)}, which would see the "
+            f"`vectorize_clients`: {stepped} override {list(STEP_HOOKS)}, which would see the "
             "stacked parameters of all clients of a group (e.g. a gradient norm over all of "
             "them); set `vectorize_clients: false`."
         )
-    opt = fed._optimizers[next(iter(fed._optimizers))]
+    opt = fed.optimizer(SHARED_ROLE)
     if type(opt) not in ELEMENTWISE_OPTIMIZERS:
         names = [o.__name__ for o in ELEMENTWISE_OPTIMIZERS]
         raise ValueError(
@@ -134,7 +118,7 @@ def _stacked_optimizer(
     return type(opt)(groups, **opt.defaults)
 
 
-def group_by_samples(fed: FederatedModule, clients: list[int]) -> list[list[int]]:
+def group_by_samples(fed: Any, clients: list[int]) -> list[list[int]]:
     """``clients`` grouped by training-sample count (groups in order of first appearance)."""
     groups: dict[int, list[int]] = defaultdict(list)
     for client in clients:
@@ -142,14 +126,13 @@ def group_by_samples(fed: FederatedModule, clients: list[int]) -> list[list[int]
     return list(groups.values())
 
 
-def train_group(fed: FederatedModule, clients: list[int]) -> None:
+def train_group(fed: Any, clients: list[int]) -> None:
     """The local updates of ``clients`` (equal sample counts) as one vectorized update, then
     the per-client end of the update (callbacks, upload, personal evaluation)."""
-    from pl_federated.module import _overrides
-
     worker = fed.client
     device = fed.device
-    lopt = fed._lightning_optimizers()[SHARED_ROLE]
+    stepper = fed.stepper
+    lopt = stepper.lightning_optimizers()[SHARED_ROLE]
     names = {id(p): k for k, p in worker.named_parameters()}
     received = [fed.received_state(c) for c in clients]
     param_keys = set(names.values())
@@ -172,15 +155,14 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
 
     data = [fed.datamodule.client_train(c) for c in clients]
     n, bs = len(data[0][1]), fed.datamodule.batch_size
-    steps_per_epoch = -(-n // bs)
-    total = (fed.local_steps or fed.local_epochs * steps_per_epoch) if n else 0
+    lengths = local_epoch_lengths(n, bs, fed.local_epochs, fed.local_steps)
     x = torch.stack([d[0] for d in data])
     y = torch.stack([d[1] for d in data])
-    gens = [fed._rng(fed.current_round, c + 1, 1) for c in clients]
+    gens = [fed.streams.generator("batches", fed.current_round, c) for c in clients]
     transform = getattr(fed.datamodule, "train_transform", None)
     rows_index = torch.arange(len(clients))[:, None]
     module = _TrainingStep(worker)
-    fed._seed_client_randomness(clients[0])
+    seed_client_randomness(fed, clients[0])
     loss_sum = torch.zeros((), device=device)
 
     def client_loss(state: dict[str, Tensor], xb: Tensor, yb: Tensor, i: int) -> Tensor:
@@ -190,10 +172,9 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
     saved_log = worker.log
     worker.log = _ignore_log
     try:
-        step = 0
-        while step < total:
+        for count in lengths:
             perms = torch.stack([torch.randperm(n, generator=g) for g in gens])
-            for i in range(min(steps_per_epoch, total - step)):
+            for i in range(count):
                 idx = perms[:, i * bs : (i + 1) * bs]
                 xb, yb = x[rows_index, idx], y[rows_index, idx]
                 if transform is not None:
@@ -202,40 +183,26 @@ def train_group(fed: FederatedModule, clients: list[int]) -> None:
                 yb = yb.to(device, non_blocking=True)
                 losses = batched_loss({f"worker.{k}": v for k, v in views().items()}, xb, yb, i)
                 loss_sum += losses.detach().sum()
-                _step(fed, opt, losses.sum())
-                for _ in clients:  # Lightning's step counters: one step per client step
-                    lopt._on_before_step()
-                    lopt._on_after_step()
-            step += min(steps_per_epoch, total - step)
+                stepper.step_unregistered(opt, losses.sum())
+                stepper.count_steps(lopt, len(clients))  # one step per client step
     finally:
         worker.log = saved_log
-    fed._loss_sums[SHARED_ROLE] = fed._loss_sums.get(SHARED_ROLE, 0.0) + loss_sum
-    fed._loss_counts[SHARED_ROLE] = fed._loss_counts.get(SHARED_ROLE, 0) + total * len(clients)
+    total = sum(lengths)
+    add_loss(fed.round_state, SHARED_ROLE, loss_sum, total * len(clients))
     stacked = {k: v.detach() for k, v in views().items()}
     finite = finite_rows(stored.values(), len(clients))  # one check for all clients, any layout
     # the workers need each client's state only for on_client_end, local keys, evaluation
     needs_worker = (
-        fed._evaluate_now
+        fed.is_eval_round
         or bool(fed.local_keys)
-        or any(_overrides(cb, "on_client_end") for cb in fed._fed_callbacks)
+        or bool(fed.dispatch.implementing("on_client_end"))
     )
     for g, client in enumerate(clients):
         fed.current_client = client
-        fed.round_local_steps[client] = total
+        fed.round_state.local_steps[client] = total
         rows = {k: v[g].detach() for k, v in stacked.items()}
         if needs_worker:
             fed.load_state(SHARED_ROLE, rows)
-            fed._finish_client(client)
+            finish_client(fed, client)
         else:
-            fed._finish_client(client, upload=rows, finite=bool(finite[g]))
-
-
-def _step(fed: FederatedModule, opt: torch.optim.Optimizer, loss: Tensor) -> None:
-    """Backward and step, through the precision plugin unless the direct path is safe."""
-    opt.zero_grad(set_to_none=True)
-    if fed._fast_step:
-        loss.backward()
-        opt.step()
-    else:
-        fed.manual_backward(loss)
-        fed.trainer.strategy.optimizer_step(opt, closure=lambda: None, model=fed)
+            finish_client(fed, client, upload=rows, finite=bool(finite[g]))

@@ -1,0 +1,51 @@
+"""Calls the federated callbacks' hooks, each under the Trainer's profiler.
+
+The hooks a callback implements are found once per fit from
+:data:`~pl_federated.callbacks.base.HOOKS`; per-batch hooks are read from
+:meth:`HookDispatch.implementing` by the local-update loop (a plain list, no per-call lookup).
+With ``--trainer.profiler simple`` every call of a round- or client-level hook shows up as
+``[FederatedCallback]<Class>.<hook>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+from lightning.pytorch.profilers import PassThroughProfiler
+
+from pl_federated.callbacks.base import HOOK_NAMES, FederatedCallback, overrides
+
+
+class HookDispatch:
+    """The federated callbacks of a fit, by the hooks they implement.
+
+    Args:
+        callbacks: the federated callbacks, in the Trainer's order.
+        profiler: the Trainer's profiler (``None``: not profiled).
+    """
+
+    def __init__(self, callbacks: Sequence[FederatedCallback], profiler: Any = None) -> None:
+        self.callbacks = list(callbacks)
+        self._by_hook = {h: [cb for cb in self.callbacks if overrides(cb, h)] for h in HOOK_NAMES}
+        self._profiler = None if isinstance(profiler, PassThroughProfiler) else profiler
+
+    def implementing(self, hook: str) -> list[FederatedCallback]:
+        """The callbacks that implement ``hook``, in order."""
+        return self._by_hook[hook]
+
+    @contextmanager
+    def _profiled(self, callback: FederatedCallback, hook: str) -> Iterator[None]:
+        with self._profiler.profile(f"[FederatedCallback]{type(callback).__name__}.{hook}"):
+            yield
+
+    def profile(self, callback: FederatedCallback, hook: str) -> Any:
+        """A context that profiles one hook call (a no-op without a profiler)."""
+        return nullcontext() if self._profiler is None else self._profiled(callback, hook)
+
+    def call(self, hook: str, *args: Any) -> None:
+        """Call ``hook(*args)`` on every callback that implements it."""
+        for cb in self._by_hook[hook]:
+            with self.profile(cb, hook):
+                getattr(cb, hook)(*args)

@@ -1,0 +1,252 @@
+"""Evaluation: the server model on every client (``global/*``), each client's own model
+after its update (``personal/*``), the per-client table, and ``trainer.test``/``validate``.
+
+Classifiers are scored by accuracy and macro-F1 (torchmetrics) of the argmax of the logits;
+forward passes run in eval mode, in batches of ``eval_batch_size``, under the precision
+plugin's autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from pl_federated.engine.workers import Workers
+from pl_federated.store import SHARED_ROLE
+
+
+def logits_of(out: Any) -> Tensor:
+    """The logits of a ``forward`` result: a tensor, a dict's ``logits`` or a tuple's first.
+
+    Raises:
+        TypeError: none of these.
+    """
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        "A client's `forward(x)` must return logits (a tensor, a dict with 'logits', or a tuple "
+        f"whose first item is the logits); got {type(out).__name__}."
+    )
+
+
+class Evaluator:
+    """Scores workers on client data; holds the latest per-client metrics.
+
+    Args:
+        workers: the worker registry.
+        trainer: returns the attached Trainer or ``None``.
+        device: returns the model's device.
+        batch_size: batch size of evaluation forward passes.
+    """
+
+    def __init__(
+        self,
+        workers: Workers,
+        trainer: Callable[[], Any],
+        device: Callable[[], torch.device],
+        batch_size: int,
+    ) -> None:
+        self.workers = workers
+        self._trainer = trainer
+        self._device = device
+        self.batch_size = batch_size
+        self.client_metrics: dict[str, Tensor] = {}
+        self.datamodule: Any = None
+        self.num_classes = 0
+        self.num_clients = 0
+        self.client_num_samples = torch.zeros(0, dtype=torch.long)
+
+    def bind(self, datamodule: Any) -> None:
+        """Evaluate on ``datamodule``'s clients (called at setup)."""
+        self.datamodule = datamodule
+        self.num_classes = datamodule.num_classes
+        self.num_clients = datamodule.num_clients
+        self.client_num_samples = datamodule.num_train.clone()
+
+    # ---------------------------------------------------------------- forward passes
+    @torch.no_grad()
+    def forward_batched(
+        self, worker: nn.Module, x: Tensor, method: Callable[[Tensor], Any] | None = None
+    ) -> Tensor:
+        """``worker``'s outputs on ``x`` (logits, or ``method(xb)``), float32, flattened per
+        sample, on the model's device."""
+        device = self._device()
+        was_training = worker.training
+        worker.eval()
+        fn = method or worker
+        trainer = self._trainer()
+        ctx = trainer.precision_plugin.forward_context if trainer is not None else nullcontext
+        outs = []
+        with ctx():
+            for i in range(0, len(x), self.batch_size):
+                xb = x[i : i + self.batch_size].to(device, non_blocking=True)
+                outs.append(logits_of(fn(xb)).flatten(1).float())
+        worker.train(was_training)
+        return torch.cat(outs) if outs else torch.empty(0, device=device)
+
+    def predict_classes(self, worker: nn.Module, x: Tensor) -> Tensor:
+        """Argmax predictions of ``worker`` on ``x``."""
+        if not len(x):
+            return torch.empty(0, dtype=torch.long, device=self._device())
+        return self.forward_batched(worker, x).argmax(dim=-1)
+
+    def acc_f1(self, preds: Tensor, target: Tensor) -> tuple[float, float]:
+        """Accuracy and macro-F1 of ``preds`` against ``target``."""
+        c = self.num_classes
+        acc = multiclass_accuracy(preds, target, num_classes=c, average="micro")
+        f1 = multiclass_f1_score(preds, target, num_classes=c, average="macro")
+        return float(acc), float(f1)
+
+    def score(self, role: str, client: int, split: str, metric: str = "f1") -> float:
+        """``role``'s macro-F1 (``"f1"``) or accuracy (``"acc"``) on ``client``'s ``split``.
+
+        Raises:
+            ValueError: the client has no data in ``split``.
+        """
+        x, y = self.datamodule.client_split(client, split)
+        if not len(y):
+            raise ValueError(
+                f"Client {client} has no '{split}' data; set `data.{split}_fraction` > 0 or "
+                "choose another split."
+            )
+        preds = self.predict_classes(self.workers[role], x)
+        acc, f1 = self.acc_f1(preds, y.to(preds.device))
+        return f1 if metric == "f1" else acc
+
+    def personal(self, client: int) -> tuple[float, float] | None:
+        """``client``'s evaluated role on its test split: ``(acc, f1)``, ``None`` without
+        test data."""
+        xt, yt = self.datamodule.client_test(client)
+        if not len(yt):
+            return None
+        preds = self.predict_classes(self.workers[self.workers.evaluated_role(client)], xt)
+        return self.acc_f1(preds, yt.to(preds.device))
+
+    # ---------------------------------------------------------------- round metrics
+    @torch.no_grad()
+    def _run_client_validation_step(self, x: Tensor, y: Tensor) -> None:
+        """The client module's own ``validation_step`` (if any) over ``x, y``, so what it
+        logs appears as ``client/<name>``."""
+        worker = self.workers.shared
+        if not is_overridden("validation_step", worker, pl.LightningModule):
+            return
+        device = self._device()
+        worker.eval()
+        with self._trainer().precision_plugin.forward_context():
+            for i, start in enumerate(range(0, len(y), self.batch_size)):
+                end = start + self.batch_size
+                worker.validation_step((x[start:end].to(device), y[start:end].to(device)), i)
+        worker.train()
+
+    def evaluate_global(self, server_state: Mapping[str, Tensor]) -> dict[str, float]:
+        """The server model on the pooled test data (or the held-out global test set) and on
+        each client's test split."""
+        dm = self.datamodule
+        x, y, owner = dm.pooled_test()
+        if not len(y):
+            return {}
+        self.workers.load(SHARED_ROLE, server_state)
+        worker = self.workers.shared
+        preds = self.predict_classes(worker, x).cpu()
+        if len(getattr(dm, "global_test_y", ())):  # a held-out global test set
+            xg, yg = dm.global_test()
+            self._run_client_validation_step(xg, yg)
+            acc, f1 = self.acc_f1(self.predict_classes(worker, xg).cpu(), yg)
+        else:
+            self._run_client_validation_step(x, y)
+            acc, f1 = self.acc_f1(preds, y)
+        per_acc = torch.full((self.num_clients,), float("nan"))
+        per_f1 = torch.full((self.num_clients,), float("nan"))
+        for k in range(self.num_clients):
+            mask = owner == k
+            if mask.any():
+                per_acc[k], per_f1[k] = self.acc_f1(preds[mask], y[mask])
+        self.client_metrics["global_acc"] = per_acc
+        self.client_metrics["global_f1"] = per_f1
+        return {
+            "global/acc": acc,
+            "global/f1": f1,
+            "global/acc_client_mean": per_acc.nanmean().item(),
+            "global/acc_client_min": per_acc[~per_acc.isnan()].min().item(),
+        }
+
+    def personal_metrics(self, personal: Mapping[int, tuple[float, float]]) -> dict[str, float]:
+        """``personal/*`` over ``{client: (acc, f1)}``, recorded per client too."""
+        if not personal:
+            return {}
+        clients = sorted(personal)  # the same order on any number of ranks
+        acc = torch.tensor([personal[k][0] for k in clients])
+        f1 = torch.tensor([personal[k][1] for k in clients])
+        for name in ("personal_acc", "personal_f1"):
+            if name not in self.client_metrics:
+                self.client_metrics[name] = torch.full((self.num_clients,), float("nan"))
+        for k, (a, f) in personal.items():
+            self.client_metrics["personal_acc"][k] = a
+            self.client_metrics["personal_f1"][k] = f
+        return {
+            "personal/acc_mean": acc.mean().item(),
+            "personal/acc_min": acc.min().item(),
+            "personal/f1_mean": f1.mean().item(),
+        }
+
+    def client_table(self) -> tuple[list[str], list[list[Any]]]:
+        """Per-client table (latest evaluated values): client, samples, accuracies, F1s."""
+        names = [
+            n
+            for n in ("global_acc", "global_f1", "personal_acc", "personal_f1")
+            if n in self.client_metrics
+        ]
+        rows = [
+            [k, int(self.client_num_samples[k])]
+            + [round(float(self.client_metrics[n][k]), 4) for n in names]
+            for k in range(self.num_clients)
+        ]
+        return ["client", "samples", *names], rows
+
+
+class StageEvaluation:
+    """``trainer.test``/``validate``: the server model on each client's split, one step per
+    client, pooled at the epoch end.
+
+    Args:
+        evaluator: the evaluator whose workers and metrics are used.
+        log: the LightningModule's ``log``.
+    """
+
+    def __init__(self, evaluator: Evaluator, log: Callable[..., None]) -> None:
+        self.evaluator = evaluator
+        self.log = log
+        self.preds: list[Tensor] = []
+        self.targets: list[Tensor] = []
+
+    def start(self, server_state: Mapping[str, Tensor]) -> None:
+        self.evaluator.workers.load(SHARED_ROLE, server_state)
+        self.preds, self.targets = [], []
+
+    def step(self, client: int, stage: str) -> None:
+        ev, dm = self.evaluator, self.evaluator.datamodule
+        split = "val" if stage == "val" and int(dm.num_val.sum()) > 0 else "test"
+        x, y = dm.client_split(client, split)
+        if not len(y):
+            return
+        preds = ev.predict_classes(ev.workers.shared, x).cpu()
+        self.preds.append(preds)
+        self.targets.append(y)
+        acc, _ = ev.acc_f1(preds, y)
+        self.log(f"{stage}/acc_client_mean", acc, on_epoch=True, batch_size=1)
+
+    def end(self, stage: str, log_dict: Callable[..., None]) -> None:
+        if self.preds:
+            acc, f1 = self.evaluator.acc_f1(torch.cat(self.preds), torch.cat(self.targets))
+            log_dict({f"{stage}/acc": acc, f"{stage}/f1": f1}, on_epoch=True)

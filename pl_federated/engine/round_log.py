@@ -1,0 +1,136 @@
+"""Round logging: the clients' own ``self.log`` calls, the round's metric row, the history,
+the progress-bar label and the loggers' ``round`` axis.
+
+A client module has no Trainer of its own, so its ``self.log`` calls go to a
+:class:`LogRouter` and come out as per-round means under ``client/<name>``
+(``client/<role>/<name>`` for local roles). Every metric of a round row is plotted against
+``round`` in W&B, whatever its prefix (Lightning's default x-axis counts local steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from torch import Tensor
+
+from pl_federated.store import SHARED_ROLE
+
+PROGRESS_BAR_METRICS = ("global/acc", "personal/acc_mean")
+"""Round metrics shown in Lightning's progress bar (all are logged)."""
+
+
+class LogRouter:
+    """Replaces a client's ``self.log``: values are summed here and averaged per round."""
+
+    def __init__(self, prefix: str = "client/") -> None:
+        self.prefix = prefix
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        value = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
+        if name in self.sums:
+            self.sums[name] = self.sums[name] + value.to(self.sums[name].device)
+            self.counts[name] += 1
+        else:
+            self.sums[name], self.counts[name] = value.clone(), 1
+
+    def log_dict(self, dictionary: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
+        for name, value in dictionary.items():
+            self(name, value)
+
+    def attach(self, module: pl.LightningModule) -> None:
+        """Route ``module.log``/``log_dict`` here (instance attributes shadow the methods)."""
+        module.log = self
+        module.log_dict = self.log_dict
+
+    def pop_means(self) -> dict[str, Tensor]:
+        means = {f"{self.prefix}{k}": (v / self.counts[k]).cpu() for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+
+class RoundLogger:
+    """The clients' log routers, the callbacks' round values and the history of rows."""
+
+    def __init__(self) -> None:
+        self.routers: dict[str, LogRouter] = {}
+        self.round_logs: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self._round_axis: set[str] = set()
+
+    def route(self, role: str, module: pl.LightningModule) -> None:
+        """Collect ``module.log`` calls of role ``role``."""
+        prefix = "client/" if role == SHARED_ROLE else f"client/{role}/"
+        self.routers[role] = LogRouter(prefix)
+        self.routers[role].attach(module)
+
+    def start_round(self) -> None:
+        """Forget the previous round's values."""
+        self.round_logs = {}
+        self.pop_client_logs()
+
+    def log_round(self, metrics: Mapping[str, float]) -> None:
+        """Add scalars to this round's row."""
+        self.round_logs.update({k: float(v) for k, v in metrics.items()})
+
+    def pop_client_logs(self) -> dict[str, Tensor]:
+        means: dict[str, Tensor] = {}
+        for router in self.routers.values():
+            means.update(router.pop_means())
+        return means
+
+    def client_log_sums(self) -> tuple[dict[tuple[str, str], Tensor], dict[tuple[str, str], int]]:
+        """This rank's client logs: ``(role, name) -> sum`` and ``(role, name) -> count``."""
+        sums = {(r, n): v for r, router in self.routers.items() for n, v in router.sums.items()}
+        counts = {(r, n): c for r, router in self.routers.items() for n, c in router.counts.items()}
+        return sums, counts
+
+    def set_client_log_sums(
+        self, sums: Mapping[tuple[str, str], Tensor], counts: Mapping[tuple[str, str], int]
+    ) -> None:
+        """Replace the routers' sums and counts (by the merge of every rank's)."""
+        for router in self.routers.values():
+            router.sums, router.counts = {}, {}
+        for (role, name), total in sums.items():
+            self.routers[role].sums[name] = total
+            self.routers[role].counts[name] = counts[(role, name)]
+
+    @staticmethod
+    def label_progress_bar(trainer: pl.Trainer, round: int) -> None:
+        """Lightning's bar says "Epoch N" (set just before the epoch starts): say "Round N"."""
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, TQDMProgressBar) and bar.train_progress_bar is not None:
+            bar.train_progress_bar.set_description(f"Round {round}")
+
+    def log_row(self, module: pl.LightningModule, metrics: dict[str, Any]) -> None:
+        """Append ``metrics`` to the history and log them (the progress-bar ones to the bar),
+        each plotted against ``round`` in W&B."""
+        self.history.append(metrics)
+        self._use_round_axis(module.trainer, metrics)
+        bar = {k: v for k, v in metrics.items() if k in PROGRESS_BAR_METRICS}
+        rest = {k: v for k, v in metrics.items() if k not in PROGRESS_BAR_METRICS}
+        module.log_dict(rest, on_epoch=True, prog_bar=False, sync_dist=False)
+        module.log_dict(bar, on_epoch=True, prog_bar=True, sync_dist=False)
+
+    def _use_round_axis(self, trainer: pl.Trainer, metrics: Mapping[str, Any]) -> None:
+        """Define ``round`` as the W&B step metric of every metric group in ``metrics``
+        (``<prefix>/*`` per prefix, a plain key by name), each the first time it appears."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        names = {f"{k.split('/', 1)[0]}/*" if "/" in k else k for k in metrics}
+        new = sorted(names - self._round_axis)
+        if not new or not trainer.is_global_zero:
+            return
+        self._round_axis.update(new)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                for name in new:
+                    if name == "round":
+                        logger.experiment.define_metric("round")
+                    else:
+                        logger.experiment.define_metric(name, step_metric="round")

@@ -1,0 +1,142 @@
+"""Who trains when: named seed streams, client selection, rank ownership and slots.
+
+Every random choice of a run derives from the run seed, a registered stream name and the
+round (and client), never from global state, so a resumed run draws exactly what an
+uninterrupted one draws.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+BUILTIN_STREAMS = {"engine": 0, "batches": 1}
+"""The engine's own streams: ``engine`` (client selection with no client, the client's default
+generators with one) and ``batches`` (each client's batch order)."""
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A seed derived from ``seed`` and ``keys`` (a polynomial hash, kept below 2**62)."""
+    h = seed
+    for key in keys:
+        h = (h * 1_000_003 + key + 1) % (2**62)
+    return h
+
+
+class SeedStreams:
+    """Named random streams, each with a unique integer tag (so no two collide).
+
+    A draw of stream ``s`` in ``round`` for ``client`` is seeded with
+    ``derive_seed(seed, round, client + 1, tag)`` (``0`` for no client; the tag is left out
+    for tag 0). Callbacks register their streams in ``setup``.
+
+    Example:
+        >>> streams = SeedStreams(seed=0)
+        >>> streams.register("mine", 9)
+        >>> a = torch.randperm(5, generator=streams.generator("mine", 3, client=1))
+        >>> b = torch.randperm(5, generator=streams.generator("mine", 3, client=1))
+        >>> bool((a == b).all())
+        True
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.tags: dict[str, int] = dict(BUILTIN_STREAMS)
+
+    def register(self, name: str, tag: int) -> None:
+        """Reserve stream ``name`` with ``tag``; registering the same pair again is a no-op.
+
+        Raises:
+            ValueError: ``name`` has another tag, or ``tag`` belongs to another stream.
+        """
+        if not isinstance(tag, int) or tag < 0:
+            raise ValueError(f"Seed stream {name!r}: `tag` must be an int >= 0, got {tag!r}.")
+        if self.tags.get(name, tag) != tag:
+            raise ValueError(f"Seed stream {name!r} is registered with tag {self.tags[name]}.")
+        owner = next((n for n, t in self.tags.items() if t == tag and n != name), None)
+        if owner is not None:
+            raise ValueError(f"Seed stream tag {tag} of {name!r} is taken by {owner!r}.")
+        self.tags[name] = tag
+
+    def seed_for(self, stream: str, round: int, client: int | None = None) -> int:
+        """The seed of ``stream`` for ``round`` (and ``client``)."""
+        if stream not in self.tags:
+            raise KeyError(f"Unknown seed stream {stream!r}; registered: {sorted(self.tags)}.")
+        tag = self.tags[stream]
+        keys = (round, 0 if client is None else client + 1, *((tag,) if tag else ()))
+        return derive_seed(self.seed, *keys)
+
+    def generator(self, stream: str, round: int, client: int | None = None) -> torch.Generator:
+        """A CPU generator seeded for ``stream``, ``round`` and ``client``."""
+        return torch.Generator().manual_seed(self.seed_for(stream, round, client))
+
+
+def num_selected(clients_per_round: int | float, num_clients: int) -> int:
+    """Clients per round: an int as is, a fraction of ``num_clients`` rounded up (>= 1)."""
+    if isinstance(clients_per_round, float):
+        return max(1, math.ceil(clients_per_round * num_clients))
+    return clients_per_round
+
+
+def select_clients(streams: SeedStreams, round: int, num_clients: int, count: int) -> list[int]:
+    """A seeded sample of ``count`` of ``num_clients`` without replacement, sorted; all when
+    ``count >= num_clients``."""
+    if count >= num_clients:
+        return list(range(num_clients))
+    perm = torch.randperm(num_clients, generator=streams.generator("engine", round))
+    return sorted(perm[:count].tolist())
+
+
+def owned(clients: Iterable[int], rank: int, world_size: int) -> list[int]:
+    """The clients among ``clients`` that ``rank`` trains (``client % world_size``)."""
+    return [c for c in clients if c % world_size == rank]
+
+
+def busiest_slots(selected: Iterable[int], world_size: int, clients_per_step: int) -> int:
+    """The slot count of the rank with the most of ``selected``."""
+    counts = [0] * world_size
+    for c in selected:
+        counts[c % world_size] += 1
+    return math.ceil(max(counts) / clients_per_step)
+
+
+@dataclass
+class SlotPlan:
+    """What :class:`ClientSlots` needs to know of the engine, read when iterated."""
+
+    selected: Callable[[], Sequence[int]]
+    rank_and_world: Callable[[], tuple[int, int]]
+    clients_per_step: int
+    max_slots: Callable[[], int]
+
+
+class ClientSlots:
+    """The round's training iterable: lists of client ids (``clients_per_step`` per slot).
+
+    Lazy: the selection is read when Lightning starts iterating the epoch (after
+    ``on_train_epoch_start``, where the engine selects the round's clients and callbacks may
+    reorder them), so it always follows the current round, also after a resume. Under
+    ``fed_ddp`` every rank yields as many slots as the round's busiest rank (Lightning runs a
+    collective per training step); the others idle through empty slots.
+    """
+
+    def __init__(self, plan: SlotPlan) -> None:
+        self.plan = plan
+
+    def __len__(self) -> int:
+        # Lightning reads the length once: the most slots any rank needs in any round
+        return self.plan.max_slots()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = self.plan
+        rank, world = plan.rank_and_world()
+        selected = list(plan.selected())
+        clients = owned(selected, rank, world)
+        step = plan.clients_per_step
+        slots = [clients[i : i + step] for i in range(0, len(clients), step)]
+        if world > 1:
+            slots += [[] for _ in range(busiest_slots(selected, world, step) - len(slots))]
+        yield from slots

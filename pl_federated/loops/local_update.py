@@ -1,0 +1,170 @@
+"""One client's local update and its upload.
+
+The update: seed the client's randomness, download its state, reset its optimizers, run
+``on_client_start``, then the batch plan (:func:`local_epoch_lengths`: ``local_epochs`` passes
+or ``local_steps`` batches in a seeded order) with one step of every trained role per batch;
+the upload: ``on_client_end``, keep the local state, hand a finite upload to the aggregator
+(or exclude the client), and on evaluation rounds score the client's personal model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from pl_federated.store import SHARED_ROLE, all_finite
+
+
+def local_epoch_lengths(
+    num_samples: int, batch_size: int, local_epochs: int, local_steps: int | None
+) -> list[int]:
+    """Batches in each local epoch: ``local_epochs`` full passes, or ``local_steps`` batches
+    cut into passes over the data; no batches without data.
+
+    Example:
+        >>> local_epoch_lengths(10, 4, 2, None), local_epoch_lengths(10, 4, 1, 5)
+        ([3, 3], [3, 2])
+    """
+    per_epoch = math.ceil(num_samples / batch_size)
+    total = (local_steps or local_epochs * per_epoch) if num_samples else 0
+    lengths, step = [], 0
+    while step < total:
+        lengths.append(min(per_epoch, total - step))
+        step += lengths[-1]
+    return lengths
+
+
+def as_output(out: Any) -> Mapping[str, Any]:
+    """A client's ``training_step`` result as a mapping with at least ``loss``.
+
+    Raises:
+        TypeError: neither a tensor nor a mapping with ``loss``.
+    """
+    if isinstance(out, Tensor):
+        return {"loss": out}
+    if isinstance(out, Mapping) and "loss" in out:
+        return out
+    raise TypeError(
+        "A client's `training_step` must return the loss tensor or a dict with key 'loss'; got "
+        f"{type(out).__name__}."
+    )
+
+
+def seed_client_randomness(fed: Any, client: int) -> None:
+    """Seed the default generators for ``client``'s update (dropout etc.), so a resumed run
+    draws the same numbers. Not ``torch.manual_seed``: without an initialised CUDA context
+    it queues a lazy CUDA call with a stack trace, ~3 ms per client."""
+    seed = fed.streams.seed_for("engine", fed.current_round, client)
+    torch.default_generator.manual_seed(seed)
+    if fed.device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
+def add_loss(state: Any, role: str, loss_sum: Tensor, steps: int) -> None:
+    """Add a client's summed training loss over ``steps`` to the round's ``role`` totals."""
+    state.loss_sums[role] = state.loss_sums.get(role, 0.0) + loss_sum
+    state.loss_counts[role] = state.loss_counts.get(role, 0) + steps
+
+
+def train_client(fed: Any, client: int) -> None:
+    """Client ``client``'s whole local update, upload and (on eval rounds) personal eval.
+
+    Every trained role sees the same batches; each role's loss is its own ``training_step``
+    loss plus the callbacks' ``client_loss`` terms, and all roles step once per batch.
+    Cross-role terms must detach the teacher (see ``losses.kl_div``), so one backward of the
+    summed losses gives each role exactly its own gradients.
+    """
+    roles_of, dispatch, stepper = fed.role_registry, fed.dispatch, fed.stepper
+    state = fed.round_state
+    fed.current_client = client
+    seed_client_randomness(fed, client)
+    fed.transport.download(client)
+    roles = roles_of.client_roles(client)
+    lopts = stepper.lightning_optimizers()
+    for role in roles:
+        opt = stepper.optimizers[role]
+        opt.state.clear()  # a fresh optimizer state, or the client's own (persist_optimizer)
+        if fed.persist_optimizer:
+            fed.transport.restore_optimizer(opt, role, client)
+    dispatch.call("on_client_start", fed.trainer, fed, client)
+    device, workers = fed.device, fed.workers
+    sup = next(iter(dispatch.implementing("supervised_loss")), None)
+    weighters = dispatch.implementing("supervised_weight")
+    adders = dispatch.implementing("client_loss")
+    transform = getattr(fed.datamodule, "train_transform", None)
+    x, y = fed.datamodule.client_train(client)
+    for cb in dispatch.implementing("train_data"):
+        with dispatch.profile(cb, "train_data"):
+            replaced = cb.train_data(fed, client, x, y)
+        x, y = (x, y) if replaced is None else replaced
+    n, bs = len(y), fed.datamodule.batch_size
+    gen = fed.streams.generator("batches", fed.current_round, client)
+    lengths = local_epoch_lengths(n, bs, fed.local_epochs, fed.local_steps)
+    loss_sums = {role: torch.zeros((), device=device) for role in roles}
+    for epoch, count in enumerate(lengths):
+        dispatch.call("on_local_epoch_start", fed.trainer, fed, client, epoch)
+        perm = torch.randperm(n, generator=gen)
+        for i in range(count):
+            idx = perm[i * bs : (i + 1) * bs]
+            xb = x[idx]
+            if transform is not None:
+                xb = torch.stack([transform(sample) for sample in xb])
+            batch = (xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True))
+            outs = {role: as_output(workers[role].training_step(batch, i)) for role in roles}
+            loss = None
+            for role in roles:
+                role_loss = outs[role]["loss"]
+                if sup is not None:
+                    replaced = sup.supervised_loss(fed, client, role, batch, outs[role])
+                    role_loss = role_loss if replaced is None else replaced
+                for cb in weighters:
+                    role_loss = cb.supervised_weight(fed, client, role) * role_loss
+                for cb in adders:
+                    extra = cb.client_loss(fed, client, role, batch, outs)
+                    if extra is not None:
+                        role_loss = role_loss + extra
+                loss_sums[role] += role_loss.detach()
+                loss = role_loss if loss is None else loss + role_loss
+            stepper.step(loss, roles, lopts)
+    total = sum(lengths)
+    for role in roles:
+        add_loss(state, role, loss_sums[role], total)
+    state.local_steps[client] = total
+    if fed.persist_optimizer:
+        for role in roles:
+            fed.transport.save_optimizer(stepper.optimizers[role], role, client)
+    finish_client(fed, client)
+
+
+def finish_client(
+    fed: Any,
+    client: int,
+    upload: Mapping[str, Tensor] | None = None,
+    finite: bool | None = None,
+) -> None:
+    """The end of ``client``'s update, its trained state in the workers: ``on_client_end``
+    callbacks, keep the local state, upload (unless non-finite), personal evaluation.
+    Vectorized training passes the ``upload`` rows (and their ``finite`` check) directly
+    when nothing needs the state in the workers (see ``loops.vectorized.train_group``)."""
+    state = fed.round_state
+    fed.dispatch.call("on_client_end", fed.trainer, fed, client)
+    fed.transport.keep(client)
+    upload = fed.role_registry.state(SHARED_ROLE) if upload is None else upload
+    if all_finite(upload.values()) if finite is None else finite:
+        fed.aggregator.update(fed, client, upload, int(fed.client_num_samples[client]))
+    else:
+        state.excluded.append(client)
+        rank_zero_warn(
+            f"Round {fed.current_round}: client {client}'s update has NaN/Inf; excluded "
+            "from aggregation."
+        )
+    if state.is_eval_round:
+        scores = fed.evaluator.personal(client)
+        if scores is not None:
+            state.personal[client] = scores
+    fed.current_client = None

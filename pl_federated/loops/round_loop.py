@@ -1,0 +1,108 @@
+"""One communication round (= one Lightning training epoch), its start and its end.
+
+Start: select the round's clients (``select_clients`` hooks may reorder them), reset every
+declared round state, ``on_round_start``. Between them Lightning runs one training step per
+client slot (:mod:`~pl_federated.loops.local_update`). End: merge the round state across
+ranks, aggregate, ``on_round_end``, evaluate and log the round's row.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pl_federated.engine.round_state import RoundState, merge_round_states
+from pl_federated.loops.local_update import train_client
+from pl_federated.loops.vectorized import group_by_samples, train_group
+from pl_federated.store import SHARED_ROLE
+
+
+def engine_round_state() -> RoundState:
+    """The engine's own per-round accumulators."""
+    state = RoundState()
+    state.add("excluded", [], reduce="cat")  # clients whose upload was not finite
+    state.add("local_steps", {}, reduce="gather")  # client -> local optimizer steps
+    state.add("loss_sums", {}, reduce="sum")  # role -> summed training loss
+    state.add("loss_counts", {}, reduce="sum")  # role -> local steps in loss_sums
+    state.add("personal", {}, reduce="gather")  # client -> (acc, f1) of its personal model
+    state.add("log_sums", {}, reduce="sum")  # (role, name) -> sum of a client's self.log
+    state.add("log_counts", {}, reduce="sum")  # (role, name) -> number of values
+    state.add("is_eval_round", False, reduce="local")
+    state.add("started", 0.0, reduce="local")  # perf_counter() at the round's start
+    return state
+
+
+def is_eval_round(round: int, every: int, max_rounds: int | None) -> bool:
+    """Whether ``round`` evaluates: every ``every`` rounds and the last (never for 0)."""
+    if every == 0:
+        return False
+    last = max_rounds is not None and round == max_rounds - 1
+    return last or (round + 1) % every == 0
+
+
+def start_round(fed: Any) -> None:
+    """Everything before the round's first training step."""
+    trainer, state = fed.trainer, fed.round_state
+    round = fed.current_round
+    fed.round_logger.label_progress_bar(trainer, round)
+    selected = fed.select_clients(round)
+    for cb in fed.dispatch.implementing("select_clients"):
+        with fed.dispatch.profile(cb, "select_clients"):
+            chosen = cb.select_clients(trainer, fed, round, list(selected))
+        selected = selected if chosen is None else [int(c) for c in chosen]
+    fed.selected_clients = tuple(selected)
+    state.reset()
+    state.started = time.perf_counter()
+    state.is_eval_round = is_eval_round(round, fed.eval_every_n_rounds, trainer.max_epochs)
+    for cb in fed.dispatch.callbacks:
+        cb.round_state.reset()
+    fed.aggregator.reset(fed)
+    fed.round_logger.start_round()
+    fed.dispatch.call("on_round_start", trainer, fed, round)
+
+
+def train_slot(fed: Any, slot: list[int]) -> None:
+    """One training step: the local updates of the slot's clients."""
+    if fed.vectorize_clients:
+        for group in group_by_samples(fed, [int(c) for c in slot]):
+            if len(group) == 1:  # nothing to vectorize: vmap would only add its overhead
+                train_client(fed, group[0])
+            else:
+                train_group(fed, group)
+        return
+    for client in slot:
+        train_client(fed, int(client))
+
+
+def merge_round(fed: Any) -> None:
+    """Merge what the ranks' clients produced this round (the engine's and the callbacks'
+    round state, the client logs) so every rank holds the whole round, as in one process."""
+    if fed.collectives.world_size == 1:
+        return
+    state, logger = fed.round_state, fed.round_logger
+    state.log_sums, state.log_counts = logger.client_log_sums()
+    states = [state, *(cb.round_state for cb in fed.dispatch.callbacks)]
+    merge_round_states(states, fed.collectives.all_gather_objects)
+    state.excluded = sorted(state.excluded)
+    logger.set_client_log_sums(state.log_sums, state.log_counts)
+
+
+def end_round(fed: Any) -> None:
+    """Aggregate, run ``on_round_end`` callbacks, evaluate and log the round."""
+    merge_round(fed)
+    state, trainer = fed.round_state, fed.trainer
+    fed.server_state = fed.aggregator.aggregate(fed, fed.server_state)
+    fed.dispatch.call("on_round_end", trainer, fed, fed.current_round)
+    fed.store.release_memory()
+    metrics: dict[str, Any] = {"round": float(fed.current_round)}
+    metrics["round/excluded_clients"] = float(len(state.excluded))
+    for role, loss_sum in state.loss_sums.items():
+        suffix = "" if role == SHARED_ROLE else f"_{role}"
+        metrics[f"train/loss{suffix}"] = float(loss_sum / max(state.loss_counts[role], 1))
+    metrics.update(fed.round_logger.round_logs)
+    if state.is_eval_round:
+        metrics.update(fed.evaluator.evaluate_global(fed.server_state))
+        metrics.update(fed.evaluator.personal_metrics(state.personal))
+    metrics.update({k: v.item() for k, v in fed.round_logger.pop_client_logs().items()})
+    metrics["round/seconds"] = time.perf_counter() - state.started
+    fed.round_logger.log_row(fed, metrics)
