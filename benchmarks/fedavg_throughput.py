@@ -249,7 +249,18 @@ def main() -> None:
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--ddp-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--clients-per-step", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (pinned)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default: workload's)")
     args = parser.parse_args()
+    # Steady state in every variant: the first optimizer step imports dynamo (~2 s), and
+    # denormal floats of late rounds slow CPU math 2-3x; threads pinned for repeatable numbers.
+    import torch._dynamo  # noqa: F401
+
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    if args.rounds is not None:
+        for w in WORKLOADS.values():
+            w.rounds = args.rounds
     warnings.filterwarnings("ignore")
     import logging
 

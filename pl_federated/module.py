@@ -7,40 +7,36 @@ hooks delegate in a few lines to the engine's parts (:mod:`pl_federated.engine`)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from pl_federated.callbacks.aggregator import Aggregator
-from pl_federated.callbacks.base import FederatedCallback, overrides
+from pl_federated.engine import checkpoint as engine_checkpoint
 from pl_federated.engine.collectives import Collectives
-from pl_federated.engine.config import STORE_DTYPES, FederationConfig
-from pl_federated.engine.dispatch import HookDispatch
+from pl_federated.engine.config import FederationConfig
+from pl_federated.engine.dispatch import HookDispatch, federated_callbacks
 from pl_federated.engine.evaluation import Evaluator, StageEvaluation
 from pl_federated.engine.round_log import RoundLogger
 from pl_federated.engine.schedule import (
+    ClientSchedule,
     ClientSlots,
     SeedStreams,
-    SlotPlan,
-    busiest_slots,
     num_selected,
     owned,
-    select_clients,
 )
 from pl_federated.engine.transport import StateTransport
-from pl_federated.engine.workers import StoreNamespaces, Workers
+from pl_federated.engine.workers import StoreNamespaces, Workers, check_client_module
 from pl_federated.loops import round_loop
 from pl_federated.loops.optimization import Stepper
 from pl_federated.loops.vectorized import check_vectorizable
-from pl_federated.store import SHARED_ROLE, ClientStore, merge_store_states
-from pl_federated.strategy import FederatedDDPStrategy
+from pl_federated.store import SHARED_ROLE, ClientStore
+from pl_federated.strategy import check_fed_ddp
 
 
 class FederatedModule(pl.LightningModule):
@@ -118,16 +114,7 @@ class FederatedModule(pl.LightningModule):
         # which lets `load_from_checkpoint` rebuild the client; outside it, the client module
         # itself is saved with the weights, not in hparams.
         self.save_hyperparameters(ignore=None if _given_hyperparameters.get() else ["client"])
-        if not isinstance(client, pl.LightningModule):
-            raise ValueError(
-                f"`client` must be a LightningModule, got {type(client).__name__}; wrap your "
-                "nn.Module in a LightningModule with training_step and configure_optimizers."
-            )
-        if not client.automatic_optimization:
-            raise ValueError(
-                "`client` uses manual optimization; the FederatedModule drives the client's "
-                "optimizer itself: return the loss from `training_step` instead."
-            )
+        check_client_module(client)
         self.config = FederationConfig(
             num_clients, clients_per_round, local_epochs, local_steps, seed, persist_optimizer,
             clients_per_step, eval_every_n_rounds, eval_batch_size, store_device, store_dtype,
@@ -141,6 +128,15 @@ class FederatedModule(pl.LightningModule):
         self.store_namespaces = StoreNamespaces()
         self.role_registry = Workers(self.workers, self.store_namespaces, self.round_logger.route)
         self.streams = SeedStreams(seed)
+        self.schedule = ClientSchedule(
+            self.streams,
+            clients_per_step,
+            num_clients=lambda: self.num_clients,
+            num_selected=lambda: self.num_selected,
+            rank_and_world=lambda: (self.collectives.rank, self.world_size),
+            max_rounds=lambda: self.trainer.max_epochs,
+            selected=lambda: self.selected_clients,
+        )
         self.collectives = Collectives(lambda: self._trainer)
         self.transport = StateTransport(
             self.role_registry, lambda: self.store, lambda: self.server_state
@@ -315,7 +311,7 @@ class FederatedModule(pl.LightningModule):
 
     def select_clients(self, round: int) -> list[int]:
         """This round's clients: a seeded sample without replacement, sorted; all when K == m."""
-        return select_clients(self.streams, round, self.num_clients, self.num_selected)
+        return self.schedule.select(round)
 
     def owned_clients(self, clients: Iterable[int]) -> list[int]:
         """The clients among ``clients`` this rank trains (``client % world_size``)."""
@@ -323,29 +319,15 @@ class FederatedModule(pl.LightningModule):
 
     def slots_this_round(self) -> int:
         """Training steps every rank runs this round (the busiest rank's slot count)."""
-        return busiest_slots(self.selected_clients, self.world_size, self.clients_per_step)
+        return self.schedule.slots_this_round()
 
     def max_slots_per_rank(self) -> int:
         """An upper bound of :meth:`slots_this_round` over the whole run."""
-        world, step = self.world_size, self.clients_per_step
-        if world == 1:
-            return math.ceil(self.num_selected / step)
-        rounds = self.trainer.max_epochs
-        if rounds is None or rounds < 0:
-            return math.ceil(min(self.num_selected, math.ceil(self.num_clients / world)) / step)
-        return max(
-            [1, *(busiest_slots(self.select_clients(r), world, step) for r in range(rounds))]
-        )
+        return self.schedule.max_slots_per_rank()
 
     def client_slots(self) -> ClientSlots:
         """The round's training iterable (the datamodule's ``train_dataloader``)."""
-        plan = SlotPlan(
-            lambda: self.selected_clients,
-            lambda: (self.collectives.rank, self.world_size),
-            self.clients_per_step,
-            self.max_slots_per_rank,
-        )
-        return ClientSlots(plan)
+        return ClientSlots(self.schedule)
 
     def all_gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` in rank order (``[obj]`` in one process)."""
@@ -405,7 +387,7 @@ class FederatedModule(pl.LightningModule):
         self.num_clients = dm.num_clients
         self.evaluator.bind(dm)
         if self.store is None:
-            self.store = self._new_store()
+            self.store = self.config.new_store(self.num_clients, self.root_device)
         if not self.server_state:
             initial = {k: v.detach().clone() for k, v in self.client.state_dict().items()}
             self.role_registry.initial_state = initial
@@ -417,24 +399,10 @@ class FederatedModule(pl.LightningModule):
             self._setup_distributed()
 
     def _setup_distributed(self) -> None:
-        """Check that every federated callback supports sharded clients and start every rank
-        from rank 0's initial weights (no DDP wrapper broadcasts them)."""
-        if not isinstance(self.trainer.strategy, FederatedDDPStrategy):
-            raise ValueError(
-                f"{type(self.trainer.strategy).__name__} with {self.world_size} processes: "
-                "federated training needs `strategy: fed_ddp` (DDP would average the gradients "
-                "of different clients)."
-            )
-        unsupported = [
-            type(c).__name__ for c in self.dispatch.callbacks if not c.supports_distributed
-        ]
-        if unsupported:
-            raise ValueError(
-                f"Callbacks {unsupported} do not support `strategy: fed_ddp` (their server-side "
-                "state is not reduced across processes); run them in one process."
-            )
-        if self.vectorize_clients:
-            raise ValueError("`vectorize_clients` is not supported with `strategy: fed_ddp`.")
+        """Refuse what sharded clients cannot do; start every rank from rank 0's initial
+        weights (no DDP wrapper broadcasts them)."""
+        callbacks = self.dispatch.callbacks
+        check_fed_ddp(self.trainer.strategy, self.world_size, callbacks, self.vectorize_clients)
         roles = self.role_registry
         initial = (roles.initial_state, roles.role_initial_state, self.server_state)
         roles.initial_state, role_initial, self.server_state = self.collectives.broadcast(initial)
@@ -445,37 +413,17 @@ class FederatedModule(pl.LightningModule):
         if stage == "fit" and hasattr(self, "_limit_val_batches"):
             self.trainer.limit_val_batches = self._limit_val_batches
 
-    def _new_store(self) -> ClientStore:
-        model_device = self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
-        dtype = STORE_DTYPES[self.store_dtype]
-        if self.store_device == "model":
-            return ClientStore(self.num_clients, device=model_device, dtype=dtype)
-        pin = model_device.type == "cuda"
-        return ClientStore(self.num_clients, pin_memory=pin, dtype=dtype, path=self.store_path)
+    @property
+    def root_device(self) -> torch.device:
+        """The Trainer's root device (the CPU without a Trainer)."""
+        return self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
 
     def _setup_callbacks(self) -> None:
-        callbacks = [c for c in self.trainer.callbacks if isinstance(c, FederatedCallback)]
-        aggregators = [c for c in callbacks if isinstance(c, Aggregator)]
-        if len(aggregators) > 1:
-            names = [type(a).__name__ for a in aggregators]
-            raise ValueError(f"Exactly one aggregator callback may be active, got {names}.")
-        if not aggregators:
-            from pl_federated.callbacks.fedavg import FedAvg  # the default, only when needed
-
-            rank_zero_info("pl_federated: no aggregator callback given; using FedAvg().")
-            aggregators = [FedAvg()]
-            self.trainer.callbacks.append(aggregators[0])
-            callbacks.append(aggregators[0])
-        self.aggregator = aggregators[0]
+        self.aggregator, callbacks = federated_callbacks(self.trainer)
         self.dispatch = HookDispatch(callbacks, self.trainer.profiler)
-        supervised = self.dispatch.implementing("supervised_loss")
-        if len(supervised) > 1:
-            names = [type(c).__name__ for c in supervised]
-            raise ValueError(f"At most one callback may replace the supervised loss, got {names}.")
         self.role_registry.role_filters = [
             (lambda client, cb=cb: cb.client_roles(self, client))
-            for cb in callbacks
-            if overrides(cb, "client_roles")
+            for cb in self.dispatch.implementing("client_roles")
         ]
 
     @override
@@ -545,33 +493,8 @@ class FederatedModule(pl.LightningModule):
     # ---------------------------------------------------------------- checkpoint
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        store = self.store.state_dict() if self.store is not None else None
-        if self.world_size > 1:  # every rank holds its own clients' rows: merge them
-            store = merge_store_states(self.all_gather_objects(store))
-        checkpoint["federated"] = {
-            "server_state": {k: v.cpu() for k, v in self.server_state.items()},
-            "store": store,
-            "client_metrics": dict(self.client_metrics),
-            "history": list(self.history),
-            "initial_state": {k: v.cpu() for k, v in self.initial_state.items()},
-            "role_initial_state": {
-                role: {k: v.cpu() for k, v in state.items()}
-                for role, state in self.role_initial_state.items()
-            },
-            "num_clients": self.num_clients,
-        }
+        checkpoint[engine_checkpoint.KEY] = engine_checkpoint.federated_state(self)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        fed = checkpoint.get("federated")
-        if fed is None:
-            raise ValueError("Checkpoint has no 'federated' entry: not written by FederatedModule.")
-        self.server_state = {k: v.to(self.device) for k, v in fed["server_state"].items()}
-        self.num_clients = fed["num_clients"]
-        self.store = self._new_store()
-        if fed["store"] is not None:
-            self.store.load_state_dict(fed["store"])
-        self.evaluator.client_metrics = dict(fed["client_metrics"])
-        self.round_logger.history = list(fed["history"])
-        self.role_registry.initial_state = dict(fed["initial_state"])
-        self.role_registry.role_initial_state.update(fed.get("role_initial_state", {}))
+        engine_checkpoint.restore(self, checkpoint)

@@ -50,3 +50,25 @@ class FederatedDDPStrategy(DDPStrategy):
 
 if "fed_ddp" not in StrategyRegistry:
     FederatedDDPStrategy.register_strategies(StrategyRegistry)
+
+
+def check_fed_ddp(strategy: Any, world_size: int, callbacks: Any, vectorized: bool) -> None:
+    """Refuse a multi-process run the federation cannot do correctly.
+
+    Raises:
+        ValueError: not ``fed_ddp``, a callback without ``supports_distributed``, or
+            vectorized clients.
+    """
+    if not isinstance(strategy, FederatedDDPStrategy):
+        raise ValueError(
+            f"{type(strategy).__name__} with {world_size} processes: federated training needs "
+            "`strategy: fed_ddp` (DDP would average the gradients of different clients)."
+        )
+    unsupported = [type(c).__name__ for c in callbacks if not c.supports_distributed]
+    if unsupported:
+        raise ValueError(
+            f"Callbacks {unsupported} do not support `strategy: fed_ddp` (their server-side "
+            "state is not reduced across processes); run them in one process."
+        )
+    if vectorized:
+        raise ValueError("`vectorize_clients` is not supported with `strategy: fed_ddp`.")

@@ -1,29 +1,49 @@
-"""Federated algorithms as Lightning callbacks."""
+"""Federated algorithms as Lightning callbacks.
 
-from pl_federated.callbacks.aggregator import Aggregator, WeightedSum
-from pl_federated.callbacks.attack import ModelPoisoning
-from pl_federated.callbacks.base import FederatedCallback
-from pl_federated.callbacks.deputy import DeputyEnhancedTransfer
-from pl_federated.callbacks.ditto import Ditto
-from pl_federated.callbacks.fedavg import FedAvg
-from pl_federated.callbacks.fedbn import FedBN
-from pl_federated.callbacks.federated_distillation import FederatedDistillation
-from pl_federated.callbacks.fedmd import FedMD
-from pl_federated.callbacks.fednova import FedNova
-from pl_federated.callbacks.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
-from pl_federated.callbacks.fedper import FedPer
-from pl_federated.callbacks.fedproto import FedProto
-from pl_federated.callbacks.fedprox import FedProx
-from pl_federated.callbacks.fedrep import FedRep
-from pl_federated.callbacks.fourier_aggregation import ProgressiveFourierAggregation
-from pl_federated.callbacks.kd3a import KD3A
-from pl_federated.callbacks.local_only import LocalOnly
-from pl_federated.callbacks.mutual_learning import MutualLearning
-from pl_federated.callbacks.prototype_alignment import ConjointPrototypeAlignment
-from pl_federated.callbacks.retrogress import RetrogressMonitor
-from pl_federated.callbacks.robust import BufferedAggregator, Krum, Median, TrimmedMean
-from pl_federated.callbacks.scaffold import SCAFFOLD
-from pl_federated.callbacks.summary import FederatedSummary
+Each algorithm is imported when first used (``pl_federated.callbacks.FedAvg`` or ``from
+pl_federated.callbacks import FedAvg``), so importing the engine, which needs only the base
+classes, does not import every algorithm."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULES = {
+    "Aggregator": "pl_federated.callbacks.aggregator",
+    "BufferedAggregator": "pl_federated.callbacks.robust",
+    "ConjointPrototypeAlignment": "pl_federated.callbacks.prototype_alignment",
+    "DeputyEnhancedTransfer": "pl_federated.callbacks.deputy",
+    "Ditto": "pl_federated.callbacks.ditto",
+    "FedAdagrad": "pl_federated.callbacks.fedopt",
+    "FedAdam": "pl_federated.callbacks.fedopt",
+    "FedAvg": "pl_federated.callbacks.fedavg",
+    "FedAvgM": "pl_federated.callbacks.fedopt",
+    "FedBN": "pl_federated.callbacks.fedbn",
+    "FederatedCallback": "pl_federated.callbacks.base",
+    "FederatedDistillation": "pl_federated.callbacks.federated_distillation",
+    "FederatedSummary": "pl_federated.callbacks.summary",
+    "FedMD": "pl_federated.callbacks.fedmd",
+    "FedNova": "pl_federated.callbacks.fednova",
+    "FedPer": "pl_federated.callbacks.fedper",
+    "FedProto": "pl_federated.callbacks.fedproto",
+    "FedProx": "pl_federated.callbacks.fedprox",
+    "FedRep": "pl_federated.callbacks.fedrep",
+    "FedYogi": "pl_federated.callbacks.fedopt",
+    "KD3A": "pl_federated.callbacks.kd3a",
+    "Krum": "pl_federated.callbacks.robust",
+    "LocalOnly": "pl_federated.callbacks.local_only",
+    "Median": "pl_federated.callbacks.robust",
+    "ModelPoisoning": "pl_federated.callbacks.attack",
+    "MutualLearning": "pl_federated.callbacks.mutual_learning",
+    "ProgressiveFourierAggregation": "pl_federated.callbacks.fourier_aggregation",
+    "RetrogressMonitor": "pl_federated.callbacks.retrogress",
+    "SCAFFOLD": "pl_federated.callbacks.scaffold",
+    "ServerOptimizer": "pl_federated.callbacks.fedopt",
+    "TrimmedMean": "pl_federated.callbacks.robust",
+    "WeightedSum": "pl_federated.callbacks.aggregator",
+}
+"""Public name -> the module that defines it."""
 
 __all__ = [
     "Aggregator",
@@ -59,3 +79,15 @@ __all__ = [
     "TrimmedMean",
     "WeightedSum",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULES[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

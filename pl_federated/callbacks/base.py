@@ -59,16 +59,21 @@ class FederatedCallback(Callback):
         select_clients(trainer, fed, round, selected) # may reorder or replace the selection
         on_round_start(trainer, fed, round)           # fed.selected_clients is final
         for each selected client k (one training step per slot):
+            client_roles(fed, k)                      # the roles k trains; before it loads
             on_client_start(trainer, fed, k)          # k's state loaded, optimizers reset
             train_data(fed, k, x, y)                  # may replace k's training data
             for each local epoch e:
                 on_local_epoch_start(trainer, fed, k, e)
                 for every batch and trained role:
-                    loss = supervised_weight(...) * (supervised_loss(...) or the role's loss)
+                    loss = supervised_loss(...) or the role's own loss
+                    loss = supervised_weight(...) * loss
                     loss += client_loss(fed, k, role, batch, outputs)
             on_client_end(trainer, fed, k)            # after local training, before the upload
         aggregate  (the one Aggregator only)
         on_round_end(trainer, fed, round)           # after aggregation, before evaluation
+
+    The order is :data:`HOOKS`; declared round state (:meth:`add_round_state`) is reset before
+    ``select_clients`` and merged across ranks before ``aggregate``.
 
     Stateful callbacks implement ``state_dict``/``load_state_dict`` (Lightning checkpoints them).
 

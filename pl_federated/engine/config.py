@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pl_federated.store import ClientStore
+
 STORE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """``store_dtype`` names and the dtype floats are stored in (``None``: as the model's)."""
 
@@ -84,3 +86,12 @@ class FederationConfig:
         cpr = self.clients_per_round
         if isinstance(cpr, int) and cpr > num_clients:
             raise ValueError(f"`clients_per_round`={cpr} is more than `num_clients`={num_clients}.")
+
+    def new_store(self, num_clients: int, model_device: torch.device) -> ClientStore:
+        """An empty client store as ``store_device``/``store_dtype``/``store_path`` say
+        (pinned CPU memory when the model is on a GPU)."""
+        dtype = STORE_DTYPES[self.store_dtype]
+        if self.store_device == "model":
+            return ClientStore(num_clients, device=model_device, dtype=dtype)
+        pin = model_device.type == "cuda"
+        return ClientStore(num_clients, pin_memory=pin, dtype=dtype, path=self.store_path)

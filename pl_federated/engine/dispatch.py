@@ -14,8 +14,36 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities import rank_zero_info
 
+from pl_federated.callbacks.aggregator import Aggregator
 from pl_federated.callbacks.base import HOOK_NAMES, FederatedCallback, overrides
+
+
+def federated_callbacks(trainer: Any) -> tuple[Aggregator, list[FederatedCallback]]:
+    """The Trainer's one aggregator and all its federated callbacks; adds ``FedAvg()`` (to the
+    Trainer too) when no callback aggregates.
+
+    Raises:
+        ValueError: more than one aggregator, or more than one ``supervised_loss``.
+    """
+    callbacks = [c for c in trainer.callbacks if isinstance(c, FederatedCallback)]
+    aggregators = [c for c in callbacks if isinstance(c, Aggregator)]
+    if len(aggregators) > 1:
+        names = [type(a).__name__ for a in aggregators]
+        raise ValueError(f"Exactly one aggregator callback may be active, got {names}.")
+    if not aggregators:
+        from pl_federated.callbacks.fedavg import FedAvg  # the default, only when needed
+
+        rank_zero_info("pl_federated: no aggregator callback given; using FedAvg().")
+        aggregators = [FedAvg()]
+        trainer.callbacks.append(aggregators[0])
+        callbacks.append(aggregators[0])
+    supervised = [c for c in callbacks if overrides(c, "supervised_loss")]
+    if len(supervised) > 1:
+        names = [type(c).__name__ for c in supervised]
+        raise ValueError(f"At most one callback may replace the supervised loss, got {names}.")
+    return aggregators[0], callbacks
 
 
 class HookDispatch:

@@ -104,13 +104,45 @@ def busiest_slots(selected: Iterable[int], world_size: int, clients_per_step: in
 
 
 @dataclass
-class SlotPlan:
-    """What :class:`ClientSlots` needs to know of the engine, read when iterated."""
+class ClientSchedule:
+    """Which clients train in which round, on which rank, in which slot.
 
-    selected: Callable[[], Sequence[int]]
-    rank_and_world: Callable[[], tuple[int, int]]
+    Args:
+        streams: the run's seed streams (selection uses ``engine``).
+        clients_per_step: clients per training step (slot).
+        num_clients: returns K (known once the datamodule is set up).
+        num_selected: returns the clients per round.
+        rank_and_world: returns ``(rank, world_size)``.
+        max_rounds: returns the Trainer's ``max_epochs`` (``None``/-1: unknown).
+        selected: returns the current round's clients.
+    """
+
+    streams: SeedStreams
     clients_per_step: int
-    max_slots: Callable[[], int]
+    num_clients: Callable[[], int]
+    num_selected: Callable[[], int]
+    rank_and_world: Callable[[], tuple[int, int]]
+    max_rounds: Callable[[], int | None]
+    selected: Callable[[], Sequence[int]]
+
+    def select(self, round: int) -> list[int]:
+        """``round``'s seeded selection (before callbacks' ``select_clients``)."""
+        return select_clients(self.streams, round, self.num_clients(), self.num_selected())
+
+    def slots_this_round(self) -> int:
+        """Training steps every rank runs this round (the busiest rank's slot count)."""
+        return busiest_slots(self.selected(), self.rank_and_world()[1], self.clients_per_step)
+
+    def max_slots_per_rank(self) -> int:
+        """An upper bound of :meth:`slots_this_round` over the whole run (from the seeded
+        selections when the number of rounds is known)."""
+        world, step, selected = self.rank_and_world()[1], self.clients_per_step, self.num_selected()
+        if world == 1:
+            return math.ceil(selected / step)
+        rounds = self.max_rounds()
+        if rounds is None or rounds < 0:
+            return math.ceil(min(selected, math.ceil(self.num_clients() / world)) / step)
+        return max([1, *(busiest_slots(self.select(r), world, step) for r in range(rounds))])
 
 
 class ClientSlots:
@@ -123,12 +155,12 @@ class ClientSlots:
     collective per training step); the others idle through empty slots.
     """
 
-    def __init__(self, plan: SlotPlan) -> None:
+    def __init__(self, plan: ClientSchedule) -> None:
         self.plan = plan
 
     def __len__(self) -> int:
         # Lightning reads the length once: the most slots any rank needs in any round
-        return self.plan.max_slots()
+        return self.plan.max_slots_per_rank()
 
     def __iter__(self) -> Iterator[list[int]]:
         plan = self.plan

@@ -22,6 +22,24 @@ RESERVED_NAMESPACES = ("local", "server")
 client-local keys), ``server`` (per-client server states) and ``optim/<role>``."""
 
 
+def check_client_module(client: object) -> None:
+    """Refuse a client the engine cannot drive.
+
+    Raises:
+        ValueError: not a LightningModule, or one with manual optimization.
+    """
+    if not isinstance(client, pl.LightningModule):
+        raise ValueError(
+            f"`client` must be a LightningModule, got {type(client).__name__}; wrap your "
+            "nn.Module in a LightningModule with training_step and configure_optimizers."
+        )
+    if not client.automatic_optimization:
+        raise ValueError(
+            "`client` uses manual optimization; the FederatedModule drives the client's "
+            "optimizer itself: return the loss from `training_step` instead."
+        )
+
+
 class StoreNamespaces:
     """One registry of the store's namespaces, so no two owners write the same one.
 

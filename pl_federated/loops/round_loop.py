@@ -1,7 +1,7 @@
 """One communication round (= one Lightning training epoch), its start and its end.
 
-Start: select the round's clients (``select_clients`` hooks may reorder them), reset every
-declared round state, ``on_round_start``. Between them Lightning runs one training step per
+Start: reset every declared round state, select the round's clients (``select_clients``
+hooks may reorder or replace them), ``on_round_start``. Between them Lightning runs one training step per
 client slot (:mod:`~pl_federated.loops.local_update`). End: merge the round state across
 ranks, aggregate, ``on_round_end``, evaluate and log the round's row.
 """
@@ -44,6 +44,11 @@ def start_round(fed: Any) -> None:
     """Everything before the round's first training step."""
     trainer, state = fed.trainer, fed.round_state
     round = fed.current_round
+    state.reset()
+    state.started = time.perf_counter()
+    state.is_eval_round = is_eval_round(round, fed.eval_every_n_rounds, trainer.max_epochs)
+    for cb in fed.dispatch.callbacks:
+        cb.round_state.reset()
     fed.round_logger.label_progress_bar(trainer, round)
     selected = fed.select_clients(round)
     for cb in fed.dispatch.implementing("select_clients"):
@@ -51,11 +56,6 @@ def start_round(fed: Any) -> None:
             chosen = cb.select_clients(trainer, fed, round, list(selected))
         selected = selected if chosen is None else [int(c) for c in chosen]
     fed.selected_clients = tuple(selected)
-    state.reset()
-    state.started = time.perf_counter()
-    state.is_eval_round = is_eval_round(round, fed.eval_every_n_rounds, trainer.max_epochs)
-    for cb in fed.dispatch.callbacks:
-        cb.round_state.reset()
     fed.aggregator.reset(fed)
     fed.round_logger.start_round()
     fed.dispatch.call("on_round_start", trainer, fed, round)
