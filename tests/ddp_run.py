@@ -19,15 +19,21 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pl_federated import FederatedDataModule, FederatedModule
 from pl_federated.callbacks import (
+    KD3A,
     SCAFFOLD,
     ConjointPrototypeAlignment,
     DeputyEnhancedTransfer,
     FedAdam,
     FedAvg,
     FedBN,
+    FederatedDistillation,
+    FedMD,
     FedNova,
+    FedProto,
     FedProx,
     Krum,
+    LocalOnly,
+    MutualLearning,
     ProgressiveFourierAggregation,
     RetrogressMonitor,
 )
@@ -46,11 +52,22 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "scaffold":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedAvg(weighting="uniform"), SCAFFOLD()], dict(local_steps=3)
-    if algo == "fd":  # not supported under fed_ddp: must be refused
-        from pl_federated.callbacks import FederatedDistillation
-
+    if algo == "fd":
         client = MLPClassifier(hidden=(32,), lr=0.05)
-        return client, [FedAvg(), FederatedDistillation()], dict(local_steps=3)
+        return client, [LocalOnly(), FederatedDistillation()], dict(local_steps=3)
+    if algo == "mutual":
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedAvg(), MutualLearning()], dict(local_steps=3)
+    if algo == "fedmd":  # the public set: scikit-learn's digits, 50 inputs a round
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        fedmd = FedMD(public_dataset="digits", public_samples=50, digest_batch_size=16)
+        return client, [LocalOnly(), fedmd], dict(local_steps=3)
+    if algo == "fedproto":
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [LocalOnly(), FedProto(lam=1.0)], dict(local_steps=3)
+    if algo == "kd3a":  # not supported under fed_ddp (targets vote mid-round): refused
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [KD3A(target_clients=[0])], dict(local_steps=3)
     if algo == "pfa_det":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         callbacks = [
@@ -121,6 +138,16 @@ def run(
             "scaffold_control": [cb.control for cb in callbacks if isinstance(cb, SCAFFOLD)],
             "retrogress": [
                 (cb.history, cb.curve) for cb in callbacks if isinstance(cb, RetrogressMonitor)
+            ],
+            "server_knowledge": [  # what non-weight methods keep on the server
+                t
+                for cb in callbacks
+                for t in (
+                    getattr(cb, "table", None),  # FD's per-class logits
+                    getattr(cb, "consensus", None),  # FedMD's consensus
+                    getattr(getattr(cb, "bank", None), "global_", None),  # FedProto / CPA
+                )
+                if t is not None
             ],
         }
         torch.save(result, out / "result.pt")

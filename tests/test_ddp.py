@@ -38,6 +38,9 @@ def _assert_same(one: dict, two: dict) -> None:
         torch.testing.assert_close(two["client_metrics"][name], values, atol=1e-6, rtol=0)
     for a, b in zip(one["prototypes"], two["prototypes"], strict=True):  # CPA's global ones
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert len(one["server_knowledge"]) == len(two["server_knowledge"])
+    for a, b in zip(one["server_knowledge"], two["server_knowledge"], strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)  # FD, FedMD, FedProto
     for a, b in zip(one["scaffold_control"], two["scaffold_control"], strict=True):
         for name, c in a.items():  # SCAFFOLD's server control variate
             torch.testing.assert_close(b[name], c, atol=1e-6, rtol=1e-5)
@@ -59,7 +62,20 @@ def _last_store(root: Path) -> dict:
 
 @pytest.mark.parametrize(
     "algo",
-    ["fedavg_prox", "fedbn", "fedadam", "fednova", "krum", "scaffold", "pfa_det", "pfa_det_cpa"],
+    [
+        "fedavg_prox",
+        "fedbn",
+        "fedadam",
+        "fednova",
+        "krum",
+        "scaffold",
+        "pfa_det",
+        "pfa_det_cpa",
+        "mutual",
+        "fd",
+        "fedmd",
+        "fedproto",
+    ],
 )
 def test_two_processes_equal_one_process(algo, tmp_path):
     two = _two_processes(tmp_path / "two", algo)
@@ -77,6 +93,10 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         assert store_one["written"]["personal"].sum() >= 4  # clients of both ranks
     if algo == "pfa_det_cpa":  # prototypes of both ranks' clients were averaged
         assert one["prototypes"][0] is not None and one["history"][-1]["cpa/global_classes"] > 0
+    if algo in ("fd", "fedmd", "fedproto"):  # the server knowledge exists and was compared
+        assert len(one["server_knowledge"]) == 1
+    if algo == "mutual":
+        assert "mutual/meme_acc_mean" in one["history"][-1] and "personal" in store_one["roles"]
 
 
 def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
@@ -90,7 +110,7 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
 
 
 def test_unsupported_callbacks_and_the_stock_ddp_strategy_are_refused(tmp_path):
-    out = _launch(tmp_path / "a", "fd", "--devices", "2")
+    out = _launch(tmp_path / "a", "kd3a", "--devices", "2")
     assert out.returncode != 0 and "do not support `strategy: fed_ddp`" in out.stderr
     out = _launch(tmp_path / "b", "fedavg_prox", "--devices", "2", "--strategy", "ddp")
     assert out.returncode != 0 and "needs `strategy: fed_ddp`" in out.stderr

@@ -82,7 +82,7 @@ class DeputyEnhancedTransfer(FederatedCallback):
         ValueError: invalid thresholds or options; ``split="val"`` without a validation split.
     """
 
-    supports_distributed = True  # stage counts and log are reduced over ranks
+    supports_distributed = True  # stage counts and rows are declared round state
 
     def __init__(
         self,
@@ -106,6 +106,8 @@ class DeputyEnhancedTransfer(FederatedCallback):
         self.metric, self.split = metric, split
         self.stage: Stage | None = None
         self.stage_log: list[tuple[int, int, int, int]] = []  # (round, client, epoch, stage)
+        self.add_round_state("stage_counts", dict.fromkeys(Stage, 0), reduce="sum")
+        self.add_round_state("round_stages", [], reduce="cat")  # this round's stage_log rows
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
@@ -126,10 +128,6 @@ class DeputyEnhancedTransfer(FederatedCallback):
             )
 
     @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        self._counts = {s: 0 for s in Stage}
-
-    @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         self.stage = None
 
@@ -143,8 +141,8 @@ class DeputyEnhancedTransfer(FederatedCallback):
             phi_d = fed.score(DEPUTY, client, self.split, self.metric)
             phi_p = fed.score(PERSONAL, client, self.split, self.metric)
         self.stage = next_stage(self.stage if epoch else None, phi_d, phi_p, self.l1, self.l2)
-        self._counts[self.stage] += 1
-        self.stage_log.append((fed.current_round, client, epoch, int(self.stage)))
+        self.stage_counts[self.stage] += 1
+        self.round_stages.append((fed.current_round, client, epoch, int(self.stage)))
 
     @override
     def client_loss(
@@ -159,12 +157,10 @@ class DeputyEnhancedTransfer(FederatedCallback):
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        counts = fed.reduce_sum({f"det/{s.name.lower()}": n for s, n in self._counts.items()})
-        fed.log_round(counts)
-        if fed.world_size > 1:  # the stage log of every rank's clients, in one-process order
-            rows = [r for r in self.stage_log if r[0] == round]
-            merged = sorted(r for part in fed.all_gather_objects(rows) for r in part)
-            self.stage_log = [r for r in self.stage_log if r[0] != round] + merged
+        fed.log_round({f"det/{s.name.lower()}": float(n) for s, n in self.stage_counts.items()})
+        # every rank's rows (merged), in one-process order on any number of ranks
+        rows = sorted(self.round_stages) if fed.world_size > 1 else self.round_stages
+        self.stage_log += rows
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -58,6 +58,8 @@ class FederatedDistillation(FederatedCallback):
         temperature: KL temperature.
     """
 
+    supports_distributed = True  # the uploads are round state, merged over ranks
+
     def __init__(self, kd_weight: float | None = None, temperature: float = 1.0) -> None:
         if kd_weight is not None and not 0.0 <= kd_weight <= 1.0:
             raise ValueError(
@@ -68,6 +70,8 @@ class FederatedDistillation(FederatedCallback):
                 f"`FederatedDistillation.temperature` must be > 0, got {temperature!r}."
             )
         self.kd_weight, self.temperature = kd_weight, temperature
+        # client -> (its per-class mean logits [C, C], counts [C]): the round's uploads
+        self.add_round_state("uploads", {}, reduce="gather")
         self.table: Tensor | None = None  # [C, C]
         self.present: Tensor | None = None  # [C]
 
@@ -78,8 +82,6 @@ class FederatedDistillation(FederatedCallback):
     @override
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
         c = fed.num_classes
-        self._means: list[Tensor] = []
-        self._counts: list[Tensor] = []
         self._a = self.weight_at(round)
         self._table = None if self.table is None else self.table.to(fed.device)
         self._present = None if self.present is None else self.present.to(fed.device)
@@ -124,14 +126,16 @@ class FederatedDistillation(FederatedCallback):
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        self._means.append((self._sums / self._n.clamp_min(1).unsqueeze(1)).float().cpu())
-        self._counts.append(self._n.float().cpu())
+        means = (self._sums / self._n.clamp_min(1).unsqueeze(1)).float().cpu()
+        self.uploads[client] = (means, self._n.float().cpu())
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        if not self._means:
+        if not self.uploads:
             return
-        table, present = average_class_logits(torch.stack(self._means), torch.stack(self._counts))
+        means = torch.stack([m for m, _ in self.uploads.values()])
+        counts = torch.stack([n for _, n in self.uploads.values()])
+        table, present = average_class_logits(means, counts)
         if self.table is None:
             self.table, self.present = table, present
         else:  # classes nobody uploaded this round keep last round's row
@@ -139,10 +143,10 @@ class FederatedDistillation(FederatedCallback):
             self.present = self.present | present
         state = fed.worker_state(SHARED_ROLE)
         weights = sum(state[k].numel() * state[k].element_size() for k in float_keys(state))
-        uploads = len(self._means)
+        uploads = len(self.uploads)
         fed.log_round(
             {
-                "fd/upload_bytes": uploads * self._means[0].numel() * 4,
+                "fd/upload_bytes": uploads * means[0].numel() * 4,
                 "fd/weights_bytes": uploads * weights,
                 "fd/kd_weight": self._a,
             }

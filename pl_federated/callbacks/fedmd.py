@@ -61,6 +61,8 @@ class FedMD(FederatedCallback):
         ValueError: an invalid argument, or ``architectures`` not of length K or out of range.
     """
 
+    supports_distributed = True  # the uploads and digest losses are round state
+
     def __init__(
         self,
         public_dataset: str | None = None,
@@ -103,6 +105,8 @@ class FedMD(FederatedCallback):
                 )
         self.architectures = None if architectures is None else [int(a) for a in architectures]
         self.consensus: Tensor | None = None  # [P, C] logits
+        self.add_round_state("scores", {}, reduce="gather")  # client -> its upload [P, C]
+        self.add_round_state("digest_losses", [], reduce="cat")
         self.consensus_idx: Tensor | None = None  # [P] indices into the public set
 
     @override
@@ -154,9 +158,6 @@ class FedMD(FederatedCallback):
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
         self._next_idx = self._subset(fed, round + 1)
         self._next_x = self.public_x[self._next_idx]
-        self._score_sum: Tensor | None = None
-        self._uploads = 0
-        self._digest_losses: list[float] = []
 
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
@@ -178,24 +179,27 @@ class FedMD(FederatedCallback):
                 else:
                     loss = kl_div(logits, goal, self.temperature)
                 fed.step_roles(loss, [role])
-                self._digest_losses.append(loss.detach())
+                self.digest_losses.append(loss.detach())
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        scores = fed.forward_batched(fed.workers[self._role(client)], self._next_x).cpu()
-        self._score_sum = scores if self._score_sum is None else self._score_sum + scores
-        self._uploads += 1
+        self.scores[client] = fed.forward_batched(
+            fed.workers[self._role(client)], self._next_x
+        ).cpu()
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        if self._uploads:
-            self.consensus = self._score_sum / self._uploads
+        uploads = list(self.scores.values())
+        if uploads:
+            total = uploads[0]
+            for scores in uploads[1:]:
+                total = total + scores
+            self.consensus = total / len(uploads)
             self.consensus_idx = self._next_idx
-        metrics = {
-            "fedmd/upload_bytes": self._uploads * self._next_x.shape[0] * fed.num_classes * 4
-        }
-        if self._digest_losses:
-            metrics["fedmd/digest_loss"] = float(torch.stack(self._digest_losses).mean())
+        metrics = {"fedmd/upload_bytes": len(uploads) * self._next_x.shape[0] * fed.num_classes * 4}
+        if self.digest_losses:
+            losses = [loss.to(self.digest_losses[0].device) for loss in self.digest_losses]
+            metrics["fedmd/digest_loss"] = float(torch.stack(losses).mean())
         fed.log_round(metrics)
 
     @override

@@ -38,6 +38,8 @@ class FedProto(FederatedCallback):
         nearest_prototype: also evaluate by nearest global prototype.
     """
 
+    supports_distributed = True  # the uploads are round state, merged over ranks
+
     def __init__(
         self, lam: float = 1.0, weighting: str = "samples", nearest_prototype: bool = True
     ) -> None:
@@ -49,6 +51,9 @@ class FedProto(FederatedCallback):
             )
         self.lam, self.weighting, self.nearest_prototype = lam, weighting, nearest_prototype
         self.bank: PrototypeBank | None = None
+        # client -> (prototypes, counts) it uploaded this round; nearest-prototype accuracies
+        self.add_round_state("uploads", {}, reduce="gather")
+        self.add_round_state("proto_acc", {}, reduce="gather")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
@@ -62,8 +67,6 @@ class FedProto(FederatedCallback):
 
     @override
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        self._uploaders: list[int] = []
-        self._proto_acc: list[float] = []
         g = self.bank.global_
         self._global = None if g is None else g.to(fed.device)
         self._present = self.bank.global_present.to(fed.device)
@@ -93,22 +96,30 @@ class FedProto(FederatedCallback):
         x, y = fed.datamodule.client_train(client)
         self.bank.start_client()
         self.bank.accumulate(self._features(fed, x), y)
-        self.bank.finish_client(client)
-        self._uploaders.append(client)
+        if self.bank.finish_client(client):
+            self.uploads[client] = (
+                self.bank.local[client].clone(),
+                self.bank.counts[client].clone(),
+            )
         if self.nearest_prototype and fed.is_eval_round and self._global is not None:
             xt, yt = fed.datamodule.client_test(client)
             if len(yt):
                 preds = nearest_prototype(self._features(fed, xt), self._global, self._present)
-                self._proto_acc.append(float((preds.cpu() == yt).float().mean()))
+                self.proto_acc[client] = float((preds.cpu() == yt).float().mean())
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        self.bank.aggregate(self.weighting, clients=self._uploaders)
-        present = int(self.bank.local_present[self._uploaders].sum()) if self._uploaders else 0
+        if fed.world_size > 1:  # every rank holds every rank's uploads (merged round state)
+            for client, (prototypes, counts) in self.uploads.items():
+                self.bank.put(client, prototypes, counts)
+        uploaders = list(self.uploads)
+        self.bank.aggregate(self.weighting, clients=uploaders)
+        present = int(self.bank.local_present[uploaders].sum()) if uploaders else 0
         dim = self.bank.local.shape[-1] if self.bank.local is not None else 0
         fed.log_round({"fedproto/upload_bytes": present * dim * 4})
-        if self._proto_acc:
-            fed.log_round({"fedproto/proto_acc_mean": sum(self._proto_acc) / len(self._proto_acc)})
+        if self.proto_acc:
+            accs = list(self.proto_acc.values())
+            fed.log_round({"fedproto/proto_acc_mean": sum(accs) / len(accs)})
 
     @override
     def state_dict(self) -> dict[str, Any]:

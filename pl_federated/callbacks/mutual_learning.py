@@ -43,6 +43,8 @@ class MutualLearning(FederatedCallback):
         personal: the personal model (default: a copy of the client module).
     """
 
+    supports_distributed = True  # per-client roles; the meme accuracies are round state
+
     def __init__(
         self,
         alpha: float = 0.5,
@@ -57,14 +59,11 @@ class MutualLearning(FederatedCallback):
             raise ValueError(f"`MutualLearning.temperature` must be > 0, got {temperature!r}.")
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.personal = personal
+        self.add_round_state("meme_acc", {}, reduce="gather")  # client -> locally trained meme
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
         pl_module.add_role(PERSONAL, module=self.personal)
-
-    @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        self._meme_acc: list[float] = []
 
     def _weight(self, role: str) -> float:
         return self.alpha if role == PERSONAL else self.beta
@@ -93,9 +92,10 @@ class MutualLearning(FederatedCallback):
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         if fed.is_eval_round and int(fed.datamodule.num_test[client]) > 0:
-            self._meme_acc.append(fed.score(SHARED_ROLE, client, "test", "acc"))
+            self.meme_acc[client] = fed.score(SHARED_ROLE, client, "test", "acc")
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        if self._meme_acc:
-            fed.log_round({"mutual/meme_acc_mean": sum(self._meme_acc) / len(self._meme_acc)})
+        if self.meme_acc:
+            accs = list(self.meme_acc.values())
+            fed.log_round({"mutual/meme_acc_mean": sum(accs) / len(accs)})

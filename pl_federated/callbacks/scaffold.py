@@ -32,10 +32,12 @@ class SCAFFOLD(FederatedCallback):
     The derivation assumes plain SGD on the client (no momentum or weight decay).
     """
 
-    supports_distributed = True  # c_i is per client; the sum of c_i+ - c_i is reduced
+    supports_distributed = True  # c_i is per client; the sum of c_i+ - c_i is round state
 
     def __init__(self) -> None:
         self.control: dict[str, Tensor] | None = None
+        # sum of this round's c_i+ - c_i (CPU, by parameter name), summed over ranks
+        self.add_round_state("delta_sum", {}, reduce="sum")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
@@ -49,7 +51,6 @@ class SCAFFOLD(FederatedCallback):
 
     @override
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        self._delta_sum = {n: torch.zeros_like(t) for n, t in self.control.items()}
         self._c = {n: t.to(fed.device) for n, t in self.control.items()}
 
     @override
@@ -88,13 +89,13 @@ class SCAFFOLD(FederatedCallback):
         new_ci = {}
         for n, ci, x, yi in zip(self._names, self._ci, self._received, y, strict=True):
             new_ci[n] = ci - self._c[n] + (x - yi) / (steps * lr)
-            self._delta_sum[n] += (new_ci[n] - ci).cpu()
+            delta = (new_ci[n] - ci).cpu()
+            self.delta_sum[n] = self.delta_sum[n] + delta if n in self.delta_sum else delta
         fed.store.put(ROLE, client, new_ci)
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        self._delta_sum = fed.reduce_sum_tensors(self._delta_sum)  # over ranks (fed_ddp)
-        for n, delta in self._delta_sum.items():
+        for n, delta in self.delta_sum.items():  # merged over ranks (fed_ddp)
             self.control[n] += delta / fed.num_clients
         norm = sum(float(t.pow(2).sum()) for t in self.control.values()) ** 0.5
         fed.log_round({"scaffold/control_norm": norm})
