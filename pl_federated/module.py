@@ -228,6 +228,13 @@ class FederatedModule(pl.LightningModule):
         """``client``'s shared model right after receipt (incoming + its local keys)."""
         return self.transport.received_state(client)
 
+    def put_client_server_states(
+        self, clients: list[int], rows: Mapping[str, Tensor], like: Mapping[str, Tensor]
+    ) -> None:
+        """Give ``clients`` their own server states (rows of ``[len(clients), *shape]``
+        entries, keys of ``like``): the aggregation result of a personalizing aggregator."""
+        self.transport.put_server_rows(clients, rows, like)
+
     def load_received_state(self, client: int) -> None:
         """Load :meth:`received_state` into the shared worker."""
         self.transport.load_received(client)

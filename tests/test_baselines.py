@@ -21,6 +21,7 @@ from pl_federated.callbacks import (
     ModelPoisoning,
     TrimmedMean,
 )
+from pl_federated.callbacks.aggregator import Upload
 from pl_federated.callbacks.fednova import effective_steps
 from pl_federated.callbacks.robust import coordinate_median, krum_select, trimmed_mean
 from pl_federated.models import MLPClassifier
@@ -39,7 +40,7 @@ def perturbed(state, seed, scale=0.1):
 def server_round(agg, fed, x, uploads):
     agg.reset(fed)
     for k, u in enumerate(uploads):
-        agg.update(fed, k, u, 1)
+        agg.update(fed, Upload(k, u, 1, 1))
     return agg.aggregate(fed, x)
 
 
@@ -128,9 +129,9 @@ class UploadSpy(FedAvg):
         super().__init__(**kwargs)
         self.seen = {}
 
-    def update(self, fed, client, state, num_samples):
-        self.seen[client] = {k: v.clone() for k, v in state.items()}
-        super().update(fed, client, state, num_samples)
+    def update(self, fed, upload):
+        self.seen[upload.client] = {k: v.clone() for k, v in upload.state.items()}
+        super().update(fed, upload)
 
 
 def test_model_poisoning_flips_and_scales_the_update(trainer_factory):
@@ -204,13 +205,15 @@ def test_fednova_normalizes_unequal_local_steps():
     fed.server_state = x
     y = [perturbed(x, 1), perturbed(x, 2)]
     nova = FedNova()
+    logged = {}
 
     def aggregate(steps, samples):
-        fed.round_state.local_steps = dict(enumerate(steps))
         nova.reset(fed)
         for k in range(2):
-            nova.update(fed, k, y[k], samples[k])
-        return nova.aggregate(fed, x)
+            nova.update(fed, Upload(k, y[k], samples[k], steps[k]))
+        out, metrics = nova.aggregate(fed, x)
+        logged.update(metrics)
+        return out
 
     # equal steps: FedAvg
     out = aggregate([4, 4], [1, 3])
@@ -222,7 +225,7 @@ def test_fednova_normalizes_unequal_local_steps():
     for k in x:
         d = 0.5 * (x[k] - y[0][k]) / 2 + 0.5 * (x[k] - y[1][k]) / 8
         torch.testing.assert_close(out[k], x[k] - tau_eff * d)
-    assert fed.round_logger.round_logs["fednova/tau_eff"] == 5.0
+    assert logged["fednova/tau_eff"] == 5.0
 
 
 def test_fednova_end_to_end(trainer_factory):

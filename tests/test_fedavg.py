@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pl_federated.callbacks import FedAvg, WeightedSum
+from pl_federated.callbacks.aggregator import Upload
 from pl_federated.engine.collectives import Collectives
 
 
@@ -28,7 +29,7 @@ def fake_fed(samples):
 def run(agg, fed, states, server, clients=None):
     agg.reset(fed)
     for k in clients if clients is not None else range(len(states)):
-        agg.update(fed, k, states[k], int(fed.client_num_samples[k]))
+        agg.update(fed, Upload(k, states[k], int(fed.client_num_samples[k]), 1))
     return agg.aggregate(fed, server)
 
 
@@ -62,10 +63,11 @@ def test_over_all_counts_unselected_clients_with_the_received_model():
     assert everyone["w"].item() == pytest.approx((10 * 4 + 30 * 8 + 20 * 1 + 40 * 1) / 100)
 
 
-def test_no_upload_keeps_server_state():
+def test_no_counted_upload_keeps_server_state():
+    """Only ignored clients uploaded (a round nobody uploaded never reaches the aggregator:
+    the engine keeps the state, see tests/loops/test_round_loop.py)."""
     server = {"w": torch.tensor([3.0])}
-    with pytest.warns(UserWarning, match="no client"):
-        out = run(FedAvg(), fake_fed([1, 1]), {}, server, clients=[])
+    out = run(FedAvg(ignore_clients=[0]), fake_fed([1, 1]), [{"w": torch.tensor([9.0])}], server)
     assert out["w"].item() == 3.0 and out["w"] is not server["w"]
 
 

@@ -208,9 +208,12 @@ def test_pfa_aggregator_mixes_the_uploads_in_client_order_and_skips_missing_clie
     """The aggregator's preallocated upload rows give, per client, exactly ``fourier_mix`` of
     the uploads sorted by client; BN stays local, biases are averaged, a selected client
     that did not upload (excluded for NaN) gets no row; the global state is the mean."""
+    import functools
     from types import SimpleNamespace
 
     from pl_federated.callbacks import ProgressiveFourierAggregation
+    from pl_federated.callbacks.aggregator import Upload
+    from pl_federated.engine.transport import put_server_rows
     from pl_federated.store import ClientStore
 
     gen = torch.Generator().manual_seed(2)
@@ -224,24 +227,24 @@ def test_pfa_aggregator_mixes_the_uploads_in_client_order_and_skips_missing_clie
         for c in range(5)
     }
     like = {k: torch.zeros_like(v) for k, v in uploads[0].items()}
-    logged = {}
+    store = ClientStore(5)
     fed = SimpleNamespace(
         selected_clients=[3, 0, 2, 1],
         world_size=1,
         client_num_samples=torch.tensor([10, 20, 30, 40, 50]),
-        store=ClientStore(5),
+        store=store,
+        put_client_server_states=functools.partial(put_server_rows, store),
         local_keys={"bn.running_mean"},
         current_round=0,
         trainer=SimpleNamespace(max_epochs=4),
-        log_round=logged.update,
     )
     pfa = ProgressiveFourierAggregation(weighting="samples")
     pfa.reset(fed)
     for c in (3, 0, 1):  # client 2 was excluded
-        pfa.update(fed, c, uploads[c], int(fed.client_num_samples[c]))
+        pfa.update(fed, Upload(c, uploads[c], int(fed.client_num_samples[c]), 1))
     with pytest.raises(RuntimeError, match="not selected"):
-        pfa.update(fed, 4, uploads[4], 50)
-    average = pfa.aggregate(fed, like)
+        pfa.update(fed, Upload(4, uploads[4], 50, 1))
+    average, logged = pfa.aggregate(fed, like)
     clients = [0, 1, 3]
     weights = fed.client_num_samples[clients].double()
     server = fed.store.stacked("server")

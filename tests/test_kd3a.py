@@ -114,9 +114,9 @@ def test_fedavg_ignores_held_out_clients(trainer_factory):
     spy = {}
 
     class Record(FedAvg):
-        def update(self, fed, client, state, num_samples):
-            spy[client] = {k: v.clone() for k, v in state.items()}
-            super().update(fed, client, state, num_samples)
+        def update(self, fed, upload):
+            spy[upload.client] = {k: v.clone() for k, v in upload.state.items()}
+            super().update(fed, upload)
 
     fed = federation(local_steps=2)
     trainer_factory(rounds=1, callbacks=[Record(ignore_clients=[1])]).fit(fed, iid_digits())

@@ -97,7 +97,7 @@ def test_same_seed_same_numbers(trainer_factory):
 
 
 class SecondAggregator(Aggregator):
-    def update(self, fed, client, state, num_samples):
+    def update(self, fed, upload):
         pass
 
     def aggregate(self, fed, server_state):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,29 +17,51 @@ if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 
+@dataclass(frozen=True)
+class Upload:
+    """One client's upload of a round, as the aggregator receives it.
+
+    Attributes:
+        client: the client's id.
+        state: its shared role's state (the worker's tensors: read, do not keep references).
+        num_samples: its number of training samples.
+        local_steps: the local optimizer steps it took this round.
+    """
+
+    client: int
+    state: Mapping[str, Tensor]
+    num_samples: int
+    local_steps: int
+
+
+AggregateResult = dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, float]]
+"""The new server state, or the state and metrics for the round's row."""
+
+
 class Aggregator(FederatedCallback, ABC):
     """Turns the uploads of one round into the new server state. Exactly one is active.
 
     The module calls :meth:`reset` at the start of a round, :meth:`update` once per client whose
     upload is finite (clients with NaN/Inf are excluded before they reach the aggregator), and
-    :meth:`aggregate` once at the end of the round. Streaming the uploads (instead of holding all
-    of them) keeps memory at O(model) for averaging rules.
+    :meth:`aggregate` once at the end of the round, only when some client uploaded (on any
+    rank): a round without uploads keeps the server state and the engine warns once. Streaming
+    the uploads (instead of holding all of them) keeps memory at O(model) for averaging rules.
     """
 
     def reset(self, fed: FederatedModule) -> None:
         """Forget the previous round's uploads."""
 
     @abstractmethod
-    def update(
-        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
-    ) -> None:
-        """Take client ``client``'s upload (the worker's tensors: read, do not keep references)."""
+    def update(self, fed: FederatedModule, upload: Upload) -> None:
+        """Take one client's upload (see :class:`Upload`)."""
 
     @abstractmethod
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
-        """Return the new server state, given the current one."""
+    ) -> AggregateResult:
+        """Return the new server state, given the current one (optionally with metrics for
+        the round's row: ``(state, {"myalgo/x": 1.0})``). Per-client server states (each
+        client receives its own ``S_k``) go through ``fed.put_client_server_states``."""
 
 
 class WeightedSum:

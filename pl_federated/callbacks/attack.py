@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
@@ -22,7 +24,9 @@ class ModelPoisoning(FederatedCallback):
     """Malicious clients upload ``w_received + factor * (w - w_received)`` instead of their
     trained parameters ``w``: ``factor = -scale`` (``"sign_flip"``) or ``+scale``
     (``"scale"``). Buffers (BN statistics) are left as trained. The malicious clients are
-    ``clients`` if given, else a seeded ``fraction`` of all clients (rounded up).
+    ``clients`` if given, else a seeded ``fraction`` of all clients (rounded up). The attack is
+    an upload transform (``transform_upload``): the attacker's own model, evaluated as its
+    ``personal/*`` model, stays as trained.
 
     Args:
         fraction: share of malicious clients (ignored when ``clients`` is given).
@@ -63,15 +67,16 @@ class ModelPoisoning(FederatedCallback):
             raise ValueError(f"`ModelPoisoning.clients` {bad} are not clients 0..{k - 1}.")
 
     @override
-    def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        if client in self.malicious:
-            self._received = [p.detach().clone() for p in fed.client.parameters()]
-
-    @override
     @torch.no_grad()
-    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+    def transform_upload(
+        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor]
+    ) -> Mapping[str, Tensor] | None:
         if client not in self.malicious:
-            return
+            return None
         factor = -self.scale if self.attack == "sign_flip" else self.scale
-        for p, w0 in zip(fed.client.parameters(), self._received, strict=True):
-            p.copy_(w0 + factor * (p - w0))
+        received = fed.received_state(client)
+        params = {name for name, _ in fed.client.named_parameters()}
+        return {
+            k: received[k] + factor * (v - received[k]) if k in params else v
+            for k, v in state.items()
+        }

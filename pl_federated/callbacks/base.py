@@ -37,6 +37,7 @@ HOOKS = (
     Hook("supervised_weight", "batch", True),
     Hook("client_loss", "batch", True),
     Hook("on_client_end", "client", False),
+    Hook("transform_upload", "client", False),
     Hook("on_round_end", "round", False),
 )
 """The federated hooks in call order: the one table the engine's dispatch, the vectorized
@@ -69,6 +70,7 @@ class FederatedCallback(Callback):
                     loss = supervised_weight(...) * loss
                     loss += client_loss(fed, k, role, batch, outputs)
             on_client_end(trainer, fed, k)            # after local training, before the upload
+            transform_upload(fed, k, state)           # may replace what k uploads
         aggregate  (the one Aggregator only)
         on_round_end(trainer, fed, round)           # after aggregation, before evaluation
 
@@ -168,6 +170,16 @@ class FederatedCallback(Callback):
 
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         """Local training of ``client`` finished; its shared role is uploaded next."""
+
+    def transform_upload(
+        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor]
+    ) -> Mapping[str, Tensor] | None:
+        """Replace what ``client`` uploads (model poisoning, clipping, compression, noise),
+        or ``None`` to keep it. ``state`` is the upload so far (the worker's live tensors, or
+        an earlier transform's result): return new tensors, never modify it. The client's own
+        model (kept, evaluated as ``personal``) is not affected. Transforms of several
+        callbacks apply in order; the non-finite check sees the final upload."""
+        return None
 
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
         """Aggregation is done; ``fed.server_state`` holds the new server state."""

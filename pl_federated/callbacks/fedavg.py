@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pl_federated.callbacks.aggregator import Aggregator, WeightedSum
+from pl_federated.callbacks.aggregator import Aggregator, Upload, WeightedSum
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -70,11 +69,9 @@ class FedAvg(Aggregator):
         self._sum.reset()
 
     @override
-    def update(
-        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
-    ) -> None:
-        if client not in self.ignore_clients:
-            self._sum.update(state, self._weight(fed, client))
+    def update(self, fed: FederatedModule, upload: Upload) -> None:
+        if upload.client not in self.ignore_clients:
+            self._sum.update(upload.state, self._weight(fed, upload.client))
 
     @override
     @torch.no_grad()
@@ -82,8 +79,7 @@ class FedAvg(Aggregator):
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         self._sum.sync(fed.collectives, server_state)
-        if self._sum.count == 0:
-            rank_zero_warn("FedAvg: no client uploaded a finite update; server state unchanged.")
+        if self._sum.count == 0:  # every upload came from an ignored client
             return {k: t.clone() for k, t in server_state.items()}
         if self.over == "all":
             # Every client that did not upload keeps (and contributes) the model it received.

@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pl_federated.callbacks.aggregator import Aggregator, WeightedSum
+from pl_federated.callbacks.aggregator import AggregateResult, Aggregator, Upload, WeightedSum
 from pl_federated.store import SHARED_ROLE
 
 if TYPE_CHECKING:
@@ -46,13 +45,11 @@ class FedNova(Aggregator):
 
     @override
     @torch.no_grad()
-    def update(
-        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
-    ) -> None:
+    def update(self, fed: FederatedModule, upload: Upload) -> None:
         group = fed.optimizer(SHARED_ROLE).param_groups[0]
-        a = effective_steps(fed.round_local_steps[client], float(group.get("momentum", 0.0)))
-        x = fed.incoming_state(client)
-        n = float(num_samples)
+        a = effective_steps(upload.local_steps, float(group.get("momentum", 0.0)))
+        x, state = fed.incoming_state(upload.client), upload.state
+        n = float(upload.num_samples)
         if self._d is None:
             self._d = {k: torch.zeros_like(state[k], dtype=torch.float32) for k in self._params}
         for k in self._params:
@@ -67,12 +64,9 @@ class FedNova(Aggregator):
     @torch.no_grad()
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
+    ) -> AggregateResult:
         if fed.world_size > 1:
             self._sync(fed, server_state)
-        if self._d is None:
-            rank_zero_warn("FedNova: no finite upload; server state unchanged.")
-            return {k: t.clone() for k, t in server_state.items()}
         tau_eff = self._tau / self._n
         out = {}
         for k, t in server_state.items():
@@ -82,8 +76,7 @@ class FedNova(Aggregator):
             out.update(self._buffers.compute({k: server_state[k] for k in self._buffers.sums}))
         for k, t in server_state.items():
             out.setdefault(k, t.clone())
-        fed.log_round({"fednova/tau_eff": tau_eff})
-        return out
+        return out, {"fednova/tau_eff": tau_eff}
 
     def _sync(self, fed: FederatedModule, server_state: Mapping[str, Tensor]) -> None:
         """Sum the normalized updates, step and sample totals and the buffers' weighted sums

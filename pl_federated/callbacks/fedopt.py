@@ -63,7 +63,7 @@ class ServerOptimizer(FedAvg):
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         avg = super().aggregate(fed, server_state)  # sums over ranks under fed_ddp first
-        if self._sum.count == 0:  # nobody uploaded (on any rank): no server step
+        if self._sum.count == 0:  # only ignored clients uploaded: no server step
             return avg
         params = {n for n, _ in fed.client.named_parameters()}
         out = dict(avg)

@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pl_federated.callbacks.aggregator import Aggregator
+from pl_federated.callbacks.aggregator import AggregateResult, Aggregator, Upload
 from pl_federated.callbacks.fedbn import batchnorm_keys
 from pl_federated.fourier import (
     VARIANTS,
@@ -34,7 +33,7 @@ class ProgressiveFourierAggregation(Aggregator):
     spectrum (and of the phase for ``amplitude_phase``) is replaced by the clients' mean, the
     rest stays the client's own (see :mod:`pl_federated.fourier`). BatchNorm stays local; every
     other entry (biases, ...) is averaged. The window ratio grows linearly from ``r0`` at round
-    0 to ``r1`` at the last round. ``S_k`` is written to the store's ``server`` role and becomes
+    0 to ``r1`` at the last round. ``S_k`` is stored with ``fed.put_client_server_states`` and becomes
     what client k receives into its shared role (the deputy when DET is used). Clients that did
     not upload this round keep their previous ``S_k``. ``global/*`` metrics evaluate the plain
     average of the uploads (PFA has no single global model).
@@ -108,12 +107,11 @@ class ProgressiveFourierAggregation(Aggregator):
         self._uploaded: list[int] = []
 
     @override
-    def update(
-        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
-    ) -> None:
+    def update(self, fed: FederatedModule, upload: Upload) -> None:
         # Uploads go straight into one preallocated row per selected client, in client order,
         # so mixing reads them in place: no per-client copies to stack (at 100 clients of a
         # 1.66M-weight CNN, a stacked copy of the largest layer alone is 0.6 GiB).
+        client, state = upload.client, upload.state
         if not self._buffers:
             self._rows = {c: i for i, c in enumerate(sorted(set(fed.selected_clients)))}
             self._buffers = {
@@ -154,19 +152,14 @@ class ProgressiveFourierAggregation(Aggregator):
     @torch.no_grad()
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
+    ) -> AggregateResult:
         clients, stacked = self._stacked_uploads(fed)
         self._buffers = {}
-        if not clients:
-            rank_zero_warn("PFA: no client uploaded a finite update; server states unchanged.")
-            return {k: t.clone() for k, t in server_state.items()}
         if self.weighting == "samples":
             weights = fed.client_num_samples[clients].to(torch.float64)
         else:
             weights = torch.ones(len(clients), dtype=torch.float64)
         ratio = self.ratio(fed)
-        if not fed.store.has("server"):
-            fed.store.allocate("server", server_state)
         average: dict[str, Tensor] = {}
         for key, like in server_state.items():  # one entry at a time: a small working set
             rows = stacked.pop(key)
@@ -189,8 +182,7 @@ class ProgressiveFourierAggregation(Aggregator):
                     )
                 else:
                     personal = average[key].expand_as(rows)
-            fed.store.put_rows("server", clients, {key: personal})
+            fed.put_client_server_states(clients, {key: personal}, like=server_state)
             del rows, personal
         # Clients that never uploaded have no row yet and receive `average` (the global state).
-        fed.log_round({"pfa/ratio": ratio})
-        return average
+        return average, {"pfa/ratio": ratio}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from pl_federated.callbacks.aggregator import Aggregator, WeightedSum
+from pl_federated.callbacks.aggregator import Aggregator, Upload, WeightedSum
 from pl_federated.store import SHARED_ROLE
 
 if TYPE_CHECKING:
@@ -173,10 +173,8 @@ class KD3A(Aggregator):
         self._log: dict[str, float] = {}
 
     @override
-    def update(
-        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
-    ) -> None:
-        self._uploads[client] = {k: v.detach().clone() for k, v in state.items()}
+    def update(self, fed: FederatedModule, upload: Upload) -> None:
+        self._uploads[upload.client] = {k: v.detach().clone() for k, v in upload.state.items()}
 
     @override
     def train_data(
@@ -206,8 +204,6 @@ class KD3A(Aggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        if not self._uploads:
-            return {k: t.clone() for k, t in server_state.items()}
         coverage = self._covered / max(self._target_samples, 1)
         target_total = coverage / (len(self.sources) + 1)
         focus = self._focus if self._focus.sum() > 0 else self._focus + 1e-3

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
-from pl_federated.callbacks.aggregator import Aggregator
+from pl_federated.callbacks.aggregator import Aggregator, Upload
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -27,9 +27,7 @@ class LocalOnly(Aggregator):
         pl_module.add_local_keys(pl_module.client.state_dict().keys())
 
     @override
-    def update(
-        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
-    ) -> None:
+    def update(self, fed: FederatedModule, upload: Upload) -> None:
         """Nothing is uploaded."""
 
     @override

@@ -8,11 +8,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pl_federated.callbacks.aggregator import Aggregator
+from pl_federated.callbacks.aggregator import Aggregator, Upload
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -31,11 +30,9 @@ class BufferedAggregator(Aggregator):
         self._clients: list[int] = []
 
     @override
-    def update(
-        self, fed: FederatedModule, client: int, state: Mapping[str, Tensor], num_samples: int
-    ) -> None:
-        self._uploads.append({k: v.detach().clone() for k, v in state.items()})
-        self._clients.append(client)
+    def update(self, fed: FederatedModule, upload: Upload) -> None:
+        self._uploads.append({k: v.detach().clone() for k, v in upload.state.items()})
+        self._clients.append(upload.client)
 
     @abstractmethod
     def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -48,9 +45,6 @@ class BufferedAggregator(Aggregator):
     ) -> dict[str, Tensor]:
         if fed.world_size > 1:
             self._gather(fed)
-        if not self._uploads:
-            rank_zero_warn(f"{type(self).__name__}: no finite upload; server state unchanged.")
-            return {k: t.clone() for k, t in server_state.items()}
         floats = [k for k, t in server_state.items() if t.is_floating_point()]
         stacked = {k: torch.stack([u[k].float() for u in self._uploads]) for k in floats}
         out = {k: v.to(server_state[k].dtype) for k, v in self.combine(stacked).items()}

@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from pl_federated.store import SHARED_ROLE
@@ -62,6 +63,13 @@ class RoundLogger:
         self.round_logs: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self._round_axis: set[str] = set()
+        self._warned: set[str] = set()
+
+    def warn_once(self, key: str, message: str) -> None:
+        """``rank_zero_warn(message)`` the first time ``key`` is warned about in this run."""
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
 
     def route(self, role: str, module: pl.LightningModule) -> None:
         """Collect ``module.log`` calls of role ``role``."""

@@ -22,6 +22,15 @@ LOCAL = "local"
 """Store namespace of the shared role's client-local keys."""
 
 
+def put_server_rows(
+    store: ClientStore, clients: list[int], rows: Mapping[str, Tensor], like: Mapping[str, Tensor]
+) -> None:
+    """Write per-client server states into ``store`` (allocated like ``like`` at first use)."""
+    if not store.has(SERVER):
+        store.allocate(SERVER, like)
+    store.put_rows(SERVER, clients, rows)
+
+
 class StateTransport:
     """Moves one client's state between the store, the server state and the workers.
 
@@ -80,6 +89,14 @@ class StateTransport:
         if workers.local_keys:
             shared = workers.state(SHARED_ROLE)
             store.put(LOCAL, client, {k: shared[k] for k in sorted(workers.local_keys)})
+
+    def put_server_rows(
+        self, clients: list[int], rows: Mapping[str, Tensor], like: Mapping[str, Tensor]
+    ) -> None:
+        """Set the per-client server states ``S_k`` of ``clients`` (entries ``[len(clients),
+        *shape]``, a subset of ``like``'s keys); from then on each of them receives its own
+        ``S_k`` instead of the global state (a client without a row receives the global)."""
+        put_server_rows(self._store(), clients, rows, like)
 
     def restore_optimizer(self, opt: torch.optim.Optimizer, role: str, client: int) -> None:
         """``client``'s own saved optimizer state for ``role`` into ``opt`` (if any)."""

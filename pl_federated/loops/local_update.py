@@ -3,8 +3,9 @@
 The update: seed the client's randomness, download its state, reset its optimizers, run
 ``on_client_start``, then the batch plan (:func:`local_epoch_lengths`: ``local_epochs`` passes
 or ``local_steps`` batches in a seeded order) with one step of every trained role per batch;
-the upload: ``on_client_end``, keep the local state, hand a finite upload to the aggregator
-(or exclude the client), and on evaluation rounds score the client's personal model.
+the upload: ``on_client_end``, keep the local state, apply the ``transform_upload`` hooks,
+hand a finite upload to the aggregator (or exclude the client), and on evaluation rounds score
+the client's personal model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from pl_federated.callbacks.aggregator import Upload
 from pl_federated.store import SHARED_ROLE, all_finite
 
 
@@ -155,8 +157,15 @@ def finish_client(
     fed.dispatch.call("on_client_end", fed.trainer, fed, client)
     fed.transport.keep(client)
     upload = fed.role_registry.state(SHARED_ROLE) if upload is None else upload
+    for cb in fed.dispatch.implementing("transform_upload"):
+        with fed.dispatch.profile(cb, "transform_upload"):
+            replaced = cb.transform_upload(fed, client, upload)
+        if replaced is not None:
+            upload, finite = replaced, None  # check what is actually uploaded
     if all_finite(upload.values()) if finite is None else finite:
-        fed.aggregator.update(fed, client, upload, int(fed.client_num_samples[client]))
+        n, steps = int(fed.client_num_samples[client]), state.local_steps.get(client, 0)
+        fed.aggregator.update(fed, Upload(client, upload, n, steps))
+        state.uploads += 1
     else:
         state.excluded.append(client)
         rank_zero_warn(

@@ -21,6 +21,7 @@ def engine_round_state() -> RoundState:
     """The engine's own per-round accumulators."""
     state = RoundState()
     state.add("excluded", [], reduce="cat")  # clients whose upload was not finite
+    state.add("uploads", 0, reduce="sum")  # finite uploads handed to the aggregator
     state.add("local_steps", {}, reduce="gather")  # client -> local optimizer steps
     state.add("loss_sums", {}, reduce="sum")  # role -> summed training loss
     state.add("loss_counts", {}, reduce="sum")  # role -> local steps in loss_sums
@@ -91,7 +92,17 @@ def end_round(fed: Any) -> None:
     """Aggregate, run ``on_round_end`` callbacks, evaluate and log the round."""
     merge_round(fed)
     state, trainer = fed.round_state, fed.trainer
-    fed.server_state = fed.aggregator.aggregate(fed, fed.server_state)
+    if state.uploads:
+        result = fed.aggregator.aggregate(fed, fed.server_state)
+        server_state, aggregate_metrics = result if isinstance(result, tuple) else (result, {})
+        fed.server_state = server_state
+        fed.log_round(aggregate_metrics)
+    else:
+        fed.round_logger.warn_once(
+            "empty round",
+            f"Round {fed.current_round}: no client uploaded a finite update (on any rank); the "
+            "server state is kept (this warning is shown once per run).",
+        )
     fed.dispatch.call("on_round_end", trainer, fed, fed.current_round)
     fed.store.release_memory()
     metrics: dict[str, Any] = {"round": float(fed.current_round)}

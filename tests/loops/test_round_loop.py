@@ -1,0 +1,111 @@
+"""The round loop: evaluation rounds, and a round in which nobody uploaded."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import digits, federation
+
+from pl_federated.callbacks import Aggregator, FederatedCallback
+from pl_federated.loops.round_loop import is_eval_round
+from pl_federated.models import MLPClassifier
+
+
+def test_eval_rounds():
+    assert [r for r in range(6) if is_eval_round(r, 2, 6)] == [1, 3, 5]
+    assert [r for r in range(5) if is_eval_round(r, 3, 5)] == [2, 4]  # and the last one
+    assert not any(is_eval_round(r, 0, 5) for r in range(5))
+
+
+class AlwaysNaN(MLPClassifier):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        out["loss"] = out["loss"] * torch.tensor(float("nan"))
+        return out
+
+
+class CountingAggregator(Aggregator):
+    """Records how often the engine asks it to aggregate."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def update(self, fed, upload):
+        raise AssertionError("no upload is finite")
+
+    def aggregate(self, fed, server_state):
+        self.calls += 1
+        return dict(server_state)
+
+
+class Metrics(FederatedCallback):
+    def on_round_end(self, trainer, fed, round):
+        fed.log_round({"seen/round": round})
+
+
+def test_a_round_without_uploads_keeps_the_server_state_and_warns_once(trainer_factory):
+    agg = CountingAggregator()
+    fed = federation(client=AlwaysNaN(lr=0.05), local_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_factory(rounds=3, callbacks=[agg, Metrics()]).fit(fed, digits(num_clients=3))
+    empty = [w for w in caught if "no client uploaded a finite update" in str(w.message)]
+    assert len(empty) == 1 and agg.calls == 0
+    for k, v in fed.server_state.items():
+        assert torch.equal(v, fed.initial_state[k])
+    assert [h["round/excluded_clients"] for h in fed.history] == [3, 3, 3]
+    assert [h["seen/round"] for h in fed.history] == [0, 1, 2]  # on_round_end still runs
+
+
+def test_aggregate_may_return_metrics_for_the_round_row(trainer_factory):
+    class WithMetrics(CountingAggregator):
+        def update(self, fed, upload):
+            self.last = (upload.client, upload.num_samples, upload.local_steps)
+
+        def aggregate(self, fed, server_state):
+            self.calls += 1
+            return dict(server_state), {"mine/calls": self.calls}
+
+    agg = WithMetrics()
+    fed = federation(local_steps=2)
+    trainer_factory(rounds=2, callbacks=[agg]).fit(fed, digits(num_clients=3))
+    assert [h["mine/calls"] for h in fed.history] == [1, 2]
+    client, samples, steps = agg.last
+    assert samples == int(fed.client_num_samples[client]) and steps == 2
+    with pytest.raises(ValueError, match="Exactly one aggregator"):
+        trainer_factory(rounds=1, callbacks=[WithMetrics(), CountingAggregator()]).fit(
+            federation(), digits(num_clients=3)
+        )
+
+
+def test_upload_transforms_apply_in_order_and_the_finite_check_sees_the_result(trainer_factory):
+    class Spy(Aggregator):
+        def __init__(self):
+            self.seen, self.trained = {}, {}
+
+        def update(self, fed, upload):
+            self.seen[upload.client] = {k: v.clone() for k, v in upload.state.items()}
+            self.trained[upload.client] = {k: v.clone() for k, v in fed.worker_state().items()}
+
+        def aggregate(self, fed, server_state):
+            return dict(server_state)
+
+    class Double(FederatedCallback):
+        def transform_upload(self, fed, client, state):
+            return {k: 2 * v if v.is_floating_point() else v for k, v in state.items()}
+
+    class BreakClientOne(FederatedCallback):
+        def transform_upload(self, fed, client, state):
+            return {k: v * float("nan") for k, v in state.items()} if client == 1 else None
+
+    spy = Spy()
+    fed = federation(local_steps=1)
+    trainer = trainer_factory(rounds=1, callbacks=[spy, Double(), BreakClientOne()])
+    with pytest.warns(UserWarning, match="client 1's update has NaN/Inf"):
+        trainer.fit(fed, digits(num_clients=3))
+    assert sorted(spy.seen) == [0, 2] and fed.history[-1]["round/excluded_clients"] == 1
+    # the upload is the doubled trained model; the client's own (kept) model is not doubled
+    for k, v in spy.seen[2].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 2 * spy.trained[2][k])
+            assert not torch.equal(v, spy.trained[2][k])
