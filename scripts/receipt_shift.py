@@ -22,13 +22,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "prr
 
 
 class ReceiptShift(FederatedCallback):
-    def on_round_start(self, trainer, fed, round):
+    def on_round_start(self, trainer, fed, server_round):
         self.uploads = {}
 
     def on_client_end(self, trainer, fed, client):
         self.uploads[client] = {k: v.clone() for k, v in fed.worker_state().items()}
 
-    def on_round_end(self, trainer, fed, round):
+    def on_round_end(self, trainer, fed, server_round):
         shifts = []
         for client, up in self.uploads.items():
             fed.load_received_state(client)

@@ -23,8 +23,8 @@ def fit(trainer_factory, logger, rounds=2, callbacks=()):
 class CustomPrefix(FederatedCallback):
     """A user's algorithm logging under a prefix the engine has never heard of."""
 
-    def on_round_end(self, trainer, fed, round):
-        fed.log_round({"myalgo/rounds_seen": round + 1})
+    def on_round_end(self, trainer, fed, server_round):
+        fed.log_round({"myalgo/rounds_seen": server_round + 1})
 
 
 def test_csv_logger_gets_round_metrics_and_tables(trainer_factory, tmp_path, capsys):

@@ -51,16 +51,16 @@ class ModelPoisoning(FederatedCallback):
         self.fraction, self.clients, self.attack, self.scale = fraction, clients, attack, scale
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        pl_module.register_rng_stream(STREAM, 5)
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        fed.register_rng_stream(STREAM, 5)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        k = pl_module.num_clients
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
+        k = fed.num_clients
         if self.clients is not None:
             self.malicious = sorted({int(c) for c in self.clients})
         else:
-            perm = torch.randperm(k, generator=pl_module.rng(STREAM, 0))
+            perm = torch.randperm(k, generator=fed.rng(STREAM, 0))
             self.malicious = sorted(perm[: math.ceil(self.fraction * k)].tolist())
         bad = [c for c in self.malicious if not 0 <= c < k]
         if bad:

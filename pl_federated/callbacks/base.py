@@ -57,8 +57,8 @@ class FederatedCallback(Callback):
     All hooks are optional. The :class:`~pl_federated.module.FederatedModule` calls them in this
     order within one round (= one Lightning training epoch)::
 
-        select_clients(trainer, fed, round, selected) # may reorder or replace the selection
-        on_round_start(trainer, fed, round)           # fed.selected_clients is final
+        select_clients(trainer, fed, server_round, selected) # may reorder or replace them
+        on_round_start(trainer, fed, server_round)    # fed.selected_clients is final
         for each selected client k (one training step per slot):
             client_roles(fed, k)                      # the roles k trains; before it loads
             on_client_start(trainer, fed, k)          # k's state loaded, optimizers reset
@@ -72,10 +72,24 @@ class FederatedCallback(Callback):
             on_client_end(trainer, fed, k)            # after local training, before the upload
             transform_upload(fed, k, state)           # may replace what k uploads
         aggregate  (the one Aggregator only)
-        on_round_end(trainer, fed, round)           # after aggregation, before evaluation
+        on_round_end(trainer, fed, server_round)      # after aggregation, before evaluation
 
     The order is :data:`HOOKS`; declared round state (:meth:`add_round_state`) is reset before
     ``select_clients`` and merged across ranks before ``aggregate``.
+
+    Every hook takes its arguments from one family (Lightning's own hooks, ``setup`` and
+    ``on_fit_start`` among them, get the same ``fed`` as their ``pl_module``):
+
+    Args:
+        trainer: the Trainer running the federation.
+        fed: the :class:`~pl_federated.module.FederatedModule` (its public API).
+        server_round: the communication round (= ``trainer.current_epoch``).
+        selected: the round's clients so far (``select_clients``).
+        client: a client id (``0 .. K-1``); never a model.
+        role: a worker role (``"model"`` is the shared one; ``fed.workers[role]`` is its module).
+        batch: the batch every trained role sees, as the datamodule yields it.
+        output / outputs: ``role``'s ``training_step`` output / every trained role's.
+        state: a state_dict-like mapping of tensors (``transform_upload``).
 
     Stateful callbacks implement ``state_dict``/``load_state_dict`` (Lightning checkpoints them).
 
@@ -110,7 +124,7 @@ class FederatedCallback(Callback):
         read-only afterwards."""
         return None
 
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         """A round begins; ``fed.selected_clients`` holds this round's clients."""
 
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
@@ -181,5 +195,5 @@ class FederatedCallback(Callback):
         callbacks apply in order; the non-finite check sees the final upload."""
         return None
 
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         """Aggregation is done; ``fed.server_state`` holds the new server state."""

@@ -110,20 +110,20 @@ class DeputyEnhancedTransfer(FederatedCallback):
         self.add_round_state("round_stages", [], reduce="cat")  # this round's stage_log rows
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        pl_module.add_role(PERSONAL)
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        fed.add_role(PERSONAL)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         dm = trainer.datamodule
         if self.split == "val" and int(dm.num_val.min()) == 0:
             raise ValueError(
                 "DeputyEnhancedTransfer(split='val') needs a validation split on every client: "
                 "set `data.val_fraction` > 0, or use split='train' (the reference code's choice)."
             )
-        if pl_module.local_steps is None and pl_module.local_epochs < 3:
+        if fed.local_steps is None and fed.local_epochs < 3:
             rank_zero_warn(
-                f"DET with `local_epochs`={pl_module.local_epochs} < 3: the first local epoch is "
+                f"DET with `local_epochs`={fed.local_epochs} < 3: the first local epoch is "
                 "always Recover and the next at best Exchange, so Sublimate is never reached."
             )
 
@@ -156,7 +156,7 @@ class DeputyEnhancedTransfer(FederatedCallback):
         return det_loss_term(self.stage, role, outputs, self.temperature, self.kl_weight)
 
     @override
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         fed.log_round({f"det/{s.name.lower()}": float(n) for s, n in self.stage_counts.items()})
         # every rank's rows (merged), in one-process order on any number of ranks
         rows = sorted(self.round_stages) if fed.world_size > 1 else self.round_stages

@@ -32,5 +32,5 @@ class Ditto(_ProximalToReceived):
         self.lam = self.weight
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        pl_module.add_role(self.role)
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        fed.add_role(self.role)

@@ -34,11 +34,11 @@ class FedBN(FedAvg):
     """
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        keys = batchnorm_keys(pl_module.client)
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        keys = batchnorm_keys(fed.client)
         if not keys:
             raise ValueError(
                 "FedBN: the client model has no BatchNorm layer; use FedAvg (or a model with "
                 "batch_norm: true)."
             )
-        pl_module.add_local_keys(keys)
+        fed.add_local_keys(keys)

@@ -75,14 +75,14 @@ class FederatedDistillation(FederatedCallback):
         self.table: Tensor | None = None  # [C, C]
         self.present: Tensor | None = None  # [C]
 
-    def weight_at(self, round: int) -> float:
+    def weight_at(self, server_round: int) -> float:
         """The distillation weight ``a`` of ``round``."""
-        return 1.0 / (round + 2) if self.kd_weight is None else self.kd_weight
+        return 1.0 / (server_round + 2) if self.kd_weight is None else self.kd_weight
 
     @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         c = fed.num_classes
-        self._a = self.weight_at(round)
+        self._a = self.weight_at(server_round)
         self._table = None if self.table is None else self.table.to(fed.device)
         self._present = None if self.present is None else self.present.to(fed.device)
         self._num_classes = c
@@ -130,7 +130,7 @@ class FederatedDistillation(FederatedCallback):
         self.uploads[client] = (means, self._n.float().cpu())
 
     @override
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         if not self.uploads:
             return
         means = torch.stack([m for m, _ in self.uploads.values()])

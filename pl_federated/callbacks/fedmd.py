@@ -110,7 +110,7 @@ class FedMD(FederatedCallback):
         self.consensus_idx: Tensor | None = None  # [P] indices into the public set
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
         k, n = trainer.datamodule.num_clients, 1 + len(self.models)
         if self.architectures is None:
             self.architectures = [c % n for c in range(k)]
@@ -120,9 +120,9 @@ class FedMD(FederatedCallback):
                 f"{self.architectures}."
             )
         for i, module in enumerate(self.models, start=1):
-            pl_module.add_role(f"arch{i}", module=module)
-        pl_module.register_rng_stream(PUBLIC_STREAM, 3)
-        pl_module.register_rng_stream(DIGEST_STREAM, 4)
+            fed.add_role(f"arch{i}", module=module)
+        fed.register_rng_stream(PUBLIC_STREAM, 3)
+        fed.register_rng_stream(DIGEST_STREAM, 4)
 
     def _role(self, client: int) -> str:
         arch = self.architectures[client]
@@ -133,7 +133,7 @@ class FedMD(FederatedCallback):
         return [self._role(client)] if self.models else None
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         dm = trainer.datamodule
         if self.public_dataset is None:
             x = getattr(dm, "public_x", None)
@@ -147,16 +147,16 @@ class FedMD(FederatedCallback):
             x = _match_shape(x, tuple(dm.input_shape), self.public_dataset)
         self.public_x = x
 
-    def _subset(self, fed: FederatedModule, round: int) -> Tensor:
+    def _subset(self, fed: FederatedModule, server_round: int) -> Tensor:
         n = len(self.public_x)
         if self.public_samples is None or self.public_samples >= n:
             return torch.arange(n)
-        perm = torch.randperm(n, generator=fed.rng(PUBLIC_STREAM, round))
+        perm = torch.randperm(n, generator=fed.rng(PUBLIC_STREAM, server_round))
         return perm[: self.public_samples].sort()[0]
 
     @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        self._next_idx = self._subset(fed, round + 1)
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
+        self._next_idx = self._subset(fed, server_round + 1)
         self._next_x = self.public_x[self._next_idx]
 
     @override
@@ -188,7 +188,7 @@ class FedMD(FederatedCallback):
         ).cpu()
 
     @override
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         uploads = list(self.scores.values())
         if uploads:
             total = uploads[0]

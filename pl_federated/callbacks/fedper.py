@@ -38,14 +38,14 @@ class FedPer(FedAvg):
         self.personal_keys = tuple(personal_keys)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        names = list(pl_module.client.state_dict())
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        names = list(fed.client.state_dict())
         for prefix in self.personal_keys:
             if not any(n == prefix or n.startswith(prefix + ".") for n in names):
                 raise ValueError(
                     f"`FedPer.personal_keys` entry {prefix!r} matches no state entry; "
                     f"entries: {names}."
                 )
-        pl_module.add_local_keys(
+        fed.add_local_keys(
             n for n in names for p in self.personal_keys if n == p or n.startswith(p + ".")
         )

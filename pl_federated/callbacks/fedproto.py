@@ -56,17 +56,17 @@ class FedProto(FederatedCallback):
         self.add_round_state("proto_acc", {}, reduce="gather")
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        if not callable(getattr(pl_module.client, "forward_features", None)):
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
+        if not callable(getattr(fed.client, "forward_features", None)):
             raise ValueError(
                 "FedProto needs the client module to define `forward_features(x)` (the "
                 "penultimate representation), e.g. pl_federated.models.ImageClassifier."
             )
         if self.bank is None:
-            self.bank = PrototypeBank(pl_module.num_clients, pl_module.num_classes)
+            self.bank = PrototypeBank(fed.num_clients, fed.num_classes)
 
     @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         g = self.bank.global_
         self._global = None if g is None else g.to(fed.device)
         self._present = self.bank.global_present.to(fed.device)
@@ -108,7 +108,7 @@ class FedProto(FederatedCallback):
                 self.proto_acc[client] = float((preds.cpu() == yt).float().mean())
 
     @override
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         if fed.world_size > 1:  # every rank holds every rank's uploads (merged round state)
             for client, (prototypes, counts) in self.uploads.items():
                 self.bank.put(client, prototypes, counts)

@@ -44,10 +44,10 @@ class FedRep(FedPer):
         return any(name == p or name.startswith(p + ".") for p in self.personal_keys)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        if pl_module.local_steps is None and pl_module.local_epochs <= self.head_epochs:
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
+        if fed.local_steps is None and fed.local_epochs <= self.head_epochs:
             rank_zero_warn(
-                f"FedRep: `local_epochs`={pl_module.local_epochs} <= `head_epochs`="
+                f"FedRep: `local_epochs`={fed.local_epochs} <= `head_epochs`="
                 f"{self.head_epochs}: the shared body is never trained."
             )
 

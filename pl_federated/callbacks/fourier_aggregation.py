@@ -86,9 +86,9 @@ class ProgressiveFourierAggregation(Aggregator):
         self._uploaded: list[int] = []
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        pl_module.add_local_keys(batchnorm_keys(pl_module.client))
-        state = pl_module.client.state_dict()
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        fed.add_local_keys(batchnorm_keys(fed.client))
+        state = fed.client.state_dict()
         if self.classwise_classifier:
             if self.classifier_key is None:
                 matrices = [k for k, t in state.items() if t.ndim == 2 and t.is_floating_point()]

@@ -129,28 +129,28 @@ class KD3A(Aggregator):
         self.weights: Tensor | None = None  # [K] smoothed aggregation weights
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        self._voter = copy.deepcopy(pl_module.client)
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        self._voter = copy.deepcopy(fed.client)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        k = pl_module.num_clients
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
+        k = fed.num_clients
         bad = [t for t in self.target_clients if not 0 <= t < k]
         if bad:
             raise ValueError(f"`KD3A.target_clients` {bad} are not clients 0..{k - 1}.")
         if len(self.target_clients) == k:
             raise ValueError("KD3A needs at least one source client (not every client a target).")
-        if pl_module.num_selected < k:
+        if fed.num_selected < k:
             raise ValueError(
                 "KD3A needs every client every round (`model.clients_per_round: 1.0`): the "
                 "targets vote with all sources' models of the round."
             )
         self.sources = [c for c in range(k) if c not in self.target_clients]
-        self._voter.to(pl_module.device)
+        self._voter.to(fed.device)
 
-    def gate_at(self, round: int, rounds: int) -> float:
+    def gate_at(self, server_round: int, rounds: int) -> float:
         """The confidence gate of ``round`` of ``rounds`` (linear ``gate_begin -> gate_end``)."""
-        progress = min(round / rounds, 1.0) if rounds and rounds > 0 else 0.0
+        progress = min(server_round / rounds, 1.0) if rounds and rounds > 0 else 0.0
         return self.gate_begin + (self.gate_end - self.gate_begin) * progress
 
     @override
@@ -161,8 +161,8 @@ class KD3A(Aggregator):
         return [c for c in selected if c not in targets] + [c for c in selected if c in targets]
 
     @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
-        self._gate = self.gate_at(round, trainer.max_epochs)
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
+        self._gate = self.gate_at(server_round, trainer.max_epochs)
         self._focus = torch.zeros(len(self.sources), dtype=torch.float64)
         self._covered = self._target_samples = 0
         self._pseudo_correct = 0
@@ -229,7 +229,7 @@ class KD3A(Aggregator):
         return total.compute(server_state)
 
     @override
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         fed.load_state(SHARED_ROLE, fed.server_state)
         accs = [
             fed.score(SHARED_ROLE, t, "test", "acc")

@@ -23,8 +23,8 @@ class LocalOnly(Aggregator):
     supports_distributed = True
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        pl_module.add_local_keys(pl_module.client.state_dict().keys())
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        fed.add_local_keys(fed.client.state_dict().keys())
 
     @override
     def update(self, fed: FederatedModule, upload: Upload) -> None:

@@ -62,8 +62,8 @@ class MutualLearning(FederatedCallback):
         self.add_round_state("meme_acc", {}, reduce="gather")  # client -> locally trained meme
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        pl_module.add_role(PERSONAL, module=self.personal)
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        fed.add_role(PERSONAL, module=self.personal)
 
     def _weight(self, role: str) -> float:
         return self.alpha if role == PERSONAL else self.beta
@@ -95,7 +95,7 @@ class MutualLearning(FederatedCallback):
             self.meme_acc[client] = fed.score(SHARED_ROLE, client, "test", "acc")
 
     @override
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         if self.meme_acc:
             accs = list(self.meme_acc.values())
             fed.log_round({"mutual/meme_acc_mean": sum(accs) / len(accs)})

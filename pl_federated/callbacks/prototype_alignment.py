@@ -68,17 +68,17 @@ class ConjointPrototypeAlignment(FederatedCallback):
         self.add_round_state("new_prototypes", {}, reduce="gather")
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: FederatedModule, stage: str) -> None:
-        pl_module.register_rng_stream(NOISE_STREAM, 7)
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        fed.register_rng_stream(NOISE_STREAM, 7)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         dm = trainer.datamodule
         self.class_counts = torch.stack(
             [torch.bincount(y, minlength=dm.num_classes) for y in dm.train_y]
         ).sum(0)
         if self.bank is None:
-            self.bank = PrototypeBank(pl_module.num_clients, dm.num_classes)
+            self.bank = PrototypeBank(fed.num_clients, dm.num_classes)
 
     def _gamma(self, fed: FederatedModule, client: int, targets: Tensor) -> Tensor | None:
         bank = self.bank
@@ -112,13 +112,13 @@ class ConjointPrototypeAlignment(FederatedCallback):
             self.new_prototypes[client] = (bank.local[client].clone(), bank.counts[client].clone())
 
     @override
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         if fed.world_size > 1:  # every rank holds every rank's new prototypes, then averages
             for client, (prototypes, counts) in self.new_prototypes.items():
                 self.bank.put(client, prototypes, counts)
         if self.bank.local is None:
             return
-        generator = fed.rng(NOISE_STREAM, round)
+        generator = fed.rng(NOISE_STREAM, server_round)
         self.bank.aggregate("clients", noise_std=self.noise_std, generator=generator)
         fed.log_round({"cpa/global_classes": float(self.bank.global_present.sum())})
 

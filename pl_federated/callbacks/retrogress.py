@@ -55,7 +55,7 @@ class RetrogressMonitor(FederatedCallback):
         self.history: list[tuple[int, int, float, float]] = []  # (round, client, before, after)
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         sizes = getattr(trainer.datamodule, f"num_{self.split}")
         if int(sizes.min()) == 0:
             raise ValueError(
@@ -67,7 +67,7 @@ class RetrogressMonitor(FederatedCallback):
         return fed.score(role, client, self.split, self.metric)
 
     @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         self._before: dict[int, float] = {}
         self._epochs: dict[int, int] = {}
         self._round_curve: list[tuple[int, int, int, float]] = []
@@ -91,13 +91,13 @@ class RetrogressMonitor(FederatedCallback):
             )
 
     @override
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         history = []
         for client, before in self._before.items():
             if client in fed.excluded:
                 continue
             fed.load_received_state(client)
-            history.append((round, client, before, self._score(fed, SHARED_ROLE, client)))
+            history.append((server_round, client, before, self._score(fed, SHARED_ROLE, client)))
         curve = self._round_curve
         if fed.world_size > 1:  # under fed_ddp every rank scored its own clients: merge
             parts = fed.all_gather_objects((history, curve))
@@ -114,7 +114,7 @@ class RetrogressMonitor(FederatedCallback):
             fed.log_round(metrics)
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         out_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
         if not (trainer.is_global_zero and self.plot and self.per_epoch and self.curve):
             return

@@ -40,17 +40,17 @@ class SCAFFOLD(FederatedCallback):
         self.add_round_state("delta_sum", {}, reduce="sum")
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        self._names = [n for n, p in pl_module.client.named_parameters() if p.requires_grad]
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
+        self._names = [n for n, p in fed.client.named_parameters() if p.requires_grad]
         if self.control is None:
             self.control = {
                 n: torch.zeros_like(p, device="cpu")
-                for n, p in pl_module.client.named_parameters()
+                for n, p in fed.client.named_parameters()
                 if p.requires_grad
             }
 
     @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         self._c = {n: t.to(fed.device) for n, t in self.control.items()}
 
     @override
@@ -94,7 +94,7 @@ class SCAFFOLD(FederatedCallback):
         fed.store.put(ROLE, client, new_ci)
 
     @override
-    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, round: int) -> None:
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         for n, delta in self.delta_sum.items():  # merged over ranks (fed_ddp)
             self.control[n] += delta / fed.num_clients
         norm = sum(float(t.pow(2).sum()) for t in self.control.values()) ** 0.5

@@ -70,7 +70,7 @@ class FederatedSummary(Callback):
                 logger.log_image(key=key, images=[path])
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, fed: pl.LightningModule) -> None:
         # `trainer.log_dir` broadcasts: every rank asks, then only rank 0 writes
         log_dir = trainer.log_dir if trainer.loggers else None
         dm = trainer.datamodule
@@ -85,16 +85,16 @@ class FederatedSummary(Callback):
         report.to_csv(os.path.join(log_dir, "partition.csv"))
         self._log_image(trainer, "partition/heatmap", path)
 
-    def client_accuracy_figure(self, pl_module: pl.LightningModule, path: str) -> str:
+    def client_accuracy_figure(self, fed: pl.LightningModule, path: str) -> str:
         """Bars of each client's latest global and personalized test accuracy."""
         import matplotlib
 
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
 
-        metrics = pl_module.client_metrics
+        metrics = fed.client_metrics
         names = [n for n in ("global_acc", "personal_acc") if n in metrics]
-        k = pl_module.num_clients
+        k = fed.num_clients
         fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * k + 2), 3.5))
         width = 0.8 / max(len(names), 1)
         for i, name in enumerate(names):
@@ -117,19 +117,19 @@ class FederatedSummary(Callback):
         return [name for _, name in present], rows
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, fed: pl.LightningModule) -> None:
         log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast: every rank asks
         if trainer.is_global_zero:
-            self._write_results(trainer, pl_module, log_dir)
+            self._write_results(trainer, fed, log_dir)
 
     def _write_results(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, log_dir: str | None
+        self, trainer: pl.Trainer, fed: pl.LightningModule, log_dir: str | None
     ) -> None:
-        if not getattr(pl_module, "history", None):
+        if not getattr(fed, "history", None):
             return
         tables = {
-            "rounds": self.round_table(pl_module.history),
-            "clients": pl_module.client_table(),
+            "rounds": self.round_table(fed.history),
+            "clients": fed.client_table(),
         }
         if self.print_tables:
             for name, (columns, rows) in tables.items():
@@ -143,8 +143,6 @@ class FederatedSummary(Callback):
             if isinstance(logger, WandbLogger):
                 columns, rows = tables["clients"]
                 logger.log_table(key="clients", columns=columns, data=rows)
-        if self.images and log_dir and pl_module.client_metrics:
+        if self.images and log_dir and fed.client_metrics:
             path = os.path.join(log_dir, "client_accuracy.png")
-            self._log_image(
-                trainer, "clients/accuracy", self.client_accuracy_figure(pl_module, path)
-            )
+            self._log_image(trainer, "clients/accuracy", self.client_accuracy_figure(fed, path))

@@ -39,8 +39,8 @@ class CountingAggregator(Aggregator):
 
 
 class Metrics(FederatedCallback):
-    def on_round_end(self, trainer, fed, round):
-        fed.log_round({"seen/round": round})
+    def on_round_end(self, trainer, fed, server_round):
+        fed.log_round({"seen/round": server_round})
 
 
 def test_a_round_without_uploads_keeps_the_server_state_and_warns_once(trainer_factory):
