@@ -135,8 +135,8 @@ def run_pl_federated(
     t0 = time.perf_counter()
     quiet_trainer(max_epochs=w.rounds, callbacks=[FedAvg()]).fit(fed, dm)
     seconds = time.perf_counter() - t0
-    fed.client.load_state_dict(fed.server_state)
-    return seconds, evaluate(fed.client, dm)
+    fed.shared_worker.load_state_dict(fed.server_state)
+    return seconds, evaluate(fed.shared_worker, dm)
 
 
 class _TrainTimer(pl.Callback):
@@ -159,8 +159,10 @@ def run_ddp_child(w: Workload, dm: FederatedDataModule, clients_per_step: int) -
     )
     trainer.fit(fed, dm)
     if trainer.global_rank == 0:
-        fed.client.load_state_dict(fed.server_state)
-        print("DDP_RESULT " + json.dumps([timer.seconds, evaluate(fed.client, dm)]), flush=True)
+        fed.shared_worker.load_state_dict(fed.server_state)
+        print(
+            "DDP_RESULT " + json.dumps([timer.seconds, evaluate(fed.shared_worker, dm)]), flush=True
+        )
 
 
 def run_ddp(w: Workload, dm: FederatedDataModule, clients_per_step: int) -> tuple[float, float]:

@@ -23,13 +23,7 @@ from pl_federated.engine.config import FederationConfig
 from pl_federated.engine.dispatch import HookDispatch, federated_callbacks
 from pl_federated.engine.evaluation import Evaluator, StageEvaluation
 from pl_federated.engine.round_log import RoundLogger
-from pl_federated.engine.schedule import (
-    ClientSchedule,
-    ClientSlots,
-    SeedStreams,
-    num_selected,
-    owned,
-)
+from pl_federated.engine.schedule import ClientSchedule, ClientSlots, SeedStreams, num_selected
 from pl_federated.engine.transport import StateTransport
 from pl_federated.engine.workers import StoreNamespaces, Workers, check_client_module
 from pl_federated.loops import round_loop
@@ -53,14 +47,9 @@ class FederatedModule(pl.LightningModule):
     ``configure_optimizers`` returns one optimizer. Its ``self.log`` calls are collected and
     logged as per-round means under ``client/<name>``.
 
-    Evaluation (every ``eval_every_n_rounds`` rounds and at the last round):
-
-    * ``global/*``: after aggregation, the new server model on every client's test split;
-      ``global/acc`` and ``global/f1`` (macro) over the pooled test data (or the datamodule's
-      held-out global test set, ``global_test_fraction``), plus per-client values.
-    * ``personal/*``: each client trained this round, on its own test split, right after its
-      local training and before aggregation (for FedAvg: the locally fine-tuned model);
-      ``personal/acc_mean``, ``personal/acc_min``, ``personal/f1_mean`` over those clients.
+    Evaluation (every ``eval_every_n_rounds`` rounds and at the last round) is described in
+    :mod:`pl_federated.engine.evaluation`: ``global/*`` (the new server model) and
+    ``personal/*`` (each client trained this round, right after its local training).
 
     Args:
         client: the user's LightningModule (one copy per role is trained for every client).
@@ -162,18 +151,19 @@ class FederatedModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- roles and state
     @property
+    def shared_worker(self) -> pl.LightningModule:
+        """The worker of the shared role (the user's module); ``client`` elsewhere is an id."""
+        return self.workers[SHARED_ROLE]
+
+    @property
     def client(self) -> pl.LightningModule:
-        """The worker of the shared role (the user's module)."""
+        """The constructor's ``client`` argument: :attr:`shared_worker` (kept for old code)."""
         return self.workers[SHARED_ROLE]
 
     @property
     def local_roles(self) -> list[str]:
         """Roles that never leave the client (persisted per client in the store)."""
         return self.role_registry.local_roles
-
-    @property
-    def trained_roles(self) -> list[str]:
-        return self.role_registry.trained_roles
 
     @property
     def personal_role(self) -> str:
@@ -183,14 +173,6 @@ class FederatedModule(pl.LightningModule):
     @property
     def local_keys(self) -> set[str]:
         return self.role_registry.local_keys
-
-    @property
-    def initial_state(self) -> dict[str, Tensor]:
-        return self.role_registry.initial_state
-
-    @property
-    def role_initial_state(self) -> dict[str, dict[str, Tensor]]:
-        return self.role_registry.role_initial_state
 
     def add_role(
         self, role: str, trained: bool = True, module: pl.LightningModule | None = None
@@ -320,37 +302,9 @@ class FederatedModule(pl.LightningModule):
         """This round's clients: a seeded sample without replacement, sorted; all when K == m."""
         return self.schedule.select(round)
 
-    def owned_clients(self, clients: Iterable[int]) -> list[int]:
-        """The clients among ``clients`` this rank trains (``client % world_size``)."""
-        return owned(clients, self.collectives.rank, self.world_size)
-
-    def slots_this_round(self) -> int:
-        """Training steps every rank runs this round (the busiest rank's slot count)."""
-        return self.schedule.slots_this_round()
-
-    def max_slots_per_rank(self) -> int:
-        """An upper bound of :meth:`slots_this_round` over the whole run."""
-        return self.schedule.max_slots_per_rank()
-
     def client_slots(self) -> ClientSlots:
         """The round's training iterable (the datamodule's ``train_dataloader``)."""
         return ClientSlots(self.schedule)
-
-    def all_gather_objects(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` in rank order (``[obj]`` in one process)."""
-        return self.collectives.all_gather_objects(obj)
-
-    def gather_clients(self, per_client: Mapping[int, Any]) -> dict[int, Any]:
-        """Every rank's ``{client: value}`` merged, on every rank."""
-        return self.collectives.gather_clients(per_client)
-
-    def reduce_sum_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Each tensor summed over ranks (identity in one process)."""
-        return self.collectives.reduce_sum_tensors(tensors)
-
-    def reduce_sum(self, values: Mapping[str, float]) -> dict[str, float]:
-        """``values`` summed over ranks (identity in one process)."""
-        return self.collectives.reduce_sum(values)
 
     def log_round(self, metrics: Mapping[str, float]) -> None:
         """Add scalars to this round's log row (callbacks call this, e.g. in on_round_end)."""
@@ -396,7 +350,7 @@ class FederatedModule(pl.LightningModule):
         if self.store is None:
             self.store = self.config.new_store(self.num_clients, self.root_device)
         if not self.server_state:
-            initial = {k: v.detach().clone() for k, v in self.client.state_dict().items()}
+            initial = {k: v.detach().clone() for k, v in self.shared_worker.state_dict().items()}
             self.role_registry.initial_state = initial
             self.server_state = {k: v.clone() for k, v in initial.items()}
         for worker in self.workers.values():
@@ -462,7 +416,7 @@ class FederatedModule(pl.LightningModule):
     @override
     def forward(self, x: Tensor) -> Any:
         """The shared-role worker's forward (load a state first, e.g. ``load_state``)."""
-        return self.client(x)
+        return self.shared_worker(x)
 
     # ---------------------------------------------------------------- test / validate
     def _stage_start(self) -> None:

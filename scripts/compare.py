@@ -20,7 +20,7 @@ import time
 import warnings
 from pathlib import Path
 
-from kd_comparison import DATA, cnn, digit_domains, fit, stat
+from common import DATA, cnn, digit_domains, fit, stat
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import (

@@ -20,7 +20,8 @@ import tempfile
 import warnings
 
 import torch
-from prr_digit_domains import CONFIGS, fmt  # this folder: the PRR experiment's configs, mean ± std
+from common import PRR_CONFIGS as CONFIGS
+from common import stat as fmt
 from torchmetrics.functional.classification import multiclass_f1_score, multiclass_recall
 
 from pl_federated.cli import cli_main

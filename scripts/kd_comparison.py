@@ -25,7 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
+from common import DATA, ROOT, cnn, digit_domains, fit, stat  # noqa: E402  (this folder)
 
 from pl_federated import FederatedDataModule, FederatedModule
 from pl_federated.callbacks import (
@@ -37,11 +37,9 @@ from pl_federated.callbacks import (
     LocalOnly,
     MutualLearning,
 )
-from pl_federated.data import Dirichlet, Domains
-from pl_federated.models import CNNClassifier, MLPClassifier
+from pl_federated.data import Dirichlet
+from pl_federated.models import MLPClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 METHODS = {
     "local": ("Local-only", lambda: [LocalOnly()]),
     "fedavg": ("FedAvg", lambda: [FedAvg()]),
@@ -51,29 +49,6 @@ METHODS = {
     "fedproto": ("FedProto", lambda: [LocalOnly(), FedProto()]),
 }
 UPLOAD_KEYS = ("fd/upload_bytes", "fedmd/upload_bytes", "fedproto/upload_bytes")
-
-
-def digit_domains(seed: int, clients_per_domain: int = 2, **kwargs) -> FederatedDataModule:
-    options = {
-        "mnist_path": str(DATA / "mnist_test10k.npz"),
-        "usps_path": str(DATA / "usps.npz"),
-        "size": 28,
-        "max_per_domain": 3000,
-    }
-    return FederatedDataModule(
-        "digit_domains",
-        num_clients=3 * clients_per_domain,
-        partition=Domains(clients_per_domain=clients_per_domain),
-        dataset_options=options,
-        seed=seed,
-        **kwargs,
-    )
-
-
-def cnn() -> CNNClassifier:
-    return CNNClassifier(
-        in_channels=1, image_size=28, channels=(16, 32), hidden=128, batch_norm=True, lr=0.01
-    )
 
 
 SETTINGS = {
@@ -97,22 +72,6 @@ SETTINGS = {
         rounds=20,
     ),
 }
-
-
-def fit(data, client, callbacks, rounds: int, seed: int, **module) -> FederatedModule:
-    pl.seed_everything(seed, verbose=False)
-    fed = FederatedModule(client(), seed=seed, **module)
-    trainer = pl.Trainer(
-        max_epochs=rounds,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-    trainer.fit(fed, data)
-    return fed
 
 
 def weights_bytes(fed: FederatedModule) -> int:
@@ -163,17 +122,6 @@ def run_kd3a(target_domain: int, method: str, seed: int) -> dict[str, float]:
         out["pseudo"] = fed.history[-1].get("kd3a/pseudo_label_acc", float("nan"))
         out["coverage"] = fed.history[-1]["kd3a/coverage"]
     return out
-
-
-def stat(values: list[float]) -> str:
-    """``mean ± std`` over seeds; seeds with no value (NaN) are left out and counted."""
-    kept = [v for v in values if v == v]
-    if not kept:
-        return "n/a"
-    note = f" ({len(kept)}/{len(values)} seeds)" if len(kept) < len(values) else ""
-    if len(kept) == 1:
-        return f"{kept[0]:.3f}{note}"
-    return f"{statistics.mean(kept):.3f} ± {statistics.stdev(kept):.3f}{note}"
 
 
 def main() -> None:

@@ -23,10 +23,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common import PRR_CONFIGS as CONFIGS  # this folder
+from common import ROOT
+from common import stat as fmt
+
 from pl_federated.cli import cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "experiments" / "prr_digit_domains"
 METHODS = ["local", "fedavg", "fedbn", "fml", "pfa", "det_fedavg", "pfa_det", "pfa_det_cpa"]
 METHODS += ["longtail_pfa_det", "longtail_pfa_det_cpa"]  # the class-imbalanced variant: CE vs CPA
 LABELS = {
@@ -97,12 +99,6 @@ def read_history(run_dir: Path) -> list[dict[str, str]]:
     """A finished run's per-round history from its CSVLogger ``metrics.csv``."""
     with open(run_dir / "metrics.csv", newline="") as f:
         return [row for row in csv.DictReader(f) if row.get("personal/f1_mean", "") != ""]
-
-
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:

@@ -8,17 +8,17 @@ For each aggregator, on the scarce digit-domain setup, logs per round the mean o
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+from common import PRR_CONFIGS as CONFIGS  # this folder
 
 from pl_federated.callbacks import FederatedCallback
 from pl_federated.cli import cli_main
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "prr_digit_domains"
 
 
 class ReceiptShift(FederatedCallback):
@@ -40,6 +40,9 @@ class ReceiptShift(FederatedCallback):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per aggregator")
+    rounds = parser.parse_args().rounds
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     variants = {
@@ -48,7 +51,7 @@ def main() -> None:
         "PFA amplitude, symmetric window": ("pfa", {"window: reference": "window: symmetric"}),
         "PFA amplitude+phase": ("pfa", {"variant: amplitude,": "variant: amplitude_phase,"}),
     }
-    print("| aggregator | relative weight shift at receipt, rounds 1..4 |")
+    print(f"| aggregator | relative weight shift at receipt, rounds 1..{rounds} |")
     print("| --- | --- |")
     for label, (config, edits) in variants.items():
         shift = ReceiptShift()
@@ -57,7 +60,7 @@ def main() -> None:
             text = text.replace(old, new)
         path = Path(tempfile.mkdtemp()) / f"{config}.yaml"
         path.write_text(text)
-        args = ["--config", str(path), "--trainer.max_epochs=4"]
+        args = ["--config", str(path), f"--trainer.max_epochs={rounds}"]
         args += ["--data.max_train_samples=150", "--trainer.logger=false"]
         args += ["--summary.print_tables=false"]
         cli = cli_main(args, run=False)

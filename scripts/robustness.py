@@ -15,7 +15,7 @@ import statistics
 import warnings
 from pathlib import Path
 
-from kd_comparison import fit
+from common import fit
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedAvg, Krum, Median, ModelPoisoning, TrimmedMean

@@ -48,7 +48,7 @@ def server_round(agg, fed, x, uploads):
 @pytest.mark.parametrize("name", ["adam", "yogi", "adagrad", "avgm"])
 def test_server_optimizers_match_hand_computed_steps(name):
     fed = tiny_fed()
-    x = {k: v.clone() for k, v in fed.client.state_dict().items()}
+    x = {k: v.clone() for k, v in fed.shared_worker.state_dict().items()}
     eta, b1, b2, tau, beta = 0.05, 0.9, 0.99, 1e-3, 0.8
     agg = {
         "adam": FedAdam(eta, b1, b2, tau, weighting="uniform"),
@@ -81,7 +81,7 @@ def test_server_optimizers_match_hand_computed_steps(name):
 
 def test_fedavgm_without_momentum_is_fedavg_and_runs_end_to_end(trainer_factory):
     fed = tiny_fed()
-    x = {k: v.clone() for k, v in fed.client.state_dict().items()}
+    x = {k: v.clone() for k, v in fed.shared_worker.state_dict().items()}
     uploads = [perturbed(x, i) for i in range(3)]
     a = server_round(FedAvgM(1.0, momentum=0.0, weighting="uniform"), fed, x, uploads)
     b = server_round(FedAvg(weighting="uniform"), fed, x, uploads)
@@ -114,7 +114,7 @@ def test_robust_rules_on_scripted_updates():
 @pytest.mark.parametrize("agg", [Median(), TrimmedMean(0.2), Krum(f=1, m=2)], ids=repr)
 def test_robust_aggregators_ignore_a_malicious_upload(agg):
     fed = tiny_fed()
-    x = {k: v.clone() for k, v in fed.client.state_dict().items()}
+    x = {k: v.clone() for k, v in fed.shared_worker.state_dict().items()}
     uploads = [perturbed(x, i, 0.01) for i in range(5)]
     uploads.append({k: v - 100.0 for k, v in x.items()})
     robust = server_round(agg, fed, x, uploads)
@@ -139,7 +139,7 @@ def test_model_poisoning_flips_and_scales_the_update(trainer_factory):
         spy = UploadSpy()
         fed = federation(local_steps=2)
         trainer_factory(rounds=1, callbacks=[spy, *callbacks]).fit(fed, digits(3))
-        return spy.seen, fed.initial_state
+        return spy.seen, fed.role_registry.initial_state
 
     clean, x0 = uploads([])
     flipped, _ = uploads([ModelPoisoning(clients=[1], attack="sign_flip", scale=4.0)])
@@ -158,8 +158,8 @@ def test_scaffold_correction_gradient_and_control_update(trainer_factory):
     fed = federation(client=client, local_steps=3)
     spy, scaffold = UploadSpy(weighting="uniform"), SCAFFOLD()
     trainer_factory(rounds=1, callbacks=[spy, scaffold]).fit(fed, digits(3))
-    names = [n for n, _ in fed.client.named_parameters()]
-    x0 = fed.initial_state
+    names = [n for n, _ in fed.shared_worker.named_parameters()]
+    x0 = fed.role_registry.initial_state
     expected_c = {n: torch.zeros_like(x0[n]) for n in names}
     for k in range(3):
         ci = fed.store.get("scaffold", k)
@@ -172,11 +172,11 @@ def test_scaffold_correction_gradient_and_control_update(trainer_factory):
     # the loss term's gradient is exactly c - c_i
     scaffold.on_round_start(None, fed, 1)
     scaffold.on_client_start(None, fed, 0)
-    for p in fed.client.parameters():
+    for p in fed.shared_worker.parameters():
         p.grad = None
     scaffold.client_loss(fed, 0, "model", None, {}).backward()
     ci = fed.store.get("scaffold", 0)
-    for n, p in fed.client.named_parameters():
+    for n, p in fed.shared_worker.named_parameters():
         torch.testing.assert_close(p.grad, scaffold.control[n] - ci[n])
 
 
@@ -201,7 +201,7 @@ def test_fednova_normalizes_unequal_local_steps():
     assert effective_steps(3, rho) == pytest.approx(1 + (1 + rho) + (1 + rho + rho**2))
     fed = tiny_fed(lr=0.1, momentum=0.0)
     fed.configure_optimizers()
-    x = {k: v.clone() for k, v in fed.client.state_dict().items()}
+    x = {k: v.clone() for k, v in fed.shared_worker.state_dict().items()}
     fed.server_state = x
     y = [perturbed(x, 1), perturbed(x, 2)]
     nova = FedNova()
@@ -241,14 +241,14 @@ class PhaseSpy(FederatedCallback):
         self.states = []
 
     def on_client_start(self, trainer, fed, client):
-        self.states = [{k: v.clone() for k, v in fed.client.state_dict().items()}]
+        self.states = [{k: v.clone() for k, v in fed.shared_worker.state_dict().items()}]
 
     def on_local_epoch_start(self, trainer, fed, client, epoch):
         if epoch > 0:
-            self.states.append({k: v.clone() for k, v in fed.client.state_dict().items()})
+            self.states.append({k: v.clone() for k, v in fed.shared_worker.state_dict().items()})
 
     def on_client_end(self, trainer, fed, client):
-        self.states.append({k: v.clone() for k, v in fed.client.state_dict().items()})
+        self.states.append({k: v.clone() for k, v in fed.shared_worker.state_dict().items()})
 
 
 def test_fedrep_trains_head_then_body(trainer_factory):
@@ -261,5 +261,5 @@ def test_fedrep_trains_head_then_body(trainer_factory):
         assert torch.equal(start[name], after_head2[name]) != head, name  # phase 1: head only
         assert torch.equal(after_head2[name], end[name]) == head, name  # phase 2: body only
     assert not torch.equal(start["head.weight"], after_head1["head.weight"])
-    assert all(p.requires_grad for p in fed.client.parameters())  # restored
+    assert all(p.requires_grad for p in fed.shared_worker.parameters())  # restored
     assert "head.weight" in fed.local_keys  # the head is personal (FedPer's split)

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_run import run
+from helpers.ddp_run import run
 
 HERE = Path(__file__).resolve().parent
+RUNNER = HERE / "helpers" / "ddp_run.py"
 
 
 def _launch(tmp_path: Path, algo: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     env.pop("LOCAL_RANK", None)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(HERE / "ddp_run.py"), "--algo", algo, "--out", str(tmp_path), *args]
+    cmd = [sys.executable, str(RUNNER), "--algo", algo, "--out", str(tmp_path), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 
 

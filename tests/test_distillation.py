@@ -219,13 +219,13 @@ def test_fedmd_digest_moves_the_client_toward_the_consensus(trainer_factory):
     assert last["personal/acc_mean"] > 0.7
     # a digest from a fresh model lowers its L1 distance to the consensus
     x, goal = md.public_x[md.consensus_idx], md.consensus
-    fed.load_state("model", fed.initial_state)
-    before = F.l1_loss(fed.forward_batched(fed.client, x), goal)
+    fed.load_state("model", fed.role_registry.initial_state)
+    before = F.l1_loss(fed.forward_batched(fed.shared_worker, x), goal)
     fed.trainer.fit_loop.epoch_progress.current.completed = 0
     md._digest_losses = []
     fed.optimizer("model").state.clear()
     md.on_client_start(fed.trainer, fed, client=0)
-    after = F.l1_loss(fed.forward_batched(fed.client, x), goal)
+    after = F.l1_loss(fed.forward_batched(fed.shared_worker, x), goal)
     assert after < 0.95 * before
 
 
@@ -239,7 +239,7 @@ def test_fedmd_heterogeneous_architectures_train_and_exchange_only_scores(traine
     assert fed.client_roles(1) == ["arch1"] and fed.client_roles(2) == ["model"]
     # only clients 1 and 3 hold (and trained) the second architecture
     assert [fed.store.has("arch1", k) for k in range(4)] == [False, True, False, True]
-    init = fed.role_initial_state["arch1"]
+    init = fed.role_registry.role_initial_state["arch1"]
     row = fed.store.get("arch1", 1)
     assert any(not torch.equal(row[k], init[k]) for k in init)
     # every client is evaluated with its own architecture, and learned

@@ -11,13 +11,13 @@ def test_fedprox_gradient_gains_exactly_mu_times_distance():
     fed = federation(client=MLPClassifier(input_size=4, hidden=(3,), num_classes=2))
     prox = FedProx(mu=0.3)
     prox.on_client_start(None, fed, client=0)
-    received = [p.detach().clone() for p in fed.client.parameters()]
+    received = [p.detach().clone() for p in fed.shared_worker.parameters()]
     with torch.no_grad():
-        for p in fed.client.parameters():
+        for p in fed.shared_worker.parameters():
             p.add_(torch.randn_like(p))
     term = prox.client_loss(fed, 0, "model", batch=None, outputs={})
     term.backward()
-    for p, w0 in zip(fed.client.parameters(), received, strict=True):
+    for p, w0 in zip(fed.shared_worker.parameters(), received, strict=True):
         torch.testing.assert_close(p.grad, 0.3 * (p.detach() - w0), rtol=1e-6, atol=1e-7)
     assert prox.client_loss(fed, 0, "personal", None, {}) is None  # shared role only
     with pytest.raises(ValueError, match="FedProx.mu"):
@@ -55,7 +55,7 @@ def test_fedbn_keeps_batchnorm_local_and_averages_the_rest(trainer_factory):
     spy = Spy()
     dm = digits(num_clients=3)
     trainer_factory(rounds=2, callbacks=[FedBN(), spy]).fit(fed, dm)
-    bn = batchnorm_keys(fed.client)
+    bn = batchnorm_keys(fed.shared_worker)
     assert bn and fed.local_keys == set(bn)
     local = fed.store.stacked("local")
     for k in range(3):  # the stored BN state is exactly what the client's local training produced
@@ -81,12 +81,17 @@ def test_local_role_is_trained_persisted_and_never_uploaded(trainer_factory):
     spy = Spy()
     trainer = trainer_factory(rounds=3, callbacks=[PersonalRole(), spy])
     trainer.fit(fed, digits(num_clients=4))
-    assert fed.personal_role == "personal" and fed.trained_roles == ["model", "personal"]
+    assert fed.personal_role == "personal" and fed.role_registry.trained_roles == [
+        "model",
+        "personal",
+    ]
     personal = fed.store.stacked("personal")
     trained = sorted({c for r in range(3) for c in fed.select_clients(r)})
     for k in range(4):
         if k in trained:  # trained clients hold their own personal model
-            assert not torch.equal(personal["head.weight"][k], fed.initial_state["head.weight"])
+            assert not torch.equal(
+                personal["head.weight"][k], fed.role_registry.initial_state["head.weight"]
+            )
         else:
             assert not fed.store.has("personal", k)
     assert "train/loss_personal" in trainer.callback_metrics
@@ -102,7 +107,7 @@ def test_local_only_never_communicates(trainer_factory):
     spy = Spy()
     trainer_factory(rounds=2, callbacks=[LocalOnly(), spy]).fit(fed, digits(num_clients=3))
     for key, value in fed.server_state.items():  # the server never changes
-        assert torch.equal(value, fed.initial_state[key])
+        assert torch.equal(value, fed.role_registry.initial_state[key])
     local = fed.store.stacked("local")
     for k in range(3):  # each client keeps exactly what its own training produced
         for key in local:

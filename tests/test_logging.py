@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 from helpers import LoggingClient, digits, federation
+from helpers.wandb_reader import history, records
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-from wandb_reader import history, records
 
 from pl_federated.callbacks import FederatedCallback, RetrogressMonitor
 from pl_federated.callbacks.summary import FederatedSummary

@@ -31,8 +31,8 @@ def fit(trainer_factory, **trainer_kwargs):
 
 def test_bf16_mixed_autocasts_clients_and_keeps_fp32_state(trainer_factory):
     fed, trainer = fit(trainer_factory, precision="bf16-mixed")
-    assert fed.client.train_dtype == torch.bfloat16
-    assert fed.client.eval_dtype == torch.bfloat16  # evaluation runs under the same autocast
+    assert fed.shared_worker.train_dtype == torch.bfloat16
+    assert fed.shared_worker.eval_dtype == torch.bfloat16  # evaluation runs under the same autocast
     assert all(v.dtype == torch.float32 for k, v in fed.server_state.items() if "weight" in k)
     # bf16 CPU kernels are not bitwise deterministic across processes: compare loosely.
     _, full = fit(trainer_factory, precision="32-true")
@@ -44,7 +44,7 @@ def test_fp16_grad_scaler_path_on_cpu(trainer_factory):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     fed, trainer = fit(trainer_factory, plugins=[plugin])
-    assert fed.client.train_dtype == torch.float16
+    assert fed.shared_worker.train_dtype == torch.float16
     # the shared scaler was used (scale initialised) and gradients were unscaled before each
     # step: with a 1024x loss scale an unscaled SGD step would diverge.
     assert scaler._scale is not None and scaler.get_scale() > 0
@@ -56,7 +56,7 @@ def test_fp16_grad_scaler_path_on_cpu(trainer_factory):
 
 def test_full_precision_baseline(trainer_factory):
     fed, trainer = fit(trainer_factory, precision="32-true")
-    assert fed.client.train_dtype == torch.float32
+    assert fed.shared_worker.train_dtype == torch.float32
     assert trainer.callback_metrics["global/acc"].item() == pytest.approx(
         fed.history[-1]["global/acc"]
     )

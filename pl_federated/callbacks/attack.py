@@ -75,7 +75,7 @@ class ModelPoisoning(FederatedCallback):
             return None
         factor = -self.scale if self.attack == "sign_flip" else self.scale
         received = fed.received_state(client)
-        params = {name for name, _ in fed.client.named_parameters()}
+        params = {name for name, _ in fed.shared_worker.named_parameters()}
         return {
             k: received[k] + factor * (v - received[k]) if k in params else v
             for k, v in state.items()

@@ -35,7 +35,7 @@ class FedBN(FedAvg):
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
-        keys = batchnorm_keys(fed.client)
+        keys = batchnorm_keys(fed.shared_worker)
         if not keys:
             raise ValueError(
                 "FedBN: the client model has no BatchNorm layer; use FedAvg (or a model with "

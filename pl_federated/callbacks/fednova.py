@@ -38,7 +38,7 @@ class FedNova(Aggregator):
 
     @override
     def reset(self, fed: FederatedModule) -> None:
-        self._params = {n for n, _ in fed.client.named_parameters()}
+        self._params = {n for n, _ in fed.shared_worker.named_parameters()}
         self._buffers = WeightedSum()
         self._d: dict[str, Tensor] | None = None
         self._tau = self._n = 0.0
@@ -85,8 +85,8 @@ class FedNova(Aggregator):
             self._d = {
                 k: torch.zeros_like(server_state[k], dtype=torch.float32) for k in self._params
             }
-        self._d = fed.reduce_sum_tensors(self._d)
-        totals = fed.reduce_sum({"tau": self._tau, "n": self._n})
+        self._d = fed.collectives.reduce_sum_tensors(self._d)
+        totals = fed.collectives.reduce_sum({"tau": self._tau, "n": self._n})
         self._tau, self._n = totals["tau"], totals["n"]
         buffers = {k: v for k, v in server_state.items() if k not in self._params}
         if buffers:

@@ -65,7 +65,7 @@ class ServerOptimizer(FedAvg):
         avg = super().aggregate(fed, server_state)  # sums over ranks under fed_ddp first
         if self._sum.count == 0:  # only ignored clients uploaded: no server step
             return avg
-        params = {n for n, _ in fed.client.named_parameters()}
+        params = {n for n, _ in fed.shared_worker.named_parameters()}
         out = dict(avg)
         for name in params & avg.keys():
             x = server_state[name].float()

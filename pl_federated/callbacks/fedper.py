@@ -39,7 +39,7 @@ class FedPer(FedAvg):
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
-        names = list(fed.client.state_dict())
+        names = list(fed.shared_worker.state_dict())
         for prefix in self.personal_keys:
             if not any(n == prefix or n.startswith(prefix + ".") for n in names):
                 raise ValueError(

@@ -57,7 +57,7 @@ class FedProto(FederatedCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
-        if not callable(getattr(fed.client, "forward_features", None)):
+        if not callable(getattr(fed.shared_worker, "forward_features", None)):
             raise ValueError(
                 "FedProto needs the client module to define `forward_features(x)` (the "
                 "penultimate representation), e.g. pl_federated.models.ImageClassifier."
@@ -89,7 +89,7 @@ class FedProto(FederatedCallback):
         return self.lam * prototype_regularizer(features, y, self._global, self._present)
 
     def _features(self, fed: FederatedModule, x: Tensor) -> Tensor:
-        return fed.forward_batched(fed.client, x, fed.client.forward_features)
+        return fed.forward_batched(fed.shared_worker, x, fed.shared_worker.forward_features)
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:

@@ -33,7 +33,9 @@ class _ProximalToReceived(FederatedCallback):
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         self._params = [p for p in fed.workers[self.role].parameters() if p.requires_grad]
-        self._anchor = [p.detach().clone() for p in fed.client.parameters() if p.requires_grad]
+        self._anchor = [
+            p.detach().clone() for p in fed.shared_worker.parameters() if p.requires_grad
+        ]
 
     @override
     def client_loss(

@@ -56,10 +56,10 @@ class FedRep(FedPer):
         self, trainer: pl.Trainer, fed: FederatedModule, client: int, epoch: int
     ) -> None:
         head_phase = epoch < self.head_epochs
-        for name, p in fed.client.named_parameters():
+        for name, p in fed.shared_worker.named_parameters():
             p.requires_grad_(self._is_head(name) == head_phase)
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        for p in fed.client.parameters():
+        for p in fed.shared_worker.parameters():
             p.requires_grad_(True)

@@ -87,8 +87,8 @@ class ProgressiveFourierAggregation(Aggregator):
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
-        fed.add_local_keys(batchnorm_keys(fed.client))
-        state = fed.client.state_dict()
+        fed.add_local_keys(batchnorm_keys(fed.shared_worker))
+        state = fed.shared_worker.state_dict()
         if self.classwise_classifier:
             if self.classifier_key is None:
                 matrices = [k for k, t in state.items() if t.ndim == 2 and t.is_floating_point()]
@@ -132,7 +132,7 @@ class ProgressiveFourierAggregation(Aggregator):
                 c: {k: b[self._rows[c]].cpu() for k, b in self._buffers.items()}
                 for c in self._uploaded
             }
-            uploads = fed.gather_clients(mine)
+            uploads = fed.collectives.gather_clients(mine)
             clients = sorted(uploads)
             stacked = {
                 k: torch.stack([uploads[c][k] for c in clients]).to(fed.device)

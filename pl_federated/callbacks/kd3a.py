@@ -130,7 +130,7 @@ class KD3A(Aggregator):
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
-        self._voter = copy.deepcopy(fed.client)
+        self._voter = copy.deepcopy(fed.shared_worker)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:

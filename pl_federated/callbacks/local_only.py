@@ -24,7 +24,7 @@ class LocalOnly(Aggregator):
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
-        fed.add_local_keys(fed.client.state_dict().keys())
+        fed.add_local_keys(fed.shared_worker.state_dict().keys())
 
     @override
     def update(self, fed: FederatedModule, upload: Upload) -> None:

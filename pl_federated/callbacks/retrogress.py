@@ -100,7 +100,7 @@ class RetrogressMonitor(FederatedCallback):
             history.append((server_round, client, before, self._score(fed, SHARED_ROLE, client)))
         curve = self._round_curve
         if fed.world_size > 1:  # under fed_ddp every rank scored its own clients: merge
-            parts = fed.all_gather_objects((history, curve))
+            parts = fed.collectives.all_gather_objects((history, curve))
             history = [h for part in parts for h in part[0]]
             curve = [c for part in parts for c in part[1]]
         # client order, whatever the number of ranks (and the training order) was

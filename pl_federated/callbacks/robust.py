@@ -61,7 +61,7 @@ class BufferedAggregator(Aggregator):
             c: {k: t.cpu() for k, t in u.items()}
             for c, u in zip(self._clients, self._uploads, strict=True)
         }
-        uploads = fed.gather_clients(mine)
+        uploads = fed.collectives.gather_clients(mine)
         order = {c: i for i, c in enumerate(fed.selected_clients)}
         self._clients = sorted(uploads, key=lambda c: order.get(c, len(order)))
         self._uploads = [

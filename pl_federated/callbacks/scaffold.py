@@ -41,11 +41,11 @@ class SCAFFOLD(FederatedCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
-        self._names = [n for n, p in fed.client.named_parameters() if p.requires_grad]
+        self._names = [n for n, p in fed.shared_worker.named_parameters() if p.requires_grad]
         if self.control is None:
             self.control = {
                 n: torch.zeros_like(p, device="cpu")
-                for n, p in fed.client.named_parameters()
+                for n, p in fed.shared_worker.named_parameters()
                 if p.requires_grad
             }
 
@@ -55,7 +55,7 @@ class SCAFFOLD(FederatedCallback):
 
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        params = dict(fed.client.named_parameters())
+        params = dict(fed.shared_worker.named_parameters())
         self._params = [params[n] for n in self._names]
         self._received = [p.detach().clone() for p in self._params]
         if fed.store.has(ROLE, client):

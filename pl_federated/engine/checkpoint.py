@@ -20,16 +20,16 @@ def federated_state(fed: Any) -> dict[str, Any]:
     """What ``fed`` saves: call from ``on_save_checkpoint`` (on every rank: it gathers)."""
     store = fed.store.state_dict() if fed.store is not None else None
     if fed.world_size > 1:  # every rank holds its own clients' rows: merge them
-        store = merge_store_states(fed.all_gather_objects(store))
+        store = merge_store_states(fed.collectives.all_gather_objects(store))
     return {
         "server_state": {k: v.cpu() for k, v in fed.server_state.items()},
         "store": store,
         "client_metrics": dict(fed.client_metrics),
         "history": list(fed.history),
-        "initial_state": {k: v.cpu() for k, v in fed.initial_state.items()},
+        "initial_state": {k: v.cpu() for k, v in fed.role_registry.initial_state.items()},
         "role_initial_state": {
             role: {k: v.cpu() for k, v in state.items()}
-            for role, state in fed.role_initial_state.items()
+            for role, state in fed.role_registry.role_initial_state.items()
         },
         "num_clients": fed.num_clients,
     }

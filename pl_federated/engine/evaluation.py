@@ -1,6 +1,15 @@
 """Evaluation: the server model on every client (``global/*``), each client's own model
 after its update (``personal/*``), the per-client table, and ``trainer.test``/``validate``.
 
+Every ``eval_every_n_rounds`` rounds and at the last round:
+
+* ``global/*``: after aggregation, the new server model on every client's test split;
+  ``global/acc`` and ``global/f1`` (macro) over the pooled test data (or the datamodule's
+  held-out global test set, ``global_test_fraction``), plus per-client values.
+* ``personal/*``: each client trained this round, on its own test split, right after its
+  local training and before aggregation (for FedAvg: the locally fine-tuned model);
+  ``personal/acc_mean``, ``personal/acc_min``, ``personal/f1_mean`` over those clients.
+
 Classifiers are scored by accuracy and macro-F1 (torchmetrics) of the argmax of the logits;
 forward passes run in eval mode, in batches of ``eval_batch_size``, under the precision
 plugin's autocast.

@@ -129,7 +129,7 @@ def group_by_samples(fed: Any, clients: list[int]) -> list[list[int]]:
 def train_group(fed: Any, clients: list[int]) -> None:
     """The local updates of ``clients`` (equal sample counts) as one vectorized update, then
     the per-client end of the update (callbacks, upload, personal evaluation)."""
-    worker = fed.client
+    worker = fed.shared_worker
     device = fed.device
     stepper = fed.stepper
     lopt = stepper.lightning_optimizers()[SHARED_ROLE]

@@ -52,7 +52,7 @@ def test_a_round_without_uploads_keeps_the_server_state_and_warns_once(trainer_f
     empty = [w for w in caught if "no client uploaded a finite update" in str(w.message)]
     assert len(empty) == 1 and agg.calls == 0
     for k, v in fed.server_state.items():
-        assert torch.equal(v, fed.initial_state[k])
+        assert torch.equal(v, fed.role_registry.initial_state[k])
     assert [h["round/excluded_clients"] for h in fed.history] == [3, 3, 3]
     assert [h["seen/round"] for h in fed.history] == [0, 1, 2]  # on_round_end still runs
 

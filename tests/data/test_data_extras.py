@@ -10,7 +10,7 @@ from pl_federated import FederatedDataModule
 from pl_federated.cli import partition_main
 from pl_federated.data import IID, Dirichlet, FeatureNoise, PartitionReport
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def test_feature_noise_scales_with_the_client_index():
@@ -64,7 +64,7 @@ def test_global_test_set_is_held_out_and_measured(trainer_factory):
     fed = federation(local_steps=3)
     trainer_factory(rounds=1).fit(fed, dm)
     fed.load_state("model", fed.server_state)
-    preds = fed.predict_classes(fed.client, dm.global_test_x).cpu()
+    preds = fed.predict_classes(fed.shared_worker, dm.global_test_x).cpu()
     acc = (preds == dm.global_test_y).float().mean().item()
     assert fed.history[-1]["global/acc"] == pytest.approx(acc)
     with pytest.raises(ValueError, match="global_test_fraction"):

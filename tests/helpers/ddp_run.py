@@ -1,6 +1,6 @@
 """A tiny federation, run as a script so Lightning's DDP launcher can start its ranks.
 
-    python tests/ddp_run.py --algo fedavg --devices 2 --rounds 3 --out DIR [--resume CKPT]
+    python tests/helpers/ddp_run.py --algo fedavg --devices 2 --rounds 3 --out DIR [--resume CKPT]
 
 Writes ``DIR/result.pt`` (server state, history, client metrics; global rank 0 only) and a
 checkpoint per round under ``DIR/ckpt``. ``tests/test_ddp.py`` compares 2 processes with 1.

@@ -1,0 +1,68 @@
+"""What the experiment scripts share: paths, the digit-domains data, the CNN, one fit, and the
+``mean ± std`` cell of their tables (scripts import this module, never each other)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated.data import Domains
+from pl_federated.models import CNNClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+PRR_CONFIGS = ROOT / "configs" / "experiments" / "prr_digit_domains"
+"""The PRR-FL experiment's configs (one per method)."""
+
+
+def digit_domains(seed: int, clients_per_domain: int = 2, **kwargs) -> FederatedDataModule:
+    options = {
+        "mnist_path": str(DATA / "mnist_test10k.npz"),
+        "usps_path": str(DATA / "usps.npz"),
+        "size": 28,
+        "max_per_domain": 3000,
+    }
+    return FederatedDataModule(
+        "digit_domains",
+        num_clients=3 * clients_per_domain,
+        partition=Domains(clients_per_domain=clients_per_domain),
+        dataset_options=options,
+        seed=seed,
+        **kwargs,
+    )
+
+
+def cnn() -> CNNClassifier:
+    return CNNClassifier(
+        in_channels=1, image_size=28, channels=(16, 32), hidden=128, batch_norm=True, lr=0.01
+    )
+
+
+def fit(data, client, callbacks, rounds: int, seed: int, **module) -> FederatedModule:
+    pl.seed_everything(seed, verbose=False)
+    fed = FederatedModule(client(), seed=seed, **module)
+    trainer = pl.Trainer(
+        max_epochs=rounds,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(fed, data)
+    return fed
+
+
+def stat(values: list[float]) -> str:
+    """``mean ± std`` over seeds; seeds with no value (NaN) are left out and counted."""
+    kept = [v for v in values if v == v]
+    if not kept:
+        return "n/a"
+    note = f" ({len(kept)}/{len(values)} seeds)" if len(kept) < len(values) else ""
+    if len(kept) == 1:
+        return f"{kept[0]:.3f}{note}"
+    return f"{statistics.mean(kept):.3f} ± {statistics.stdev(kept):.3f}{note}"
