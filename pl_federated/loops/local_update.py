@@ -164,7 +164,8 @@ def finish_client(
             upload, finite = replaced, None  # check what is actually uploaded
     if all_finite(upload.values()) if finite is None else finite:
         n, steps = int(fed.client_num_samples[client]), state.local_steps.get(client, 0)
-        fed.aggregator.update(fed, Upload(client, upload, n, steps))
+        with fed.dispatch.profile(fed.aggregator, "update"):
+            fed.aggregator.update(fed, Upload(client, upload, n, steps))
         state.uploads += 1
     else:
         state.excluded.append(client)

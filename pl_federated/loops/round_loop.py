@@ -93,7 +93,8 @@ def end_round(fed: Any) -> None:
     merge_round(fed)
     state, trainer = fed.round_state, fed.trainer
     if state.uploads:
-        result = fed.aggregator.aggregate(fed, fed.server_state)
+        with fed.dispatch.profile(fed.aggregator, "aggregate"):
+            result = fed.aggregator.aggregate(fed, fed.server_state)
         server_state, aggregate_metrics = result if isinstance(result, tuple) else (result, {})
         fed.server_state = server_state
         fed.log_round(aggregate_metrics)
