@@ -22,17 +22,19 @@ class BufferedAggregator(Aggregator):
     :meth:`combine` maps the stacked float entries ``[n, *shape]`` to the new server state.
     Integer entries (BN counters) take the first upload's value."""
 
-    supports_distributed = True  # every rank gathers all uploads, in selection order
+    supports_distributed = True  # the uploads are round state: every rank holds all of them
+
+    def __init__(self) -> None:
+        self.add_round_state("uploads", {}, reduce="gather")  # client -> its upload
+        self._clients: list[int] = []  # the clients of the last aggregation, in order
 
     @override
     def reset(self, fed: FederatedModule) -> None:
-        self._uploads: list[dict[str, Tensor]] = []
-        self._clients: list[int] = []
+        self.round_state.reset()  # the engine did already; this is for direct callers
 
     @override
     def update(self, fed: FederatedModule, upload: Upload) -> None:
-        self._uploads.append({k: v.detach().clone() for k, v in upload.state.items()})
-        self._clients.append(upload.client)
+        self.uploads[upload.client] = {k: v.detach().clone() for k, v in upload.state.items()}
 
     @abstractmethod
     def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -43,30 +45,20 @@ class BufferedAggregator(Aggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        if fed.world_size > 1:
-            self._gather(fed)
+        # the order one process trains them in (the selection order) on any number of ranks,
+        # so order-sensitive rules (Krum's ties, integer entries) match
+        order = {c: i for i, c in enumerate(fed.selected_clients)}
+        self._clients = sorted(self.uploads, key=lambda c: order.get(c, len(order)))
+        uploads = [self.uploads[c] for c in self._clients]
+        if fed.world_size > 1:  # merged round state arrives on the CPU
+            uploads = [{k: t.to(fed.device) for k, t in u.items()} for u in uploads]
         floats = [k for k, t in server_state.items() if t.is_floating_point()]
-        stacked = {k: torch.stack([u[k].float() for u in self._uploads]) for k in floats}
+        stacked = {k: torch.stack([u[k].float() for u in uploads]) for k in floats}
         out = {k: v.to(server_state[k].dtype) for k, v in self.combine(stacked).items()}
         for k in server_state:
             if k not in out:
-                out[k] = self._uploads[0][k].clone()
-        self._uploads = []
+                out[k] = uploads[0][k].clone()
         return out
-
-    def _gather(self, fed: FederatedModule) -> None:
-        """Every rank's uploads on every rank, in the order one process trains them (the
-        selection order), so order-sensitive rules (Krum's ties, integer entries) match."""
-        mine = {
-            c: {k: t.cpu() for k, t in u.items()}
-            for c, u in zip(self._clients, self._uploads, strict=True)
-        }
-        uploads = fed.collectives.gather_clients(mine)
-        order = {c: i for i, c in enumerate(fed.selected_clients)}
-        self._clients = sorted(uploads, key=lambda c: order.get(c, len(order)))
-        self._uploads = [
-            {k: t.to(fed.device) for k, t in uploads[c].items()} for c in self._clients
-        ]
 
 
 def coordinate_median(x: Tensor) -> Tensor:
@@ -117,6 +109,7 @@ class TrimmedMean(BufferedAggregator):
     def __init__(self, beta: float = 0.1) -> None:
         if not 0.0 <= beta < 0.5:
             raise ValueError(f"`TrimmedMean.beta` must be in [0, 0.5), got {beta!r}.")
+        super().__init__()
         self.beta = beta
 
     @override
@@ -138,6 +131,7 @@ class Krum(BufferedAggregator):
         for name, value in (("f", f), ("m", m)):
             if not isinstance(value, int) or value < (0 if name == "f" else 1):
                 raise ValueError(f"`Krum.{name}` must be an int >= {0 if name == 'f' else 1}.")
+        super().__init__()
         self.f, self.m = f, m
         self.selected: list[int] = []
 
