@@ -125,6 +125,8 @@ class FederatedModule(pl.LightningModule):
             rank_and_world=lambda: (self.collectives.rank, self.world_size),
             max_rounds=lambda: self.trainer.max_epochs,
             selected=lambda: self.selected_clients,
+            phases=lambda: self.round_state.phases or [self.selected_clients],
+            phased=lambda: bool(self.dispatch.implementing("round_phases")),
         )
         self.collectives = Collectives(lambda: self._trainer)
         self.transport = StateTransport(
@@ -406,7 +408,7 @@ class FederatedModule(pl.LightningModule):
 
     @override
     def training_step(self, slot: list[int], slot_idx: int) -> None:
-        round_loop.train_slot(self, slot)
+        round_loop.train_slot(self, slot, slot_idx)
 
     @override
     def on_train_epoch_end(self) -> None:

@@ -76,6 +76,7 @@ def _last_store(root: Path) -> dict:
         "fd",
         "fedmd",
         "fedproto",
+        "kd3a",
     ],
 )
 def test_two_processes_equal_one_process(algo, tmp_path):
@@ -94,8 +95,10 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         assert store_one["written"]["personal"].sum() >= 4  # clients of both ranks
     if algo == "pfa_det_cpa":  # prototypes of both ranks' clients were averaged
         assert one["prototypes"][0] is not None and one["history"][-1]["cpa/global_classes"] > 0
-    if algo in ("fd", "fedmd", "fedproto"):  # the server knowledge exists and was compared
+    if algo in ("fd", "fedmd", "fedproto", "kd3a"):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
+    if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks
+        assert one["history"][-1]["kd3a/coverage"] > 0
     if algo == "mutual":
         assert "mutual/meme_acc_mean" in one["history"][-1] and "personal" in store_one["roles"]
 
@@ -111,7 +114,7 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
 
 
 def test_unsupported_callbacks_and_the_stock_ddp_strategy_are_refused(tmp_path):
-    out = _launch(tmp_path / "a", "kd3a", "--devices", "2")
+    out = _launch(tmp_path / "a", "poisoning", "--devices", "2")
     assert out.returncode != 0 and "do not support `strategy: fed_ddp`" in out.stderr
     out = _launch(tmp_path / "b", "fedavg_prox", "--devices", "2", "--strategy", "ddp")
     assert out.returncode != 0 and "needs `strategy: fed_ddp`" in out.stderr

@@ -28,6 +28,7 @@ class Hook:
 
 HOOKS = (
     Hook("select_clients", "round", False),
+    Hook("round_phases", "round", False),
     Hook("on_round_start", "round", False),
     Hook("client_roles", "client", False),
     Hook("on_client_start", "client", True),
@@ -38,6 +39,7 @@ HOOKS = (
     Hook("client_loss", "batch", True),
     Hook("on_client_end", "client", False),
     Hook("transform_upload", "client", False),
+    Hook("on_phase_end", "round", False),
     Hook("on_round_end", "round", False),
 )
 """The federated hooks in call order: the one table the engine's dispatch, the vectorized
@@ -58,8 +60,9 @@ class FederatedCallback(Callback):
     order within one round (= one Lightning training epoch)::
 
         select_clients(trainer, fed, server_round, selected) # may reorder or replace them
+        round_phases(trainer, fed, server_round, selected) # may split them into phases
         on_round_start(trainer, fed, server_round)    # fed.selected_clients is final
-        for each selected client k (one training step per slot):
+        for each phase, for each of its clients k (one training step per slot):
             client_roles(fed, k)                      # the roles k trains; before it loads
             on_client_start(trainer, fed, k)          # k's state loaded, optimizers reset
             train_data(fed, k, x, y)                  # may replace k's training data
@@ -71,6 +74,7 @@ class FederatedCallback(Callback):
                     loss += client_loss(fed, k, role, batch, outputs)
             on_client_end(trainer, fed, k)            # after local training, before the upload
             transform_upload(fed, k, state)           # may replace what k uploads
+        on_phase_end(trainer, fed, server_round, phase) # between phases, on every rank
         aggregate  (the one Aggregator only)
         on_round_end(trainer, fed, server_round)      # after aggregation, before evaluation
 
@@ -84,7 +88,8 @@ class FederatedCallback(Callback):
         trainer: the Trainer running the federation.
         fed: the :class:`~pl_federated.module.FederatedModule` (its public API).
         server_round: the communication round (= ``trainer.current_epoch``).
-        selected: the round's clients so far (``select_clients``).
+        selected: the round's clients so far (``select_clients``, ``round_phases``).
+        phase: the index of a phase of the round (``on_phase_end``).
         client: a client id (``0 .. K-1``); never a model.
         role: a worker role (``"model"`` is the shared one; ``fed.workers[role]`` is its module).
         batch: the batch every trained role sees, as the datamodule yields it.
@@ -123,6 +128,21 @@ class FederatedCallback(Callback):
         earlier callback's choice), or ``None`` to keep them. ``fed.selected_clients`` is
         read-only afterwards."""
         return None
+
+    def round_phases(
+        self, trainer: pl.Trainer, fed: FederatedModule, server_round: int, selected: list[int]
+    ) -> list[list[int]] | None:
+        """Split the round's clients into phases trained one after another (e.g. KD3A's
+        sources before the targets that vote with their models), or ``None`` for one phase.
+        Under ``fed_ddp`` every rank finishes a phase before any starts the next, and
+        ``on_phase_end`` runs between them on every rank, where collectives are safe."""
+        return None
+
+    def on_phase_end(
+        self, trainer: pl.Trainer, fed: FederatedModule, server_round: int, phase: int
+    ) -> None:
+        """Phase ``phase`` of the round is trained on every rank (see ``round_phases``); the
+        next one starts after this hook."""
 
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         """A round begins; ``fed.selected_clients`` holds this round's clients."""

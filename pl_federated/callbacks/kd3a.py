@@ -89,7 +89,8 @@ class KD3A(Aggregator):
     (coverage: the share of target samples with a usable consensus, S: number of sources),
     the sources share the rest in proportion to their consensus focus
     (:func:`consensus_focus`, Shapley values of the vote quality), smoothed over rounds with
-    ``momentum`` as the reference does. Targets train after the sources in every round (the
+    ``momentum`` as the reference does. Targets train after the sources in every round (a second phase, ``round_phases``: under
+    ``fed_ddp`` every rank's sources finish first and are gathered for the vote; the
     vote needs this round's source models), so every client must be selected every round
     (cross-silo; ``clients_per_round: 1.0``).
 
@@ -105,6 +106,8 @@ class KD3A(Aggregator):
         min_agree: confident sources that must back the consensus class.
         momentum: smoothing of the aggregation weights over rounds (reference 0.9).
     """
+
+    supports_distributed = True  # sources before targets in phases; the uploads are gathered
 
     def __init__(
         self,
@@ -127,6 +130,11 @@ class KD3A(Aggregator):
         self.gate_begin, self.gate_end = gate_begin, gate_end
         self.min_agree, self.momentum = min_agree, momentum
         self.weights: Tensor | None = None  # [K] smoothed aggregation weights
+        self.add_round_state("uploads", {}, reduce="gather")  # client -> its upload
+        self.add_round_state("focus", None, reduce="sum")  # [S] summed consensus focus
+        self.add_round_state("covered", 0, reduce="sum")  # target samples with a consensus
+        self.add_round_state("target_samples", 0, reduce="sum")
+        self.add_round_state("pseudo_correct", 0, reduce="sum")  # analysis only
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
@@ -154,27 +162,35 @@ class KD3A(Aggregator):
         return self.gate_begin + (self.gate_end - self.gate_begin) * progress
 
     @override
-    def select_clients(
+    def round_phases(
         self, trainer: pl.Trainer, fed: FederatedModule, server_round: int, selected: list[int]
-    ) -> list[int]:
+    ) -> list[list[int]]:
         targets = set(self.target_clients)  # targets train after the sources they vote with
-        return [c for c in selected if c not in targets] + [c for c in selected if c in targets]
+        return [[c for c in selected if c not in targets], [c for c in selected if c in targets]]
 
     @override
     def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         self._gate = self.gate_at(server_round, trainer.max_epochs)
-        self._focus = torch.zeros(len(self.sources), dtype=torch.float64)
-        self._covered = self._target_samples = 0
-        self._pseudo_correct = 0
+        self.focus = torch.zeros(len(self.sources), dtype=torch.float64)
+
+    @override
+    def on_phase_end(
+        self, trainer: pl.Trainer, fed: FederatedModule, server_round: int, phase: int
+    ) -> None:
+        if fed.world_size > 1:  # the targets vote with every rank's sources
+            mine = {c: {k: v.cpu() for k, v in s.items()} for c, s in self.uploads.items()}
+            gathered = fed.collectives.gather_clients(mine)
+            self.uploads = {
+                c: {k: v.to(fed.device) for k, v in s.items()} for c, s in gathered.items()
+            }
 
     @override
     def reset(self, fed: FederatedModule) -> None:
-        self._uploads: dict[int, dict[str, Tensor]] = {}
         self._log: dict[str, float] = {}
 
     @override
     def update(self, fed: FederatedModule, upload: Upload) -> None:
-        self._uploads[upload.client] = {k: v.detach().clone() for k, v in upload.state.items()}
+        self.uploads[upload.client] = {k: v.detach().clone() for k, v in upload.state.items()}
 
     @override
     def train_data(
@@ -182,21 +198,21 @@ class KD3A(Aggregator):
     ) -> tuple[Tensor, Tensor] | None:
         if client not in self.target_clients:
             return None
-        voters = [i for i, s in enumerate(self.sources) if s in self._uploads]  # finite uploads
+        voters = [i for i, s in enumerate(self.sources) if s in self.uploads]  # finite uploads
         if not voters:
             return x[:0], y[:0]
         probs = []
         for i in voters:
-            self._voter.load_state_dict(self._uploads[self.sources[i]])
+            self._voter.load_state_dict(self.uploads[self.sources[i]])
             probs.append(fed.forward_batched(self._voter, x).softmax(dim=-1))
         probs = torch.stack(probs)
         vote = knowledge_vote(probs, self._gate, self.min_agree)
-        self._focus[voters] += consensus_focus(probs, self._gate, self.min_agree)
+        self.focus[voters] += consensus_focus(probs, self._gate, self.min_agree)
         mask = vote.mask.cpu()
-        self._covered += int(mask.sum())
-        self._target_samples += len(y)
+        self.covered += int(mask.sum())
+        self.target_samples += len(y)
         labels = vote.labels.cpu()
-        self._pseudo_correct += int((labels[mask] == y[mask]).sum())  # analysis only
+        self.pseudo_correct += int((labels[mask] == y[mask]).sum())  # analysis only
         return x[mask], labels[mask]
 
     @override
@@ -204,9 +220,9 @@ class KD3A(Aggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        coverage = self._covered / max(self._target_samples, 1)
+        coverage = self.covered / max(self.target_samples, 1)
         target_total = coverage / (len(self.sources) + 1)
-        focus = self._focus if self._focus.sum() > 0 else self._focus + 1e-3
+        focus = self.focus if self.focus.sum() > 0 else self.focus + 1e-3
         weights = torch.zeros(fed.num_clients, dtype=torch.float64)
         weights[self.sources] = (1 - target_total) * focus / focus.sum()
         weights[self.target_clients] = target_total / len(self.target_clients)
@@ -215,7 +231,7 @@ class KD3A(Aggregator):
         else:
             self.weights = self.momentum * self.weights + (1 - self.momentum) * weights
         total = WeightedSum()
-        for client, state in self._uploads.items():
+        for client, state in self.uploads.items():
             total.update(state, float(self.weights[client]))
         self._log = {
             "kd3a/coverage": coverage,
@@ -223,10 +239,10 @@ class KD3A(Aggregator):
             "kd3a/target_weight": float(self.weights[self.target_clients].sum()),
             **{f"kd3a/source_weight_{s}": float(self.weights[s]) for s in self.sources},
         }
-        if self._covered:
-            self._log["kd3a/pseudo_label_acc"] = self._pseudo_correct / self._covered
-        self._uploads = {}
-        return total.compute(server_state)
+        if self.covered:
+            self._log["kd3a/pseudo_label_acc"] = self.pseudo_correct / self.covered
+        new = total.compute(server_state)  # on the CPU when merged from several ranks
+        return {k: v.to(server_state[k].device) for k, v in new.items()}
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:

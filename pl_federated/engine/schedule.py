@@ -115,6 +115,10 @@ class ClientSchedule:
         rank_and_world: returns ``(rank, world_size)``.
         max_rounds: returns the Trainer's ``max_epochs`` (``None``/-1: unknown).
         selected: returns the current round's clients.
+        phases: returns the current round's phases (lists of clients trained one after
+            another; one phase by default).
+        phased: returns whether callbacks split rounds into phases (then the slot bound is
+            the number of selected clients).
     """
 
     streams: SeedStreams
@@ -124,19 +128,34 @@ class ClientSchedule:
     rank_and_world: Callable[[], tuple[int, int]]
     max_rounds: Callable[[], int | None]
     selected: Callable[[], Sequence[int]]
+    phases: Callable[[], Sequence[Sequence[int]]]
+    phased: Callable[[], bool]
 
     def select(self, round: int) -> list[int]:
         """``round``'s seeded selection (before callbacks' ``select_clients``)."""
         return select_clients(self.streams, round, self.num_clients(), self.num_selected())
 
     def slots_this_round(self) -> int:
-        """Training steps every rank runs this round (the busiest rank's slot count)."""
-        return busiest_slots(self.selected(), self.rank_and_world()[1], self.clients_per_step)
+        """Training steps every rank runs this round (per phase, the busiest rank's)."""
+        world = self.rank_and_world()[1]
+        return sum(busiest_slots(p, world, self.clients_per_step) for p in self.phases())
+
+    def phase_starts(self) -> dict[int, int]:
+        """Slot index -> the phase that starts there (phases after the first), the same on
+        every rank (each phase padded to its busiest rank)."""
+        world, starts, index = self.rank_and_world()[1], {}, 0
+        for phase, clients in enumerate(self.phases()):
+            if phase:
+                starts.setdefault(index, phase)
+            index += busiest_slots(clients, world, self.clients_per_step) if clients else 0
+        return starts
 
     def max_slots_per_rank(self) -> int:
         """An upper bound of :meth:`slots_this_round` over the whole run (from the seeded
         selections when the number of rounds is known)."""
         world, step, selected = self.rank_and_world()[1], self.clients_per_step, self.num_selected()
+        if self.phased():  # a phase of k clients needs at most k slots
+            return max(1, selected)
         if world == 1:
             return math.ceil(selected / step)
         rounds = self.max_rounds()
@@ -152,7 +171,9 @@ class ClientSlots:
     ``on_train_epoch_start``, where the engine selects the round's clients and callbacks may
     reorder them), so it always follows the current round, also after a resume. Under
     ``fed_ddp`` every rank yields as many slots as the round's busiest rank (Lightning runs a
-    collective per training step); the others idle through empty slots.
+    collective per training step); the others idle through empty slots. A round split into
+    phases (``round_phases``) is padded per phase, so every rank starts a phase at the same
+    step.
     """
 
     def __init__(self, plan: ClientSchedule) -> None:
@@ -165,10 +186,12 @@ class ClientSlots:
     def __iter__(self) -> Iterator[list[int]]:
         plan = self.plan
         rank, world = plan.rank_and_world()
-        selected = list(plan.selected())
-        clients = owned(selected, rank, world)
         step = plan.clients_per_step
-        slots = [clients[i : i + step] for i in range(0, len(clients), step)]
-        if world > 1:
-            slots += [[] for _ in range(busiest_slots(selected, world, step) - len(slots))]
-        yield from slots
+        for phase in plan.phases():
+            clients = owned(phase, rank, world)
+            slots = [clients[i : i + step] for i in range(0, len(clients), step)]
+            if world > 1 or len(plan.phases()) > 1:
+                # every rank ends a phase at the same step (a collective point between them)
+                busiest = busiest_slots(phase, world, step) if phase else 0
+                slots += [[] for _ in range(busiest - len(slots))]
+            yield from slots

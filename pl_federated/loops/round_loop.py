@@ -30,6 +30,8 @@ def engine_round_state() -> RoundState:
     state.add("log_counts", {}, reduce="sum")  # (role, name) -> number of values
     state.add("is_eval_round", False, reduce="local")
     state.add("started", 0.0, reduce="local")  # perf_counter() at the round's start
+    state.add("phases", [], reduce="local")  # the round's phases (empty: one, all selected)
+    state.add("phase_starts", {}, reduce="local")  # slot index -> phase starting there
     return state
 
 
@@ -56,14 +58,26 @@ def start_round(fed: Any) -> None:
         with fed.dispatch.profile(cb, "select_clients"):
             chosen = cb.select_clients(trainer, fed, round, list(selected))
         selected = selected if chosen is None else [int(c) for c in chosen]
-    fed.selected_clients = tuple(selected)
+    phases = [list(selected)]
+    for cb in fed.dispatch.implementing("round_phases"):
+        with fed.dispatch.profile(cb, "round_phases"):
+            chosen = cb.round_phases(trainer, fed, round, [c for p in phases for c in p])
+        phases = phases if chosen is None else [[int(c) for c in p] for p in chosen]
+    fed.selected_clients = tuple(c for p in phases for c in p)
+    if len(phases) > 1:
+        state.phases = [tuple(p) for p in phases]
+        state.phase_starts = fed.schedule.phase_starts()
     fed.aggregator.reset(fed)
     fed.round_logger.start_round()
     fed.dispatch.call("on_round_start", trainer, fed, round)
 
 
-def train_slot(fed: Any, slot: list[int]) -> None:
-    """One training step: the local updates of the slot's clients."""
+def train_slot(fed: Any, slot: list[int], slot_idx: int) -> None:
+    """One training step: the local updates of the slot's clients (after ``on_phase_end``
+    on every rank when the slot starts a new phase)."""
+    phase = fed.round_state.phase_starts.get(slot_idx)
+    if phase is not None:
+        fed.dispatch.call("on_phase_end", fed.trainer, fed, fed.current_round, phase - 1)
     if fed.vectorize_clients:
         for group in group_by_samples(fed, [int(c) for c in slot]):
             if len(group) == 1:  # nothing to vectorize: vmap would only add its overhead

@@ -51,7 +51,7 @@ def test_slots_pad_every_rank_to_the_busiest():
     assert owned([0, 1, 2, 3, 4], rank=1, world_size=2) == [1, 3]
     assert busiest_slots([0, 2, 4, 1], world_size=2, clients_per_step=2) == 2
 
-    def schedule(rank, world, selected):
+    def schedule(rank, world, selected, phases=None):
         return ClientSchedule(
             SeedStreams(0),
             clients_per_step=2,
@@ -60,6 +60,8 @@ def test_slots_pad_every_rank_to_the_busiest():
             rank_and_world=lambda: (rank, world),
             max_rounds=lambda: None,
             selected=lambda: selected,
+            phases=lambda: phases or [selected],
+            phased=lambda: phases is not None,
         )
 
     selected = (0, 2, 4, 6, 1)
@@ -67,3 +69,12 @@ def test_slots_pad_every_rank_to_the_busiest():
     assert list(ClientSlots(schedule(1, 2, selected))) == [[1], []]  # idles through a slot
     assert list(ClientSlots(schedule(0, 1, selected))) == [[0, 2], [4, 6], [1]]
     assert len(ClientSlots(schedule(0, 1, selected))) == 3
+
+    # phases: each padded to its busiest rank, so both ranks start phase 1 at slot 2
+    phases = [(0, 2, 4, 1), (3, 6)]
+    flat = tuple(c for p in phases for c in p)
+    assert list(ClientSlots(schedule(0, 2, flat, phases))) == [[0, 2], [4], [6]]
+    assert list(ClientSlots(schedule(1, 2, flat, phases))) == [[1], [], [3]]
+    assert schedule(0, 2, flat, phases).phase_starts() == {2: 1}
+    assert schedule(0, 1, flat, phases).phase_starts() == {2: 1}  # [0, 2], [4, 1] | [3, 6]
+    assert len(ClientSlots(schedule(0, 2, flat, phases))) == len(flat)  # a safe bound

@@ -33,6 +33,7 @@ from pl_federated.callbacks import (
     FedProx,
     Krum,
     LocalOnly,
+    ModelPoisoning,
     MutualLearning,
     ProgressiveFourierAggregation,
     RetrogressMonitor,
@@ -65,9 +66,16 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fedproto":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [LocalOnly(), FedProto(lam=1.0)], dict(local_steps=3)
-    if algo == "kd3a":  # not supported under fed_ddp (targets vote mid-round): refused
+    if algo == "kd3a":  # targets 0 and 3 (one per rank) vote with both ranks' sources
         client = MLPClassifier(hidden=(32,), lr=0.05)
-        return client, [KD3A(target_clients=[0])], dict(local_steps=3)
+        return (
+            client,
+            [KD3A(target_clients=[0, 3], gate_begin=0.1, gate_end=0.15)],
+            dict(local_steps=3, clients_per_round=1.0),
+        )
+    if algo == "poisoning":  # not verified under fed_ddp: must be refused
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedAvg(), ModelPoisoning(clients=[1])], dict(local_steps=3)
     if algo == "pfa_det":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         callbacks = [
@@ -110,7 +118,7 @@ def run(
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     client, callbacks, options = build(algo)
-    fed = FederatedModule(client, clients_per_round=4, seed=0, **options)
+    fed = FederatedModule(client, **{"clients_per_round": 4, "seed": 0, **options})
     data = FederatedDataModule(
         "digits", num_clients=5, partition=Dirichlet(0.5, min_size=20), max_train_samples=40
     )
@@ -146,6 +154,7 @@ def run(
                     getattr(cb, "table", None),  # FD's per-class logits
                     getattr(cb, "consensus", None),  # FedMD's consensus
                     getattr(getattr(cb, "bank", None), "global_", None),  # FedProto / CPA
+                    getattr(cb, "weights", None),  # KD3A's smoothed aggregation weights
                 )
                 if t is not None
             ],
