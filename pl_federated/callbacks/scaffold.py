@@ -40,6 +40,10 @@ class SCAFFOLD(FederatedCallback):
         self.add_round_state("delta_sum", {}, reduce="sum")
 
     @override
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        fed.store_namespaces.reserve(ROLE, type(self).__name__)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         self._names = [n for n, p in fed.shared_worker.named_parameters() if p.requires_grad]
         if self.control is None:
