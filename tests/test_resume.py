@@ -1,6 +1,17 @@
+import pytest
 import torch
-from helpers import digits, federation
+from helpers import digits, federation, public_digits
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from pl_federated.callbacks import (
+    KD3A,
+    FederatedDistillation,
+    FedMD,
+    FedProto,
+    LocalOnly,
+    MutualLearning,
+)
+from pl_federated.models import MLPClassifier
 
 
 def strip(history):
@@ -29,3 +40,46 @@ def test_resume_equals_uninterrupted_run(trainer_factory, tmp_path):
         assert torch.equal(resumed.server_state[name], tensor), name
     for name, tensor in straight.store.stacked("optim/model").items():
         assert torch.equal(resumed.store.stacked("optim/model")[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    "make_callbacks, data",
+    [
+        (lambda: [MutualLearning(personal=_small_personal())], digits),
+        (lambda: [LocalOnly(), FederatedDistillation()], digits),
+        (lambda: [LocalOnly(), FedProto()], digits),
+        (lambda: [LocalOnly(), FedMD(public_samples=100)], public_digits),
+        (
+            lambda: [LocalOnly(), FedMD(public_samples=100, models=[_small_personal()])],
+            public_digits,
+        ),
+        # a constant gate: the interrupted run has another max_epochs, so another schedule
+        (lambda: [KD3A(target_clients=[2], gate_begin=0.5, gate_end=0.5)], digits),
+    ],
+    ids=["fml", "fd", "fedproto", "fedmd", "fedmd_heterogeneous", "kd3a"],
+)
+def test_distillation_resume_equals_uninterrupted_run(
+    make_callbacks, data, trainer_factory, tmp_path
+):
+    def fit(rounds, root, ckpt_path=None):
+        fed = federation(local_steps=3)
+        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
+        trainer = trainer_factory(
+            rounds=rounds, callbacks=[*make_callbacks(), ckpt], enable_checkpointing=True
+        )
+        trainer.fit(fed, data(num_clients=3), ckpt_path=ckpt_path)
+        return fed
+
+    straight = fit(3, tmp_path / "a")
+    fit(2, tmp_path / "b")
+    resumed = fit(3, tmp_path / "c", ckpt_path=next((tmp_path / "b").glob("epoch=1-*.ckpt")))
+    assert strip(resumed.history) == strip(straight.history)
+    for role in ("model", *straight.local_roles, "local"):
+        if straight.store.has(role, 0):
+            for name, t in straight.store.stacked(role).items():
+                assert torch.equal(resumed.store.stacked(role)[name], t), (role, name)
+
+
+def _small_personal():
+    torch.manual_seed(2)
+    return MLPClassifier(hidden=(16,), lr=0.05)

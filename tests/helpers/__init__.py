@@ -4,7 +4,10 @@ import torch
 from torch.nn import functional as F
 
 from pl_federated import FederatedDataModule, FederatedModule
-from pl_federated.data import Dirichlet
+from pl_federated.callbacks.aggregator import Upload
+from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.callbacks.fedavg import FedAvg
+from pl_federated.data import IID, Dirichlet
 from pl_federated.models import MLPClassifier
 
 
@@ -51,3 +54,52 @@ def federation(client=None, **kwargs):
         client = MLPClassifier(lr=0.05, momentum=0.9)
     kwargs.setdefault("clients_per_round", 1.0)
     return FederatedModule(client, **kwargs)
+
+
+def tiny_fed(**kwargs):
+    """A federation of a 3-2-2 MLP (hand-checkable aggregation)."""
+    torch.manual_seed(0)
+    return federation(client=MLPClassifier(input_size=3, hidden=(2,), num_classes=2, **kwargs))
+
+
+def perturbed(state, seed, scale=0.1):
+    """``state`` plus seeded Gaussian noise (a scripted client upload)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+def server_round(agg, fed, x, uploads):
+    """One aggregation of ``uploads`` (one sample, one step each) without a Trainer."""
+    agg.reset(fed)
+    for k, u in enumerate(uploads):
+        agg.update(fed, Upload(k, u, 1, 1))
+    return agg.aggregate(fed, x)
+
+
+class UploadSpy(FedAvg):
+    """FedAvg that keeps a copy of every upload it receives (``seen[client]``)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = {}
+
+    def update(self, fed, upload):
+        self.seen[upload.client] = {k: v.clone() for k, v in upload.state.items()}
+        super().update(fed, upload)
+
+
+def public_digits(num_clients=4):
+    """IID digits with a held-out public split (FedMD)."""
+    return FederatedDataModule(
+        "digits", num_clients=num_clients, partition=IID(), public_fraction=0.2
+    )
+
+
+class TrainedStateSpy(FederatedCallback):
+    """Records each client's state right after local training (what it uploads)."""
+
+    def __init__(self):
+        self.after = {}
+
+    def on_client_end(self, trainer, fed, client):
+        self.after[client] = {k: v.clone() for k, v in fed.worker_state().items()}
