@@ -77,6 +77,7 @@ def _last_store(root: Path) -> dict:
         "fedmd",
         "fedproto",
         "kd3a",
+        "poisoning",
     ],
 )
 def test_two_processes_equal_one_process(algo, tmp_path):
@@ -114,7 +115,7 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
 
 
 def test_unsupported_callbacks_and_the_stock_ddp_strategy_are_refused(tmp_path):
-    out = _launch(tmp_path / "a", "poisoning", "--devices", "2")
+    out = _launch(tmp_path / "a", "unverified", "--devices", "2")
     assert out.returncode != 0 and "do not support `strategy: fed_ddp`" in out.stderr
     out = _launch(tmp_path / "b", "fedavg_prox", "--devices", "2", "--strategy", "ddp")
     assert out.returncode != 0 and "needs `strategy: fed_ddp`" in out.stderr

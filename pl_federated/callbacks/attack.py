@@ -35,6 +35,8 @@ class ModelPoisoning(FederatedCallback):
         scale: magnitude of the factor (default 4).
     """
 
+    supports_distributed = True  # a per-client upload transform; every rank draws the same set
+
     def __init__(
         self,
         fraction: float = 0.1,

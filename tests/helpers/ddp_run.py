@@ -26,6 +26,7 @@ from pl_federated.callbacks import (
     FedAdam,
     FedAvg,
     FedBN,
+    FederatedCallback,
     FederatedDistillation,
     FedMD,
     FedNova,
@@ -33,6 +34,7 @@ from pl_federated.callbacks import (
     FedProx,
     Krum,
     LocalOnly,
+    Median,
     ModelPoisoning,
     MutualLearning,
     ProgressiveFourierAggregation,
@@ -40,6 +42,13 @@ from pl_federated.callbacks import (
 )
 from pl_federated.data import Dirichlet
 from pl_federated.models import CNNClassifier, MLPClassifier
+
+
+class Unverified(FederatedCallback):
+    """Keeps server-side state without declaring how it merges across ranks."""
+
+    def on_client_end(self, trainer, fed, client):
+        self.last = client
 
 
 def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
@@ -73,9 +82,12 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
             [KD3A(target_clients=[0, 3], gate_begin=0.1, gate_end=0.15)],
             dict(local_steps=3, clients_per_round=1.0),
         )
-    if algo == "poisoning":  # not verified under fed_ddp: must be refused
+    if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
-        return client, [FedAvg(), ModelPoisoning(clients=[1])], dict(local_steps=3)
+        return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
+    if algo == "unverified":  # a callback that does not declare fed_ddp support: refused
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedAvg(), Unverified()], dict(local_steps=3)
     if algo == "pfa_det":
         client = MLPClassifier(hidden=(32,), lr=0.05)
         callbacks = [
