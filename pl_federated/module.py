@@ -7,6 +7,7 @@ hooks delegate in a few lines to the engine's parts (:mod:`pl_federated.engine`)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -117,23 +118,25 @@ class FederatedModule(pl.LightningModule):
         self.store_namespaces = StoreNamespaces()
         self.role_registry = Workers(self.workers, self.store_namespaces, self.round_logger.route)
         self.streams = SeedStreams(seed)
+        # the parts read the module's live values through bound methods (picklable, so the
+        # module still pickles for the spawn launcher and deep-copies consistently)
         self.schedule = ClientSchedule(
             self.streams,
             clients_per_step,
-            num_clients=lambda: self.num_clients,
-            num_selected=lambda: self.num_selected,
-            rank_and_world=lambda: (self.collectives.rank, self.world_size),
-            max_rounds=lambda: self.trainer.max_epochs,
-            selected=lambda: self.selected_clients,
-            phases=lambda: self.round_state.phases or [self.selected_clients],
-            phased=lambda: bool(self.dispatch.implementing("round_phases")),
+            num_clients=self._live_num_clients,
+            num_selected=self._live_num_selected,
+            rank_and_world=self._live_rank_and_world,
+            max_rounds=self._live_max_rounds,
+            selected=self._live_selected,
+            phases=self._live_phases,
+            phased=self._live_phased,
         )
-        self.collectives = Collectives(lambda: self._trainer)
+        self.collectives = Collectives(self._live_attached_trainer)
         self.transport = StateTransport(
-            self.role_registry, lambda: self.store, lambda: self.server_state
+            self.role_registry, self._live_store, self._live_server_state
         )
         self.evaluator = Evaluator(
-            self.role_registry, lambda: self._trainer, lambda: self.device, eval_batch_size
+            self.role_registry, self._live_attached_trainer, self._live_device, eval_batch_size
         )
         self.stepper = Stepper(self)
         self.round_state = round_loop.engine_round_state()
@@ -143,6 +146,39 @@ class FederatedModule(pl.LightningModule):
         self.current_client: int | None = None
         self.dispatch = HookDispatch([])
         self.aggregator: Aggregator | None = None
+
+    def _live_num_clients(self) -> int:
+        return self.num_clients
+
+    def _live_num_selected(self) -> int:
+        return self.num_selected
+
+    def _live_rank_and_world(self) -> tuple[int, int]:
+        return self.collectives.rank, self.world_size
+
+    def _live_max_rounds(self) -> int | None:
+        return self.trainer.max_epochs
+
+    def _live_selected(self) -> tuple[int, ...]:
+        return self.selected_clients
+
+    def _live_phases(self) -> list:
+        return self.round_state.phases or [self.selected_clients]
+
+    def _live_phased(self) -> bool:
+        return bool(self.dispatch.implementing("round_phases"))
+
+    def _live_attached_trainer(self) -> pl.Trainer | None:
+        return self._trainer
+
+    def _live_store(self) -> ClientStore | None:
+        return self.store
+
+    def _live_server_state(self) -> dict[str, Tensor]:
+        return self.server_state
+
+    def _live_device(self) -> torch.device:
+        return self.device
 
     def __getattr__(self, name: str) -> Any:
         """The settings of :attr:`config` read as attributes (``fed.local_epochs``, ...)."""
@@ -385,7 +421,7 @@ class FederatedModule(pl.LightningModule):
         self.aggregator, callbacks = federated_callbacks(self.trainer)
         self.dispatch = HookDispatch(callbacks, self.trainer.profiler)
         self.role_registry.role_filters = [
-            (lambda client, cb=cb: cb.client_roles(self, client))
+            functools.partial(cb.client_roles, self)
             for cb in self.dispatch.implementing("client_roles")
         ]
 

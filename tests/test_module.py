@@ -149,3 +149,19 @@ def test_eval_interval_and_store_device(trainer_factory):
     assert fed.store.device == fed.device
     with pytest.raises(ValueError, match="store_device"):
         federation(store_device="disk")
+
+
+def test_the_module_pickles_and_deep_copies_with_its_parts(trainer_factory):
+    """The spawn launcher pickles the module; the engine's parts must follow the copy."""
+    import copy
+    import pickle
+
+    fed = federation(local_steps=1)
+    trainer_factory(rounds=1).fit(fed, digits(num_clients=3))
+    for other in (pickle.loads(pickle.dumps(fed)), copy.deepcopy(fed)):
+        assert other.transport.received_state(0).keys() == fed.server_state.keys()
+        other.server_state = {k: v + 1 for k, v in other.server_state.items()}
+        assert all(
+            torch.equal(other.incoming_state(0)[k], fed.server_state[k] + 1)
+            for k in fed.server_state
+        )
