@@ -190,8 +190,7 @@ class ClientSlots:
         for phase in plan.phases():
             clients = owned(phase, rank, world)
             slots = [clients[i : i + step] for i in range(0, len(clients), step)]
-            if world > 1 or len(plan.phases()) > 1:
-                # every rank ends a phase at the same step (a collective point between them)
-                busiest = busiest_slots(phase, world, step) if phase else 0
-                slots += [[] for _ in range(busiest - len(slots))]
+            # every rank ends a phase at the same step (a no-op in one process)
+            busiest = busiest_slots(phase, world, step) if phase else 0
+            slots += [[] for _ in range(busiest - len(slots))]
             yield from slots

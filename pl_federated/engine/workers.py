@@ -22,20 +22,20 @@ RESERVED_NAMESPACES = ("local", "server")
 client-local keys), ``server`` (per-client server states) and ``optim/<role>``."""
 
 
-def check_client_module(client: object) -> None:
-    """Refuse a client the engine cannot drive.
+def check_client_module(client: object, what: str = "`client`") -> None:
+    """Refuse a module the engine cannot drive as a worker (``what`` names it in the error).
 
     Raises:
         ValueError: not a LightningModule, or one with manual optimization.
     """
     if not isinstance(client, pl.LightningModule):
         raise ValueError(
-            f"`client` must be a LightningModule, got {type(client).__name__}; wrap your "
+            f"{what} must be a LightningModule, got {type(client).__name__}; wrap your "
             "nn.Module in a LightningModule with training_step and configure_optimizers."
         )
     if not client.automatic_optimization:
         raise ValueError(
-            "`client` uses manual optimization; the FederatedModule drives the client's "
+            f"{what} uses manual optimization; the FederatedModule drives the client's "
             "optimizer itself: return the loss from `training_step` instead."
         )
 
@@ -132,13 +132,9 @@ class Workers:
             raise ValueError(f"Role name {role!r} is reserved.")
         if role in self.modules:
             return self.modules[role]
-        if module is not None and not isinstance(module, pl.LightningModule):
-            raise ValueError(
-                f"Role {role!r}: `module` must be a LightningModule, got {type(module).__name__}."
-            )
+        if module is not None:
+            check_client_module(module, f"Role {role!r}: `module`")
         worker = copy.deepcopy(self.shared) if module is None else module
-        if not worker.automatic_optimization:
-            raise ValueError(f"Role {role!r}: the module must not use manual optimization.")
         self.namespaces.reserve(role, "engine")
         self.on_new_worker(role, worker)
         self.modules[role] = worker
