@@ -14,8 +14,10 @@ partial sums with the collectives (:mod:`pl_federated.engine.collectives`; see
 
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
+import torch.distributed
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from typing_extensions import override
 
@@ -26,6 +28,19 @@ class FederatedDDPStrategy(DDPStrategy):
     ``fed_ddp_spawn`` (``spawn``)."""
 
     strategy_name = "fed_ddp"
+
+    @override
+    def setup_distributed(self) -> None:
+        """Join the process group and release it when the process exits.
+
+        Lightning leaves the group alive after ``fit`` (a later ``test`` reuses it). A gloo group
+        still alive at interpreter shutdown can abort the process (SIGABRT, "terminate called
+        without an active exception", pytorch/pytorch#190489), so it is destroyed at exit
+        while the interpreter is still whole.
+        """
+        super().setup_distributed()
+        atexit.unregister(_release_process_group)  # once per process, however many fits
+        atexit.register(_release_process_group)
 
     @override
     def configure_ddp(self) -> None:
@@ -46,6 +61,11 @@ class FederatedDDPStrategy(DDPStrategy):
             description="fed_ddp with the spawn launcher (notebooks)",
             start_method="spawn",
         )
+
+
+def _release_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if "fed_ddp" not in StrategyRegistry:

@@ -132,3 +132,27 @@ def test_one_process_checkpoint_resumes_on_two_processes(tmp_path):
     run("fedavg_prox", devices=1, rounds=3, out=tmp_path / "straight")
     straight = torch.load(tmp_path / "straight" / "result.pt", weights_only=False)
     _assert_same(straight, resumed)
+
+
+def test_the_process_group_is_released_before_the_interpreter_shuts_down(tmp_path):
+    # a gloo group alive at interpreter shutdown can abort the process (SIGABRT)
+    script = """
+import atexit, torch.distributed
+atexit.register(lambda: print("alive at exit:", torch.distributed.is_initialized()))
+import lightning.pytorch as pl
+from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated.models import MLPClassifier
+fed = FederatedModule(MLPClassifier(hidden=(8,)), clients_per_round=2, local_steps=1)
+data = FederatedDataModule("digits", num_clients=2, max_train_samples=20)
+trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, strategy="fed_ddp",
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False)
+trainer.fit(fed, data)
+print("initialized after fit:", torch.distributed.is_initialized())
+"""
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "initialized after fit: True" in out.stdout  # a later trainer.test reuses it
+    assert "alive at exit: False" in out.stdout
