@@ -147,6 +147,7 @@ def test_vectorized_excludes_a_non_finite_client(trainer_factory, eval_every):
         trainer_factory(rounds=1).fit(fed, data)
     assert fed.excluded == [1] and fed.history[-1]["round/excluded_clients"] == 1.0
     assert all(torch.isfinite(v).all() for v in fed.server_state.values())
+    assert torch.isfinite(torch.tensor(fed.history[-1]["train/loss"]))  # without client 1
 
 
 class _RawMatrixClassifier(MLPClassifier):

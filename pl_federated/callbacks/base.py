@@ -38,6 +38,7 @@ HOOKS = (
     Hook("supervised_weight", "batch", True),
     Hook("client_loss", "batch", True),
     Hook("on_client_end", "client", False),
+    Hook("on_client_failed", "client", False),
     Hook("transform_upload", "client", False),
     Hook("on_phase_end", "round", False),
     Hook("on_round_end", "round", False),
@@ -73,6 +74,7 @@ class FederatedCallback(Callback):
                     loss = supervised_weight(...) * loss
                     loss += client_loss(fed, k, role, batch, outputs)
             on_client_end(trainer, fed, k)            # after local training, before the upload
+              or on_client_failed(trainer, fed, k, roles) # instead: NaN/Inf, rolled back
             transform_upload(fed, k, state)           # may replace what k uploads
         on_phase_end(trainer, fed, server_round, phase) # between phases, on every rank
         aggregate  (the one Aggregator only)
@@ -203,7 +205,17 @@ class FederatedCallback(Callback):
         return None
 
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        """Local training of ``client`` finished; its shared role is uploaded next."""
+        """Local training of ``client`` finished with a finite state; what it keeps is
+        committed and its shared role is uploaded next. Per-client state a callback commits
+        belongs here (a failed client never reaches it)."""
+
+    def on_client_failed(
+        self, trainer: pl.Trainer, fed: FederatedModule, client: int, roles: list[str]
+    ) -> None:
+        """Called instead of ``on_client_end`` when ``client``'s update is not finite (NaN/Inf
+        in the state, the optimizer state or the loss of ``roles``): nothing of the update is
+        kept, uploaded or evaluated, so the client starts its next round from its state
+        before this one. Undo what ``on_client_start`` changed on the workers here."""
 
     def transform_upload(
         self, fed: FederatedModule, client: int, state: Mapping[str, Tensor]

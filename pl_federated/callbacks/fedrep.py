@@ -63,3 +63,9 @@ class FedRep(FedPer):
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         for p in fed.shared_worker.parameters():
             p.requires_grad_(True)
+
+    @override
+    def on_client_failed(
+        self, trainer: pl.Trainer, fed: FederatedModule, client: int, roles: list[str]
+    ) -> None:
+        self.on_client_end(trainer, fed, client)  # unfreeze the whole model again

@@ -3,6 +3,7 @@ Krum / Multi-Krum (Blanchard et al., 2017)."""
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -122,8 +123,13 @@ class Krum(BufferedAggregator):
     neighbours) to the others; with ``m > 1`` Multi-Krum: the mean of the ``m`` best. The
     last round's chosen clients are in :attr:`selected`.
 
+    Krum needs ``n > 2f + 2`` uploads. A round with fewer (clients excluded for NaN/Inf, a
+    small selection) falls back to the coordinate-wise median of its uploads, still robust to
+    a minority of bad ones, with a warning; ``krum/median_fallback`` (0 or 1) is logged every
+    round and :attr:`selected` then holds every uploading client.
+
     Args:
-        f: number of Byzantine uploads to tolerate (needs ``n > 2f + 2`` uploads per round).
+        f: number of Byzantine uploads to tolerate.
         m: uploads averaged (1: Krum; > 1: Multi-Krum).
     """
 
@@ -134,9 +140,28 @@ class Krum(BufferedAggregator):
         super().__init__()
         self.f, self.m = f, m
         self.selected: list[int] = []
+        self._fell_back = False
+
+    @override
+    def aggregate(
+        self, fed: FederatedModule, server_state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        self._fell_back = len(self.uploads) <= 2 * self.f + 2
+        if self._fell_back:
+            warnings.warn(
+                f"Round {fed.current_round}: Krum(f={self.f}) needs more than {2 * self.f + 2} "
+                f"uploads, got {len(self.uploads)}; aggregating with the coordinate-wise median "
+                "instead.",
+                stacklevel=2,
+            )
+        metrics = {"krum/median_fallback": float(self._fell_back)}
+        return super().aggregate(fed, server_state), metrics
 
     @override
     def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self._fell_back:
+            self.selected = list(self._clients)
+            return {k: coordinate_median(x) for k, x in stacked.items()}
         flat = torch.cat([x.flatten(1) for x in stacked.values()], dim=1)
         idx = krum_select(flat, self.f, min(self.m, flat.shape[0]))
         self.selected = [self._clients[i] for i in idx.tolist()]

@@ -129,6 +129,17 @@ class FederatedDataModule(pl.LightningDataModule):
         x, y = loaded.x, loaded.y
         if len(x) != len(y):
             raise ValueError(f"Dataset {self.dataset!r}: {len(x)} inputs but {len(y)} labels.")
+        if len(y) == 0 or y.ndim != 1:
+            raise ValueError(
+                f"Dataset {self.dataset!r}: labels must be a non-empty 1-D array of class "
+                f"indices, got shape {tuple(y.shape)}."
+            )
+        if int(y.min()) < 0:
+            i = int((y < 0).nonzero()[0])
+            raise ValueError(
+                f"Dataset {self.dataset!r}: sample {i} has label {int(y[i])}; labels must be "
+                "class indices >= 0."
+            )
         self.num_classes = int(y.max()) + 1
         self.input_shape = tuple(x.shape[1:])
         self.domain_names = loaded.domain_names
@@ -182,12 +193,40 @@ class FederatedDataModule(pl.LightningDataModule):
                     xk = xk + sigma * torch.randn(xk.shape, generator=g)
                 xs.append(xk)
                 ys.append(y[part].contiguous())
+        self._check_values()
         if self.normalize != "none":
             self._normalize(domains, self.split.indices)
         self.num_train = torch.tensor([len(t) for t in self.train_y])
         self.num_val = torch.tensor([len(t) for t in self.val_y])
         self.num_test = torch.tensor([len(t) for t in self.test_y])
         self._prepared = True
+
+    def _check_values(self) -> None:
+        """Refuse NaN/Inf inputs, naming the client, split and sample:
+        found here, not as every client "diverging" (``normalize`` would spread one NaN
+        pixel to every client).
+
+        Raises:
+            ValueError: the first bad sample found.
+        """
+        parts = [("the public split", self.public_x, self.public_y)]
+        parts.append(("the global test split", self.global_test_x, self.global_test_y))
+        for k in range(self.num_clients):
+            for split, xs, ys in (
+                ("train", self.train_x, self.train_y),
+                ("val", self.val_x, self.val_y),
+                ("test", self.test_x, self.test_y),
+            ):
+                parts.append((f"client {k}'s {split} split", xs[k], ys[k]))
+        for where, x, _ in parts:
+            if x.is_floating_point() and len(x):
+                bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+                if bad.any():
+                    i = int(bad.nonzero()[0])
+                    raise ValueError(
+                        f"Dataset {self.dataset!r}: sample {i} of {where} has NaN/Inf inputs "
+                        f"({int(bad.sum())} such samples there); clean or drop them."
+                    )
 
     def _normalize(self, domains: np.ndarray | None, indices: list[np.ndarray]) -> None:
         """Standardize every client's splits per channel with training-split statistics: of

@@ -6,16 +6,24 @@ or ``local_steps`` batches in a seeded order) with one step of every trained rol
 the upload: ``on_client_end``, keep the local state, apply the ``transform_upload`` hooks,
 hand a finite upload to the aggregator (or exclude the client), and on evaluation rounds score
 the client's personal model.
+
+Fault model: an update is committed only if it is finite. After local training every trained
+role's state, its optimizer state (with ``persist_optimizer``) and its loss are checked; if any
+holds NaN/Inf the client *fails*: nothing of the update is kept (roles, optimizer state,
+callbacks' per-client state, which ``on_client_end`` commits), uploaded, counted in the round's
+loss or evaluated; ``on_client_failed`` runs instead of ``on_client_end`` and the client starts
+its next round from its state before this one. A finite client whose *upload* turns non-finite
+in ``transform_upload`` keeps its state and is only excluded from aggregation.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from pl_federated.callbacks.aggregator import Upload
@@ -134,13 +142,55 @@ def train_client(fed: Any, client: int) -> None:
                 loss = role_loss if loss is None else loss + role_loss
             stepper.step(loss, roles, lopts)
     total = sum(lengths)
+    optimizers = {role: stepper.optimizers[role] for role in roles}
+    failed = failed_roles(fed, roles, loss_sums, optimizers if fed.persist_optimizer else {})
+    if failed:
+        fail_client(fed, client, failed)
+        return
     for role in roles:
         add_loss(state, role, loss_sums[role], total)
     state.local_steps[client] = total
     if fed.persist_optimizer:
         for role in roles:
             fed.transport.save_optimizer(stepper.optimizers[role], role, client)
-    finish_client(fed, client)
+    finish_client(fed, client, finite=True if SHARED_ROLE in roles else None)
+
+
+def failed_roles(
+    fed: Any,
+    roles: list[str],
+    loss_sums: Mapping[str, Tensor],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+) -> list[str]:
+    """The trained ``roles`` whose state, optimizer state (those in ``optimizers``) or summed
+    loss holds NaN/Inf: a non-empty list means the client's update failed."""
+    failed = []
+    for role in roles:
+        tensors = [*fed.role_registry.state(role).values(), loss_sums[role]]
+        if role in optimizers:
+            tensors += [
+                v
+                for per_param in optimizers[role].state.values()
+                for v in per_param.values()
+                if isinstance(v, Tensor)
+            ]
+        if not all_finite(tensors):
+            failed.append(role)
+    return failed
+
+
+def fail_client(fed: Any, client: int, roles: list[str]) -> None:
+    """Roll back ``client``'s update (nothing of it is kept, uploaded or evaluated), exclude it
+    from the round and warn, naming the ``roles`` that went non-finite; ``on_client_failed``.
+    Warned on the rank that trained it (a fault on any rank is visible)."""
+    fed.round_state.excluded.append(client)
+    warnings.warn(
+        f"Round {fed.current_round}: client {client}'s update has NaN/Inf (roles {roles}); "
+        "rolled back to its state before the round and excluded from aggregation.",
+        stacklevel=2,
+    )
+    fed.dispatch.call("on_client_failed", fed.trainer, fed, client, roles)
+    fed.current_client = None
 
 
 def finish_client(
@@ -149,10 +199,11 @@ def finish_client(
     upload: Mapping[str, Tensor] | None = None,
     finite: bool | None = None,
 ) -> None:
-    """The end of ``client``'s update, its trained state in the workers: ``on_client_end``
-    callbacks, keep the local state, upload (unless non-finite), personal evaluation.
-    Vectorized training passes the ``upload`` rows (and their ``finite`` check) directly
-    when nothing needs the state in the workers (see ``loops.vectorized.train_group``)."""
+    """The end of a finite ``client``'s update, its trained state in the workers:
+    ``on_client_end`` callbacks, keep the local state, upload (unless the upload is
+    non-finite), personal evaluation. ``finite``: the untransformed upload is known finite
+    (``None``: check it). Vectorized training passes the ``upload`` rows directly when nothing
+    needs the state in the workers (see ``loops.vectorized.train_group``)."""
     state = fed.round_state
     fed.dispatch.call("on_client_end", fed.trainer, fed, client)
     fed.transport.keep(client)
@@ -169,9 +220,9 @@ def finish_client(
         state.uploads += 1
     else:
         state.excluded.append(client)
-        rank_zero_warn(
-            f"Round {fed.current_round}: client {client}'s update has NaN/Inf; excluded "
-            "from aggregation."
+        warnings.warn(
+            f"Round {fed.current_round}: client {client}'s upload has NaN/Inf; excluded from aggregation (its own state is kept).",
+            stacklevel=2,
         )
     if state.is_eval_round:
         scores = fed.evaluator.personal(client)

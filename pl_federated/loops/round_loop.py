@@ -8,19 +8,21 @@ ranks, aggregate, ``on_round_end``, evaluate and log the round's row.
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 from typing import Any
 
 from pl_federated.engine.round_state import RoundState, merge_round_states
 from pl_federated.loops.local_update import train_client
 from pl_federated.loops.vectorized import group_by_samples, train_group
-from pl_federated.store import SHARED_ROLE
+from pl_federated.store import SHARED_ROLE, all_finite
 
 
 def engine_round_state() -> RoundState:
     """The engine's own per-round accumulators."""
     state = RoundState()
-    state.add("excluded", [], reduce="cat")  # clients whose upload was not finite
+    state.add("excluded", [], reduce="cat")  # failed clients, non-finite uploads
     state.add("uploads", 0, reduce="sum")  # finite uploads handed to the aggregator
     state.add("local_steps", {}, reduce="gather")  # client -> local optimizer steps
     state.add("loss_sums", {}, reduce="sum")  # role -> summed training loss
@@ -102,16 +104,34 @@ def merge_round(fed: Any) -> None:
     logger.set_client_log_sums(state.log_sums, state.log_counts)
 
 
+def aggregate(fed: Any) -> None:
+    """Run the aggregator; a non-finite new server state (e.g. a server optimizer blowing up)
+    is rejected: the server state and the aggregator's ``state_dict`` stay as they were before
+    the round, the engine warns and logs ``round/server_rejected``."""
+    aggregator = fed.aggregator
+    before = copy.deepcopy(aggregator.state_dict())
+    with fed.dispatch.profile(aggregator, "aggregate"):
+        result = aggregator.aggregate(fed, fed.server_state)
+    server_state, aggregate_metrics = result if isinstance(result, tuple) else (result, {})
+    if not all_finite(server_state.values()):
+        aggregator.load_state_dict(before)
+        warnings.warn(
+            f"Round {fed.current_round}: {type(aggregator).__name__} produced a server state "
+            "with NaN/Inf; rejected (the server state and the aggregator's state are kept).",
+            stacklevel=2,
+        )
+        fed.log_round({"round/server_rejected": 1.0})
+        return
+    fed.server_state = server_state
+    fed.log_round(aggregate_metrics)
+
+
 def end_round(fed: Any) -> None:
     """Aggregate, run ``on_round_end`` callbacks, evaluate and log the round."""
     merge_round(fed)
     state, trainer = fed.round_state, fed.trainer
     if state.uploads:
-        with fed.dispatch.profile(fed.aggregator, "aggregate"):
-            result = fed.aggregator.aggregate(fed, fed.server_state)
-        server_state, aggregate_metrics = result if isinstance(result, tuple) else (result, {})
-        fed.server_state = server_state
-        fed.log_round(aggregate_metrics)
+        aggregate(fed)
     else:
         fed.round_logger.warn_once(
             "empty round",

@@ -28,6 +28,7 @@ from torch.func import functional_call, vmap
 from pl_federated.callbacks.base import HOOKS, overrides
 from pl_federated.loops.local_update import (
     add_loss,
+    fail_client,
     finish_client,
     local_epoch_lengths,
     seed_client_randomness,
@@ -164,6 +165,7 @@ def train_group(fed: Any, clients: list[int]) -> None:
     module = _TrainingStep(worker)
     seed_client_randomness(fed, clients[0])
     loss_sum = torch.zeros((), device=device)
+    client_loss_sums = torch.zeros(len(clients), device=device)  # to drop failed clients
 
     def client_loss(state: dict[str, Tensor], xb: Tensor, yb: Tensor, i: int) -> Tensor:
         return functional_call(module, state, (xb, yb, i))
@@ -183,14 +185,19 @@ def train_group(fed: Any, clients: list[int]) -> None:
                 yb = yb.to(device, non_blocking=True)
                 losses = batched_loss({f"worker.{k}": v for k, v in views().items()}, xb, yb, i)
                 loss_sum += losses.detach().sum()
+                client_loss_sums += losses.detach()
                 stepper.step_unregistered(opt, losses.sum())
                 stepper.count_steps(lopt, len(clients))  # one step per client step
     finally:
         worker.log = saved_log
     total = sum(lengths)
-    add_loss(fed.round_state, SHARED_ROLE, loss_sum, total * len(clients))
     stacked = {k: v.detach() for k, v in views().items()}
-    finite = finite_rows(stored.values(), len(clients))  # one check for all clients, any layout
+    # one check for all clients, any layout: a client fails if its state or loss is NaN/Inf
+    finite = finite_rows(stored.values(), len(clients)) & client_loss_sums.isfinite().cpu()
+    if not finite.all():  # the round's loss without the failed clients
+        loss_sum = client_loss_sums[finite.to(device)].sum()
+    if finite.any():
+        add_loss(fed.round_state, SHARED_ROLE, loss_sum, total * int(finite.sum()))
     # the workers need each client's state only for on_client_end, local keys, evaluation
     needs_worker = (
         fed.is_eval_round
@@ -199,10 +206,13 @@ def train_group(fed: Any, clients: list[int]) -> None:
     )
     for g, client in enumerate(clients):
         fed.current_client = client
+        if not finite[g]:
+            fail_client(fed, client, [SHARED_ROLE])
+            continue
         fed.round_state.local_steps[client] = total
         rows = {k: v[g].detach() for k, v in stacked.items()}
         if needs_worker:
             fed.load_state(SHARED_ROLE, rows)
-            finish_client(fed, client)
+            finish_client(fed, client, finite=True)
         else:
-            finish_client(fed, client, upload=rows, finite=bool(finite[g]))
+            finish_client(fed, client, upload=rows, finite=True)

@@ -6,6 +6,7 @@ from helpers import UploadSpy, digits, federation, perturbed, server_round, tiny
 
 from pl_federated.callbacks import (
     FedAvg,
+    FederatedCallback,
     Krum,
     Median,
     ModelPoisoning,
@@ -59,3 +60,26 @@ def test_model_poisoning_flips_and_scales_the_update(trainer_factory):
     chosen = ModelPoisoning(fraction=0.5)
     trainer_factory(rounds=1, callbacks=[chosen]).fit(federation(local_steps=1), digits(4))
     assert len(chosen.malicious) == 2
+
+
+def test_krum_with_too_few_uploads_falls_back_to_the_median(trainer_factory):
+    class FailClients(FederatedCallback):  # clients 1 and 3 fail: 4 of 6 upload
+        def client_loss(self, fed, client, role, batch, outputs):
+            return torch.tensor(float("nan")) if client in (1, 3) else None
+
+    class SpyKrum(Krum):
+        def update(self, fed, upload):
+            self.seen[upload.client] = {k: v.clone() for k, v in upload.state.items()}
+            super().update(fed, upload)
+
+    krum = SpyKrum(f=1)
+    krum.seen = {}
+    fed = federation(local_steps=2)
+    with pytest.warns(UserWarning, match=r"Krum\(f=1\) needs more than 4 uploads, got 4"):
+        trainer_factory(rounds=1, callbacks=[krum, FailClients()]).fit(fed, digits(6))
+    assert sorted(krum.seen) == [0, 2, 4, 5] and sorted(krum.selected) == [0, 2, 4, 5]
+    assert fed.history[-1]["krum/median_fallback"] == 1.0
+    for k, v in fed.server_state.items():
+        if v.is_floating_point():
+            expected = coordinate_median(torch.stack([krum.seen[c][k] for c in (0, 2, 4, 5)]))
+            torch.testing.assert_close(v, expected, rtol=0, atol=0)

@@ -73,7 +73,8 @@ def server_round(agg, fed, x, uploads):
     agg.reset(fed)
     for k, u in enumerate(uploads):
         agg.update(fed, Upload(k, u, 1, 1))
-    return agg.aggregate(fed, x)
+    result = agg.aggregate(fed, x)
+    return result[0] if isinstance(result, tuple) else result  # the state, without metrics
 
 
 class UploadSpy(FedAvg):

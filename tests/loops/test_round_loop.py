@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import digits, federation
 
-from pl_federated.callbacks import Aggregator, FederatedCallback
+from pl_federated.callbacks import Aggregator, FedAvg, FederatedCallback
 from pl_federated.loops.round_loop import is_eval_round
 from pl_federated.models import MLPClassifier
 
@@ -101,7 +101,7 @@ def test_upload_transforms_apply_in_order_and_the_finite_check_sees_the_result(t
     spy = Spy()
     fed = federation(local_steps=1)
     trainer = trainer_factory(rounds=1, callbacks=[spy, Double(), BreakClientOne()])
-    with pytest.warns(UserWarning, match="client 1's update has NaN/Inf"):
+    with pytest.warns(UserWarning, match="client 1's upload has NaN/Inf"):
         trainer.fit(fed, digits(num_clients=3))
     assert sorted(spy.seen) == [0, 2] and fed.history[-1]["round/excluded_clients"] == 1
     # the upload is the doubled trained model; the client's own (kept) model is not doubled
@@ -109,3 +109,34 @@ def test_upload_transforms_apply_in_order_and_the_finite_check_sees_the_result(t
         if v.is_floating_point():
             torch.testing.assert_close(v, 2 * spy.trained[2][k])
             assert not torch.equal(v, spy.trained[2][k])
+
+
+def test_a_non_finite_server_state_is_rejected_with_the_aggregators_state(trainer_factory):
+    class BlowsUpInRoundOne(FedAvg):
+        """FedAvg with a round counter in its state; its round-1 result is NaN."""
+
+        def __init__(self):
+            super().__init__()
+            self.count, self.states = 0, {}
+
+        def aggregate(self, fed, server_state):
+            self.count += 1
+            self.states[fed.current_round] = {k: v.clone() for k, v in server_state.items()}
+            new = super().aggregate(fed, server_state)
+            return {k: v * float("nan") for k, v in new.items()} if fed.current_round == 1 else new
+
+        def state_dict(self):
+            return {"count": self.count}
+
+        def load_state_dict(self, state_dict):
+            self.count = state_dict["count"]
+
+    agg = BlowsUpInRoundOne()
+    fed = federation(local_steps=1)
+    with pytest.warns(UserWarning, match="Round 1: BlowsUpInRoundOne produced a server state"):
+        trainer_factory(rounds=3, callbacks=[agg]).fit(fed, digits(num_clients=3))
+    assert agg.count == 2  # round 1's increment was rolled back with the state
+    assert [h.get("round/server_rejected") for h in fed.history] == [None, 1.0, None]
+    for k, v in agg.states[1].items():  # round 2 started from round 0's server state
+        assert torch.equal(agg.states[2][k], v)
+    assert all(torch.isfinite(v).all() for v in fed.server_state.values())
