@@ -9,10 +9,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import lightning.pytorch as pl
+import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from pl_federated.callbacks.summary import FederatedSummary
+from pl_federated.checkpoint_io import remove_stale_temps
 from pl_federated.data.datamodule import FederatedDataModule
 from pl_federated.data.report import PartitionReport
 from pl_federated.module import FederatedModule
@@ -37,11 +42,72 @@ class FederatedCLI(LightningCLI):
     A :class:`FederatedSummary` (``summary.*``) prints the result tables at the end of fit.
     """
 
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` resumes from the newest checkpoint that loads (see
+        :func:`find_resume_checkpoint`), also one of an earlier logger version."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = find_resume_checkpoint(self.trainer)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_clients", "model.num_clients")
         parser.link_arguments("seed_everything", "model.seed")
         parser.link_arguments("seed_everything", "data.seed")
         parser.add_lightning_class_args(FederatedSummary, "summary")
+
+
+def checkpoint_folders(trainer: pl.Trainer) -> list[Path]:
+    """Where this config's runs keep checkpoints: each ``ModelCheckpoint``'s ``dirpath``, or,
+    when it has none, the ``checkpoints`` folder of every version of the logger (a new run
+    gets a new version, so the previous run's checkpoints are in a sibling folder)."""
+    folders: list[Path] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            folders.append(Path(callback.dirpath))
+        elif trainer.loggers:  # as ModelCheckpoint: <save_dir>/<name>/<version>/checkpoints
+            logger = trainer.loggers[0]
+            runs = Path(logger.save_dir or trainer.default_root_dir, str(logger.name))
+            folders += sorted(runs.glob("*/checkpoints"))
+        else:
+            folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    return list(dict.fromkeys(folders))
+
+
+def find_resume_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The newest checkpoint (by modification time) under :func:`checkpoint_folders` that
+    loads and was written by a ``FederatedModule``; the others tried are named in a warning.
+    ``None`` (training starts at round 0, with a warning) when there is none."""
+    folders = checkpoint_folders(trainer)
+    stale = [path for folder in folders for path in remove_stale_temps(folder)]
+    if stale:
+        rank_zero_warn(f"`--ckpt_path last`: removed what killed checkpoint writes left: {stale}")
+    candidates = sorted(
+        (p for folder in folders for p in folder.glob("*.ckpt")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    skipped = []
+    for path in candidates:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # truncated, empty, not a checkpoint: try the next one
+            skipped.append(f"{path} ({type(error).__name__}: {str(error)[:80]})")
+            continue
+        if "federated" not in saved:
+            skipped.append(f"{path} (not written by FederatedModule)")
+            continue
+        if skipped:
+            rank_zero_warn(f"`--ckpt_path last`: skipped checkpoints that do not load: {skipped}")
+        done = saved.get("epoch", -1)
+        rank_zero_info(f"Resuming from {path}: rounds 0-{done} done, continuing at {done + 1}.")
+        return str(path)
+    where = [str(f) for f in folders]
+    rank_zero_warn(
+        f"`--ckpt_path last`: no checkpoint that loads in {where}"
+        + (f" (skipped: {skipped})" if skipped else "")
+        + "; training starts at round 0."
+    )
+    return None
 
 
 _CALLBACK_ARG = re.compile(r"^--trainer\.callbacks\.([A-Z]\w*)\.(\w+)=(.*)$", re.DOTALL)

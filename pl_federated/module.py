@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from pl_federated.callbacks.aggregator import Aggregator
+from pl_federated.checkpoint_io import use_atomic_checkpoints
 from pl_federated.engine import checkpoint as engine_checkpoint
 from pl_federated.engine.collectives import Collectives
 from pl_federated.engine.config import FederationConfig
@@ -382,6 +383,7 @@ class FederatedModule(pl.LightningModule):
             # validation loop would run before `on_train_epoch_end`, i.e. before aggregation.
             self._limit_val_batches = self.trainer.limit_val_batches
             self.trainer.limit_val_batches = 0
+            use_atomic_checkpoints(self.trainer.strategy)  # a kill never half-writes one
         self.config.check_clients(dm.num_clients)
         self.num_clients = dm.num_clients
         self.evaluator.bind(dm)
@@ -437,6 +439,8 @@ class FederatedModule(pl.LightningModule):
         self.stepper.start(self.trainer)
         if self.vectorize_clients:
             check_vectorizable(self)
+        if self.trainer.ckpt_path is not None:  # resumed: complete logs from round 0
+            self.round_logger.replay(self.trainer)
 
     @override
     def on_train_epoch_start(self) -> None:

@@ -105,3 +105,60 @@ def test_every_shipped_config_prints(config, monkeypatch, capsys):
         cli_main(["fit", "--config", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
     assert "class_path: pl_federated" in capsys.readouterr().out
+
+
+def _rows(csv_path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(csv_path, newline="") as f:
+        return [{k: v for k, v in r.items() if k != "round/seconds"} for r in csv.DictReader(f)]
+
+
+def test_ckpt_path_last_resumes_the_shipped_config_from_the_newest_loadable_checkpoint(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    quick = ["--config", QUICKSTART, "--trainer.enable_progress_bar=false"]
+    quick += ["--summary.print_tables=false", "--data.max_train_samples=40"]
+    straight = cli_main(["fit", *quick, "--trainer.max_epochs=4", "--trainer.logger.save_dir=a"])
+    cli_main(["fit", *quick, "--trainer.max_epochs=2", "--trainer.logger.save_dir=b"])
+    run0 = tmp_path / "b" / "quickstart" / "version_0" / "checkpoints"
+    (run0 / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")  # the newest file: corrupt
+    with pytest.warns(UserWarning, match=r"skipped checkpoints that do not load: .*last\.ckpt"):
+        resumed = cli_main(
+            ["fit", *quick, "--trainer.max_epochs=4", "--trainer.logger.save_dir=b"]
+            + ["--ckpt_path=last"]
+        )
+    assert Path(resumed.trainer.ckpt_path).resolve() == next(run0.glob("epoch=1-*.ckpt"))
+    assert len(resumed.model.history) == 4
+    for k, v in straight.model.server_state.items():
+        assert torch.equal(resumed.model.server_state[k], v), k
+    # the resumed run's metrics.csv (a new version) holds every round, as an uninterrupted run's
+    expected = _rows(tmp_path / "a" / "quickstart" / "version_0" / "metrics.csv")
+    got = _rows(tmp_path / "b" / "quickstart" / "version_1" / "metrics.csv")
+    assert [r["round"] for r in expected] == ["0.0", "1.0", "2.0", "3.0"]
+    assert got == expected
+
+
+def test_ckpt_path_last_without_checkpoints_says_it_starts_over(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(
+        UserWarning, match="no checkpoint that loads in .*training starts at round 0"
+    ):
+        cli_main(
+            ["fit", "--config", QUICKSTART, "--trainer.max_epochs=1", "--ckpt_path=last"]
+            + ["--trainer.enable_progress_bar=false", "--summary.print_tables=false"]
+        )
+
+
+def test_every_shipped_config_checkpoints_every_round_into_its_own_folder():
+    import yaml
+
+    configs = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)
+    folders = {}
+    for config in configs:
+        trainer = yaml.safe_load(config.read_text())["trainer"]
+        assert trainer.get("enable_checkpointing", True), config  # so `--ckpt_path last` works
+        args = trainer["logger"]["init_args"]
+        folders.setdefault((args["save_dir"], args["name"]), []).append(config.name)
+    assert all(len(names) == 1 for names in folders.values()), folders  # `last` finds its own

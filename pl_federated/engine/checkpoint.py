@@ -26,6 +26,8 @@ def federated_state(fed: Any) -> dict[str, Any]:
         "store": store,
         "client_metrics": dict(fed.client_metrics),
         "history": list(fed.history),
+        "history_steps": list(fed.round_logger.row_steps),
+        "batches": fed.round_logger.batches,
         "initial_state": {k: v.cpu() for k, v in fed.role_registry.initial_state.items()},
         "role_initial_state": {
             role: {k: v.cpu() for k, v in state.items()}
@@ -51,5 +53,7 @@ def restore(fed: Any, checkpoint: Mapping[str, Any]) -> None:
         fed.store.load_state_dict(state["store"])
     fed.evaluator.client_metrics = dict(state["client_metrics"])
     fed.round_logger.history = list(state["history"])
+    fed.round_logger.row_steps = list(state.get("history_steps", []))  # older: none kept
+    fed.round_logger.batches = state.get("batches", 0)
     fed.role_registry.initial_state = dict(state["initial_state"])
     fed.role_registry.role_initial_state.update(state.get("role_initial_state", {}))

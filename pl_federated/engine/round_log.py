@@ -62,6 +62,8 @@ class RoundLogger:
         self.routers: dict[str, LogRouter] = {}
         self.round_logs: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.row_steps: list[int] = []  # the logger step of each history row
+        self.batches = 0  # training batches (slots) so far
         self._round_axis: set[str] = set()
         self._warned: set[str] = set()
 
@@ -119,11 +121,32 @@ class RoundLogger:
         """Append ``metrics`` to the history and log them (the progress-bar ones to the bar),
         each plotted against ``round`` in W&B."""
         self.history.append(metrics)
+        self.row_steps.append(self.batches - 1)  # Lightning logs a row at its last batch
         self._use_round_axis(module.trainer, metrics)
         bar = {k: v for k, v in metrics.items() if k in PROGRESS_BAR_METRICS}
         rest = {k: v for k, v in metrics.items() if k not in PROGRESS_BAR_METRICS}
         module.log_dict(rest, on_epoch=True, prog_bar=False, sync_dist=False)
         module.log_dict(bar, on_epoch=True, prog_bar=True, sync_dist=False)
+
+    def count_batch(self) -> None:
+        """One training batch (slot) ran (Lightning logs a round's row at its last one)."""
+        self.batches += 1
+
+    def replay(self, trainer: pl.Trainer) -> None:
+        """Log the history rows again, at their original steps, to ``trainer``'s loggers.
+
+        A run resumed from a checkpoint logs to a fresh CSV version / W&B run; replaying the
+        rounds before the resume makes its metric logs those of an uninterrupted run. (A
+        logger that resumes the very same W&B run sees the old steps again and drops them.)
+        """
+        if not trainer.is_global_zero:
+            return
+        dtype = torch.get_default_dtype()  # what `self.log` turns a float into, as live
+        for row, step in zip(self.history, self.row_steps, strict=False):
+            self._use_round_axis(trainer, row)
+            values = {k: torch.tensor(v, dtype=dtype).item() for k, v in row.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics({**values, "epoch": int(row["round"])}, step=step)
 
     def _use_round_axis(self, trainer: pl.Trainer, metrics: Mapping[str, Any]) -> None:
         """Define ``round`` as the W&B step metric of every metric group in ``metrics``

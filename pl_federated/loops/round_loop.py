@@ -77,6 +77,7 @@ def start_round(fed: Any) -> None:
 def train_slot(fed: Any, slot: list[int], slot_idx: int) -> None:
     """One training step: the local updates of the slot's clients (after ``on_phase_end``
     on every rank when the slot starts a new phase)."""
+    fed.round_logger.count_batch()
     phase = fed.round_state.phase_starts.get(slot_idx)
     if phase is not None:
         fed.dispatch.call("on_phase_end", fed.trainer, fed, fed.current_round, phase - 1)
