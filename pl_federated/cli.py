@@ -4,6 +4,7 @@ plus ``pl-federated partition`` (the partition report of a config, no training).
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 import sys
 import tempfile
@@ -21,6 +22,11 @@ from pl_federated.checkpoint_io import remove_stale_temps
 from pl_federated.data.datamodule import FederatedDataModule
 from pl_federated.data.report import PartitionReport
 from pl_federated.module import FederatedModule
+
+NOT_FROM_CHECKPOINTS = ("store_path", "client.class_path")
+"""Model settings a checkpoint's hyperparameters cannot change: where files are written, which
+class is imported (the client's ``init_args`` may come from the checkpoint: its weights need
+the architecture they were trained with)."""
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -41,6 +47,36 @@ class FederatedCLI(LightningCLI):
     ``seed_everything`` seeds the client initialisation, the partition and the selection.
     A :class:`FederatedSummary` (``summary.*``) prints the result tables at the end of fit.
     """
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, and remember what the config and command line chose for the settings a
+        checkpoint may not change (see :meth:`before_instantiate_classes`)."""
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        model = self.config[sub]["model"] if sub else self.config.get("model")
+        self._chosen = {key: copy.deepcopy(model.get(key)) for key in NOT_FROM_CHECKPOINTS}
+        self._chosen_client = copy.deepcopy(model.get("client"))
+
+    def before_instantiate_classes(self) -> None:
+        """Undo what a checkpoint's hyperparameters changed among :data:`NOT_FROM_CHECKPOINTS`.
+
+        With ``--ckpt_path``, LightningCLI applies the checkpoint's saved hyperparameters on
+        top of the config. A checkpoint is data from elsewhere: it may set numbers (the
+        federation's settings), but not where files are written (``store_path``) or which
+        class is imported and built (``client``); those come from the config and command line
+        only. Loading itself is ``weights_only`` (no pickled code)."""
+        sub = self.config.get("subcommand")
+        model = self.config[sub]["model"] if sub else self.config.get("model")
+        for key, chosen in self._chosen.items():
+            if model.get(key) != chosen:
+                rank_zero_warn(
+                    f"The checkpoint's hyperparameters set `model.{key}` to {model.get(key)!r}; "
+                    "ignored (a checkpoint may not choose paths or classes)."
+                )
+                if key == "client.class_path":  # the other class's init_args go with it
+                    model["client"] = self._chosen_client
+                else:
+                    model[key] = chosen
 
     def before_fit(self) -> None:
         """``--ckpt_path last`` resumes from the newest checkpoint that loads (see

@@ -162,3 +162,20 @@ def test_every_shipped_config_checkpoints_every_round_into_its_own_folder():
         args = trainer["logger"]["init_args"]
         folders.setdefault((args["save_dir"], args["name"]), []).append(config.name)
     assert all(len(names) == 1 for names in folders.values()), folders  # `last` finds its own
+
+
+def test_a_checkpoint_cannot_choose_paths_or_classes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = ["--config", QUICKSTART, "--trainer.logger=false", "--data.max_train_samples=40"]
+    cli_main(["fit", *quick, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=True)
+    saved["hyper_parameters"]["store_path"] = str(tmp_path / "chosen_by_the_checkpoint")
+    saved["hyper_parameters"]["client"]["class_path"] = "helpers.LoggingClient"
+    saved["hyper_parameters"]["local_epochs"] = 3  # numbers may come from the checkpoint
+    torch.save(saved, ckpt)
+    with pytest.warns(UserWarning, match="checkpoint's hyperparameters set `model.store_path`"):
+        test = cli_main(["test", *quick, f"--ckpt_path={ckpt}"])
+    assert test.model.store_path is None and type(test.model.client).__name__ == "MLPClassifier"
+    assert test.model.local_epochs == 3
+    assert not (tmp_path / "chosen_by_the_checkpoint").exists()
