@@ -22,6 +22,7 @@ from pl_federated.checkpoint_io import remove_stale_temps
 from pl_federated.data.datamodule import FederatedDataModule
 from pl_federated.data.report import PartitionReport
 from pl_federated.module import FederatedModule
+from pl_federated.validation import ConfigError
 
 NOT_FROM_CHECKPOINTS = ("store_path", "client.class_path")
 """Model settings a checkpoint's hyperparameters cannot change: where files are written, which
@@ -232,11 +233,17 @@ def partition_main(args: list[str]) -> PartitionReport:
 
 
 def main() -> None:
-    """Entry point of the ``pl-federated`` console script."""
-    if len(sys.argv) > 1 and sys.argv[1] == "partition":
-        partition_main(sys.argv[2:])
-    else:
-        cli_main()
+    """Entry point of the ``pl-federated`` console script. A setting outside what it allows
+    (:class:`~pl_federated.validation.ConfigError`) ends the run with its one-line message
+    and exit status 2, not a traceback through LightningCLI."""
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] == "partition":
+            partition_main(sys.argv[2:])
+        else:
+            cli_main()
+    except ConfigError as error:
+        print(f"pl-federated: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

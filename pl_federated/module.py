@@ -439,6 +439,8 @@ class FederatedModule(pl.LightningModule):
         self.stepper.start(self.trainer)
         if self.vectorize_clients:
             check_vectorizable(self)
+        self.evaluator.check_data_fits()  # a model/data mismatch fails before round 0
+        self.evaluator.warn_if_nothing_to_evaluate(self.eval_every_n_rounds)
         if self.trainer.ckpt_path is not None:  # resumed: complete logs from round 0
             self.round_logger.replay(self.trainer)
 

@@ -129,7 +129,9 @@ def test_bad_inputs_fail_before_training(trainer_factory):
         trainer_factory().fit(federation(), digits(num_clients=2000))
     with pytest.raises(ValueError, match="min_size"):
         trainer_factory().fit(federation(), digits(num_clients=100))
-    with pytest.raises(ValueError, match="Unknown `dataset`='cifar7'"):
+    with pytest.raises(
+        ValueError, match=r"`FederatedDataModule.dataset` must be one of .*got 'cifar7'"
+    ):
         from pl_federated import FederatedDataModule
 
         trainer_factory().fit(federation(), FederatedDataModule("cifar7"))

@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.validation import Choice, ClientIds, Real, arguments, check_client_ids
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -37,6 +38,12 @@ class ModelPoisoning(FederatedCallback):
 
     supports_distributed = True  # a per-client upload transform; every rank draws the same set
 
+    @arguments(
+        fraction=Real(ge=0, le=1),
+        clients=ClientIds(optional=True),
+        attack=Choice(_ATTACKS),
+        scale=Real(gt=0),
+    )
     def __init__(
         self,
         fraction: float = 0.1,
@@ -44,12 +51,6 @@ class ModelPoisoning(FederatedCallback):
         attack: str = "sign_flip",
         scale: float = 4.0,
     ) -> None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"`ModelPoisoning.fraction` must be in [0, 1], got {fraction!r}.")
-        if attack not in _ATTACKS:
-            raise ValueError(f"`ModelPoisoning.attack` must be one of {_ATTACKS}, got {attack!r}.")
-        if not scale > 0:
-            raise ValueError(f"`ModelPoisoning.scale` must be > 0, got {scale!r}.")
         self.fraction, self.clients, self.attack, self.scale = fraction, clients, attack, scale
 
     @override
@@ -64,9 +65,7 @@ class ModelPoisoning(FederatedCallback):
         else:
             perm = torch.randperm(k, generator=fed.rng(STREAM, 0))
             self.malicious = sorted(perm[: math.ceil(self.fraction * k)].tolist())
-        bad = [c for c in self.malicious if not 0 <= c < k]
-        if bad:
-            raise ValueError(f"`ModelPoisoning.clients` {bad} are not clients 0..{k - 1}.")
+        check_client_ids("ModelPoisoning.clients", self.malicious, k)
 
     @override
     @torch.no_grad()

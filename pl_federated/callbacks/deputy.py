@@ -15,6 +15,7 @@ from typing_extensions import override
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import Choice, ConfigError, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -84,6 +85,14 @@ class DeputyEnhancedTransfer(FederatedCallback):
 
     supports_distributed = True  # stage counts and rows are declared round state
 
+    @arguments(
+        l1=Real(gt=0, lt=1),
+        l2=Real(gt=0, le=1),
+        temperature=Real(gt=0),
+        kl_weight=Real(ge=0),
+        metric=Choice(_METRICS),
+        split=Choice(_SPLITS),
+    )
     def __init__(
         self,
         l1: float = 0.7,
@@ -93,14 +102,10 @@ class DeputyEnhancedTransfer(FederatedCallback):
         metric: str = "f1",
         split: str = "val",
     ) -> None:
-        if not 0.0 < l1 < l2:
-            raise ValueError(f"DET thresholds need 0 < `l1` < `l2`, got l1={l1!r}, l2={l2!r}.")
-        if not temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
-        if metric not in _METRICS:
-            raise ValueError(f"`metric` must be one of {_METRICS}, got {metric!r}.")
-        if split not in _SPLITS:
-            raise ValueError(f"`split` must be one of {_SPLITS}, got {split!r}.")
+        if not l1 < l2:
+            raise ConfigError(
+                f"`DeputyEnhancedTransfer.l1` must be < `l2`, got l1={l1!r}, l2={l2!r}."
+            )
         self.l1, self.l2 = l1, l2
         self.temperature, self.kl_weight = temperature, kl_weight
         self.metric, self.split = metric, split

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from pl_federated.callbacks.fedprox import _ProximalToReceived
+from pl_federated.validation import Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -27,8 +28,9 @@ class Ditto(_ProximalToReceived):
 
     role = "personal"
 
+    @arguments(lam=Real(ge=0))
     def __init__(self, lam: float = 0.1) -> None:
-        super().__init__(lam, "Ditto.lam")
+        super().__init__(lam)
         self.lam = self.weight
 
     @override

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.aggregator import Aggregator, Upload, WeightedSum
+from pl_federated.validation import Choice, ClientIds, arguments, check_client_ids
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -44,20 +46,24 @@ class FedAvg(Aggregator):
 
     supports_distributed = True  # partial weighted sums are summed over ranks
 
+    @arguments(
+        over=Choice(_OVER), weighting=Choice(_WEIGHTING), ignore_clients=ClientIds(optional=True)
+    )
     def __init__(
         self,
         over: str = "selected",
         weighting: str = "samples",
         ignore_clients: list[int] | None = None,
     ) -> None:
-        if over not in _OVER:
-            raise ValueError(f"`FedAvg.over` must be one of {_OVER}, got {over!r}.")
-        if weighting not in _WEIGHTING:
-            raise ValueError(f"`FedAvg.weighting` must be one of {_WEIGHTING}, got {weighting!r}.")
         self.over = over
         self.weighting = weighting
         self.ignore_clients = {int(k) for k in ignore_clients or ()}
         self._sum = WeightedSum()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
+        where = f"{type(self).__name__}.ignore_clients"
+        check_client_ids(where, sorted(self.ignore_clients), fed.num_clients)
 
     def _weight(self, fed: FederatedModule, client: int) -> float:
         if client in self.ignore_clients:

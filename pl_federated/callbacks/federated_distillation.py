@@ -13,6 +13,7 @@ from typing_extensions import override
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE, float_keys
+from pl_federated.validation import Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -60,15 +61,8 @@ class FederatedDistillation(FederatedCallback):
 
     supports_distributed = True  # the uploads are round state, merged over ranks
 
+    @arguments(kd_weight=Real(ge=0, le=1, optional=True), temperature=Real(gt=0))
     def __init__(self, kd_weight: float | None = None, temperature: float = 1.0) -> None:
-        if kd_weight is not None and not 0.0 <= kd_weight <= 1.0:
-            raise ValueError(
-                f"`FederatedDistillation.kd_weight` must be None or in [0, 1], got {kd_weight!r}."
-            )
-        if not temperature > 0:
-            raise ValueError(
-                f"`FederatedDistillation.temperature` must be > 0, got {temperature!r}."
-            )
         self.kd_weight, self.temperature = kd_weight, temperature
         # client -> (its per-class mean logits [C, C], counts [C]): the round's uploads
         self.add_round_state("uploads", {}, reduce="gather")

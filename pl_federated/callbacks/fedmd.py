@@ -14,6 +14,7 @@ from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.data.datasets import load_dataset
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import Choice, Int, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -63,6 +64,13 @@ class FedMD(FederatedCallback):
 
     supports_distributed = True  # the uploads and digest losses are round state
 
+    @arguments(
+        public_samples=Int(ge=1, optional=True),
+        digest_epochs=Int(ge=1),
+        digest_batch_size=Int(ge=1),
+        digest_loss=Choice(_LOSSES),
+        temperature=Real(gt=0),
+    )
     def __init__(
         self,
         public_dataset: str | None = None,
@@ -76,22 +84,6 @@ class FedMD(FederatedCallback):
         models: list[pl.LightningModule] | None = None,
         architectures: list[int] | None = None,
     ) -> None:
-        if public_samples is not None and (
-            not isinstance(public_samples, int) or public_samples < 1
-        ):
-            raise ValueError(
-                f"`FedMD.public_samples` must be None or >= 1, got {public_samples!r}."
-            )
-        for name, value in (
-            ("digest_epochs", digest_epochs),
-            ("digest_batch_size", digest_batch_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`FedMD.{name}` must be an int >= 1, got {value!r}.")
-        if digest_loss not in _LOSSES:
-            raise ValueError(f"`FedMD.digest_loss` must be one of {_LOSSES}, got {digest_loss!r}.")
-        if not temperature > 0:
-            raise ValueError(f"`FedMD.temperature` must be > 0, got {temperature!r}.")
         self.public_dataset, self.public_path = public_dataset, public_path
         self.public_options = dict(public_options or {})
         self.public_samples = public_samples

@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.fedavg import FedAvg
+from pl_federated.validation import Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -34,6 +35,7 @@ class ServerOptimizer(FedAvg):
     supports_distributed = True  # FedAvg's average is summed over ranks; then every rank
     # takes the same deterministic server step, so the optimizer states stay identical
 
+    @arguments(server_lr=Real(gt=0))
     def __init__(
         self,
         server_lr: float = 1.0,
@@ -42,8 +44,6 @@ class ServerOptimizer(FedAvg):
         ignore_clients: list[int] | None = None,
     ) -> None:
         super().__init__(over=over, weighting=weighting, ignore_clients=ignore_clients)
-        if not server_lr > 0:
-            raise ValueError(f"`{type(self).__name__}.server_lr` must be > 0, got {server_lr!r}.")
         self.server_lr = server_lr
         self.state: dict[str, dict[str, Tensor]] = {}
 
@@ -90,6 +90,7 @@ class FedAvgM(ServerOptimizer):
         momentum: beta (default 0.9).
     """
 
+    @arguments(momentum=Real(ge=0, lt=1))
     def __init__(
         self,
         server_lr: float = 1.0,
@@ -99,8 +100,6 @@ class FedAvgM(ServerOptimizer):
         ignore_clients: list[int] | None = None,
     ) -> None:
         super().__init__(server_lr, over, weighting, ignore_clients)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"`FedAvgM.momentum` must be in [0, 1), got {momentum!r}.")
         self.momentum = momentum
 
     @override
@@ -121,6 +120,7 @@ class _Adaptive(ServerOptimizer):
         tau: adaptivity / numerical floor (1e-3).
     """
 
+    @arguments(beta1=Real(ge=0, lt=1), beta2=Real(ge=0, lt=1), tau=Real(gt=0))
     def __init__(
         self,
         server_lr: float = 0.01,
@@ -132,12 +132,6 @@ class _Adaptive(ServerOptimizer):
         ignore_clients: list[int] | None = None,
     ) -> None:
         super().__init__(server_lr, over, weighting, ignore_clients)
-        name = type(self).__name__
-        for arg, value in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}.{arg}` must be in [0, 1), got {value!r}.")
-        if not tau > 0:
-            raise ValueError(f"`{name}.tau` must be > 0, got {tau!r}.")
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
 
     @abstractmethod

@@ -14,6 +14,7 @@ from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import prototype_regularizer
 from pl_federated.prototypes import PrototypeBank
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import Choice, Flag, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -40,15 +41,10 @@ class FedProto(FederatedCallback):
 
     supports_distributed = True  # the uploads are round state, merged over ranks
 
+    @arguments(lam=Real(ge=0), weighting=Choice(("samples", "clients")), nearest_prototype=Flag())
     def __init__(
         self, lam: float = 1.0, weighting: str = "samples", nearest_prototype: bool = True
     ) -> None:
-        if not lam >= 0:
-            raise ValueError(f"`FedProto.lam` must be >= 0, got {lam!r}.")
-        if weighting not in ("samples", "clients"):
-            raise ValueError(
-                f"`FedProto.weighting` must be 'samples' or 'clients', got {weighting!r}."
-            )
         self.lam, self.weighting, self.nearest_prototype = lam, weighting, nearest_prototype
         self.bank: PrototypeBank | None = None
         # client -> (prototypes, counts) it uploaded this round; nearest-prototype accuracies

@@ -12,6 +12,7 @@ from typing_extensions import override
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import proximal_term
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -25,9 +26,7 @@ class _ProximalToReceived(FederatedCallback):
     role = SHARED_ROLE
     supports_distributed = True  # per-client state only
 
-    def __init__(self, weight: float, name: str) -> None:
-        if not weight >= 0:
-            raise ValueError(f"`{name}` must be >= 0, got {weight!r}.")
+    def __init__(self, weight: float) -> None:
         self.weight = float(weight)
 
     @override
@@ -64,6 +63,7 @@ class FedProx(_ProximalToReceived):
         >>> trainer = pl.Trainer(callbacks=[FedProx(mu=0.01)])  # doctest: +SKIP
     """
 
+    @arguments(mu=Real(ge=0))
     def __init__(self, mu: float = 0.01) -> None:
-        super().__init__(mu, "FedProx.mu")
+        super().__init__(mu)
         self.mu = self.weight

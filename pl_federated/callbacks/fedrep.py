@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from pl_federated.callbacks.fedper import FedPer
+from pl_federated.validation import Int, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -28,6 +29,7 @@ class FedRep(FedPer):
         over, weighting: as :class:`FedAvg`.
     """
 
+    @arguments(head_epochs=Int(ge=1))
     def __init__(
         self,
         personal_keys: Sequence[str] = ("head",),
@@ -36,8 +38,6 @@ class FedRep(FedPer):
         weighting: str = "samples",
     ) -> None:
         super().__init__(personal_keys, over=over, weighting=weighting)
-        if not isinstance(head_epochs, int) or head_epochs < 1:
-            raise ValueError(f"`FedRep.head_epochs` must be an int >= 1, got {head_epochs!r}.")
         self.head_epochs = head_epochs
 
     def _is_head(self, name: str) -> bool:
@@ -45,6 +45,7 @@ class FedRep(FedPer):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
+        super().on_fit_start(trainer, fed)
         if fed.local_steps is None and fed.local_epochs <= self.head_epochs:
             rank_zero_warn(
                 f"FedRep: `local_epochs`={fed.local_epochs} <= `head_epochs`="

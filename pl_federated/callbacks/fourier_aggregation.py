@@ -19,6 +19,7 @@ from pl_federated.fourier import (
     fourier_mix_rows,
     progressive_ratio,
 )
+from pl_federated.validation import Choice, Flag, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -54,6 +55,14 @@ class ProgressiveFourierAggregation(Aggregator):
 
     supports_distributed = True  # the ranks' uploads are gathered before mixing
 
+    @arguments(
+        r0=Real(ge=0, le=1),
+        r1=Real(ge=0, le=1),
+        variant=Choice(VARIANTS),
+        weighting=Choice(_WEIGHTS),
+        window=Choice(WINDOWS),
+        classwise_classifier=Flag(),
+    )
     def __init__(
         self,
         r0: float = 0.7,
@@ -64,20 +73,6 @@ class ProgressiveFourierAggregation(Aggregator):
         classwise_classifier: bool = False,
         classifier_key: str | None = None,
     ) -> None:
-        for name, value in (("r0", r0), ("r1", r1)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(
-                    f"`ProgressiveFourierAggregation.{name}` must be in [0, 1], got {value!r}."
-                )
-        for name, value, allowed in (
-            ("variant", variant, VARIANTS),
-            ("weighting", weighting, _WEIGHTS),
-            ("window", window, WINDOWS),
-        ):
-            if value not in allowed:
-                raise ValueError(
-                    f"`ProgressiveFourierAggregation.{name}` must be one of {allowed}, got {value!r}."
-                )
         self.r0, self.r1 = r0, r1
         self.variant, self.weighting, self.window = variant, weighting, window
         self.classwise_classifier, self.classifier_key = classwise_classifier, classifier_key

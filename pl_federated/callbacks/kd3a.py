@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from pl_federated.callbacks.aggregator import Aggregator, Upload, WeightedSum
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import ClientIds, ConfigError, Int, Real, arguments, check_client_ids
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -109,6 +110,13 @@ class KD3A(Aggregator):
 
     supports_distributed = True  # sources before targets in phases; the uploads are gathered
 
+    @arguments(
+        target_clients=ClientIds(optional=True),
+        gate_begin=Real(ge=0, lt=1),
+        gate_end=Real(ge=0, lt=1),
+        min_agree=Int(ge=1),
+        momentum=Real(ge=0, lt=1),
+    )
     def __init__(
         self,
         target_clients: list[int] | None = None,
@@ -117,16 +125,9 @@ class KD3A(Aggregator):
         min_agree: int = 1,
         momentum: float = 0.9,
     ) -> None:
-        self.target_clients = sorted({int(k) for k in target_clients or [0]})
-        if not self.target_clients:
-            raise ValueError("`KD3A.target_clients` must name at least one client.")
-        for name, value in (("gate_begin", gate_begin), ("gate_end", gate_end)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"`KD3A.{name}` must be in [0, 1), got {value!r}.")
-        if not isinstance(min_agree, int) or min_agree < 1:
-            raise ValueError(f"`KD3A.min_agree` must be an int >= 1, got {min_agree!r}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"`KD3A.momentum` must be in [0, 1), got {momentum!r}.")
+        if target_clients is not None and not target_clients:
+            raise ConfigError("`KD3A.target_clients` must name at least one client.")
+        self.target_clients = sorted(target_clients or [0])
         self.gate_begin, self.gate_end = gate_begin, gate_end
         self.min_agree, self.momentum = min_agree, momentum
         self.weights: Tensor | None = None  # [K] smoothed aggregation weights
@@ -143,9 +144,7 @@ class KD3A(Aggregator):
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         k = fed.num_clients
-        bad = [t for t in self.target_clients if not 0 <= t < k]
-        if bad:
-            raise ValueError(f"`KD3A.target_clients` {bad} are not clients 0..{k - 1}.")
+        check_client_ids("KD3A.target_clients", self.target_clients, k)
         if len(self.target_clients) == k:
             raise ValueError("KD3A needs at least one source client (not every client a target).")
         if fed.num_selected < k:

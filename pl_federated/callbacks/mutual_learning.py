@@ -12,6 +12,7 @@ from typing_extensions import override
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -45,6 +46,7 @@ class MutualLearning(FederatedCallback):
 
     supports_distributed = True  # per-client roles; the meme accuracies are round state
 
+    @arguments(alpha=Real(ge=0, le=1), beta=Real(ge=0, le=1), temperature=Real(gt=0))
     def __init__(
         self,
         alpha: float = 0.5,
@@ -52,11 +54,6 @@ class MutualLearning(FederatedCallback):
         temperature: float = 1.0,
         personal: pl.LightningModule | None = None,
     ) -> None:
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"`MutualLearning.{name}` must be in [0, 1], got {value!r}.")
-        if not temperature > 0:
-            raise ValueError(f"`MutualLearning.temperature` must be > 0, got {temperature!r}.")
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.personal = personal
         self.add_round_state("meme_acc", {}, reduce="gather")  # client -> locally trained meme

@@ -14,6 +14,7 @@ from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import cpa_loss, prototype_weights
 from pl_federated.prototypes import PrototypeBank
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import Int, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -46,17 +47,10 @@ class ConjointPrototypeAlignment(FederatedCallback):
 
     supports_distributed = True  # ranks exchange their clients' new prototypes each round
 
+    @arguments(beta=Real(ge=0), tau=Real(gt=1), warmup_rounds=Int(ge=0), noise_std=Real(ge=0))
     def __init__(
         self, beta: float = 0.8, tau: float = 3.0, warmup_rounds: int = 15, noise_std: float = 0.0
     ) -> None:
-        if beta < 0:
-            raise ValueError(f"`ConjointPrototypeAlignment.beta` must be >= 0, got {beta!r}.")
-        if tau <= 1:
-            raise ValueError(f"`ConjointPrototypeAlignment.tau` must be > 1, got {tau!r}.")
-        if not isinstance(warmup_rounds, int) or warmup_rounds < 0:
-            raise ValueError(f"`warmup_rounds` must be an int >= 0, got {warmup_rounds!r}.")
-        if noise_std < 0:
-            raise ValueError(f"`noise_std` must be >= 0, got {noise_std!r}.")
         self.beta, self.tau, self.warmup_rounds, self.noise_std = (
             beta,
             tau,

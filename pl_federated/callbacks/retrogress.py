@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import Choice, Flag, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -41,15 +42,10 @@ class RetrogressMonitor(FederatedCallback):
 
     supports_distributed = True  # each rank scores its own clients; on_round_end merges
 
+    @arguments(metric=Choice(_METRICS), split=Choice(_SPLITS), per_epoch=Flag(), plot=Flag())
     def __init__(
         self, metric: str = "f1", split: str = "val", per_epoch: bool = False, plot: bool = True
     ) -> None:
-        if metric not in _METRICS:
-            raise ValueError(
-                f"`RetrogressMonitor.metric` must be one of {_METRICS}, got {metric!r}."
-            )
-        if split not in _SPLITS:
-            raise ValueError(f"`RetrogressMonitor.split` must be one of {_SPLITS}, got {split!r}.")
         self.metric, self.split, self.per_epoch, self.plot = metric, split, per_epoch, plot
         self.curve: list[tuple[int, int, int, float]] = []  # (round, client, epoch, metric)
         self.history: list[tuple[int, int, float, float]] = []  # (round, client, before, after)

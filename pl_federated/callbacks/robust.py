@@ -13,6 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.aggregator import Aggregator, Upload
+from pl_federated.validation import Int, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -107,9 +108,8 @@ class TrimmedMean(BufferedAggregator):
         beta: trimmed fraction per side, in [0, 0.5).
     """
 
+    @arguments(beta=Real(ge=0, lt=0.5))
     def __init__(self, beta: float = 0.1) -> None:
-        if not 0.0 <= beta < 0.5:
-            raise ValueError(f"`TrimmedMean.beta` must be in [0, 0.5), got {beta!r}.")
         super().__init__()
         self.beta = beta
 
@@ -133,10 +133,8 @@ class Krum(BufferedAggregator):
         m: uploads averaged (1: Krum; > 1: Multi-Krum).
     """
 
+    @arguments(f=Int(ge=0), m=Int(ge=1))
     def __init__(self, f: int = 1, m: int = 1) -> None:
-        for name, value in (("f", f), ("m", m)):
-            if not isinstance(value, int) or value < (0 if name == "f" else 1):
-                raise ValueError(f"`Krum.{name}` must be an int >= {0 if name == 'f' else 1}.")
         super().__init__()
         self.f, self.m = f, m
         self.selected: list[int] = []

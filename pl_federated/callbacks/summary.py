@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
+from pl_federated.validation import Flag, arguments
+
 ROUND_COLUMNS = (
     ("round", "round"),
     ("global/acc", "global_acc"),
@@ -59,6 +61,7 @@ class FederatedSummary(Callback):
         images: write/log the partition heatmap and the per-client accuracy bars.
     """
 
+    @arguments(print_tables=Flag(), images=Flag())
     def __init__(self, print_tables: bool = True, images: bool = True) -> None:
         self.print_tables = print_tables
         self.images = images

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pl_federated.data.datasets import load_dataset
+from pl_federated.data.datasets import DATASETS, load_dataset
 from pl_federated.data.partition import Dirichlet, Partition, Partitioner
+from pl_federated.validation import Choice, ConfigError, Flag, Int, Real, arguments
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -58,6 +59,19 @@ class FederatedDataModule(pl.LightningDataModule):
             every client ``min_size`` samples.
     """
 
+    @arguments(
+        dataset=Choice(tuple(DATASETS)),
+        num_clients=Int(ge=1),
+        test_fraction=Real(ge=0, lt=1),
+        val_fraction=Real(ge=0, lt=1),
+        batch_size=Int(ge=1),
+        seed=Int(ge=0),
+        max_train_samples=Int(ge=1, optional=True),
+        public_fraction=Real(ge=0, lt=1),
+        global_test_fraction=Real(ge=0, lt=1),
+        stratified=Flag(),
+        normalize=Choice(("none", "global", "per_domain")),
+    )
     def __init__(
         self,
         dataset: str = "digits",
@@ -77,17 +91,16 @@ class FederatedDataModule(pl.LightningDataModule):
         train_transform: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}.")
-        if not 0.0 <= test_fraction < 1.0:
-            raise ValueError(f"`test_fraction` must be in [0, 1), got {test_fraction!r}.")
-        if not 0.0 <= val_fraction < 1.0 or test_fraction + val_fraction >= 1.0:
-            raise ValueError(
-                f"`val_fraction` must be in [0, 1) with `test_fraction` + `val_fraction` < 1, got "
-                f"{val_fraction!r} (test_fraction={test_fraction!r})."
+        if test_fraction + val_fraction >= 1.0:
+            raise ConfigError(
+                f"`FederatedDataModule.test_fraction` + `val_fraction` must be < 1, got "
+                f"{test_fraction!r} + {val_fraction!r}."
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+        if public_fraction + global_test_fraction >= 1.0:
+            raise ConfigError(
+                f"`FederatedDataModule.public_fraction` + `global_test_fraction` must be < 1, "
+                f"got {public_fraction!r} + {global_test_fraction!r}."
+            )
         self.dataset = dataset
         self.num_clients = num_clients
         self.partition = partition if partition is not None else Dirichlet(alpha=0.5)
@@ -97,25 +110,10 @@ class FederatedDataModule(pl.LightningDataModule):
         self.seed = seed
         self.path = path
         self.dataset_options = dict(dataset_options or {})
-        if max_train_samples is not None and max_train_samples < 1:
-            raise ValueError(
-                f"`max_train_samples` must be None or >= 1, got {max_train_samples!r}."
-            )
         self.max_train_samples = max_train_samples
-        if not 0.0 <= public_fraction < 1.0:
-            raise ValueError(f"`public_fraction` must be in [0, 1), got {public_fraction!r}.")
         self.public_fraction = public_fraction
-        if not 0.0 <= global_test_fraction < 1.0 or public_fraction + global_test_fraction >= 1:
-            raise ValueError(
-                f"`global_test_fraction` must be in [0, 1) with `public_fraction` + "
-                f"`global_test_fraction` < 1, got {global_test_fraction!r}."
-            )
         self.global_test_fraction = global_test_fraction
         self.stratified = stratified
-        if normalize not in ("none", "global", "per_domain"):
-            raise ValueError(
-                f"`normalize` must be 'none', 'global' or 'per_domain', got {normalize!r}."
-            )
         self.normalize = normalize
         self.train_transform = train_transform
         self._prepared = False
@@ -128,15 +126,15 @@ class FederatedDataModule(pl.LightningDataModule):
         loaded = load_dataset(self.dataset, self.path, **self.dataset_options)
         x, y = loaded.x, loaded.y
         if len(x) != len(y):
-            raise ValueError(f"Dataset {self.dataset!r}: {len(x)} inputs but {len(y)} labels.")
+            raise ConfigError(f"Dataset {self.dataset!r}: {len(x)} inputs but {len(y)} labels.")
         if len(y) == 0 or y.ndim != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"Dataset {self.dataset!r}: labels must be a non-empty 1-D array of class "
                 f"indices, got shape {tuple(y.shape)}."
             )
         if int(y.min()) < 0:
             i = int((y < 0).nonzero()[0])
-            raise ValueError(
+            raise ConfigError(
                 f"Dataset {self.dataset!r}: sample {i} has label {int(y[i])}; labels must be "
                 "class indices >= 0."
             )
@@ -223,7 +221,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
                 if bad.any():
                     i = int(bad.nonzero()[0])
-                    raise ValueError(
+                    raise ConfigError(
                         f"Dataset {self.dataset!r}: sample {i} of {where} has NaN/Inf inputs "
                         f"({int(bad.sum())} such samples there); clean or drop them."
                     )
@@ -233,7 +231,7 @@ class FederatedDataModule(pl.LightningDataModule):
         all clients, or of the clients of the same domain (a client's domain: the most common
         domain among its samples)."""
         if self.normalize == "per_domain" and domains is None:
-            raise ValueError("`normalize='per_domain'` needs a dataset with domains.")
+            raise ConfigError("`normalize='per_domain'` needs a dataset with domains.")
         k = self.num_clients
         group = (
             [int(np.bincount(domains[idx]).argmax()) for idx in indices]
@@ -274,7 +272,7 @@ class FederatedDataModule(pl.LightningDataModule):
                 parts[2].append(members[n_test + n_val :])
             test, val, train = (np.concatenate(p) for p in parts)
         if len(train) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"Client {client} has {len(idx)} samples: none left for training after "
                 f"`test_fraction`={self.test_fraction} and `val_fraction`={self.val_fraction}."
             )
@@ -294,7 +292,7 @@ class FederatedDataModule(pl.LightningDataModule):
         """Client ``client``'s ``"train"``, ``"val"`` or ``"test"`` data."""
         getters = {"train": self.client_train, "val": self.client_val, "test": self.client_test}
         if split not in getters:
-            raise ValueError(f"Unknown split {split!r}; choose one of {sorted(getters)}.")
+            raise ConfigError(f"Unknown split {split!r}; choose one of {sorted(getters)}.")
         return getters[split](client)
 
     def global_test(self) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from pl_federated.validation import ConfigError
+
 
 class Loaded(NamedTuple):
     """A dataset in memory; ``domains`` (per-sample domain ids) for feature-shift datasets."""
@@ -39,8 +41,16 @@ def load_npz(path: str | Path) -> Loaded:
     with np.load(path) as f:
         missing = {"images", "labels"} - set(f.files)
         if missing:
-            raise ValueError(f"{path} lacks arrays {sorted(missing)} (has {f.files}).")
+            raise ConfigError(f"{path} lacks arrays {sorted(missing)} (has {f.files}).")
         images, labels = f["images"], f["labels"]
+    if not np.issubdtype(labels.dtype, np.integer):
+        fractional = np.flatnonzero(np.asarray(labels, dtype=np.float64) % 1 != 0)
+        if len(fractional) or not np.issubdtype(labels.dtype, np.number):
+            i = int(fractional[0]) if len(fractional) else 0
+            raise ConfigError(
+                f"{path}: `labels` must be integer class indices; sample {i} has label "
+                f"{labels[i]!r} ({labels.dtype})."
+            )
     x = torch.from_numpy(np.ascontiguousarray(images))
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     if x.ndim == 3:
@@ -102,7 +112,7 @@ def load_image_folder(
     names = domains or sorted(p.name for p in base.iterdir() if p.is_dir())
     missing = [d for d in names if not (base / d).is_dir()]
     if not names or missing:
-        raise ValueError(
+        raise ConfigError(
             f"image_folder {root!r}: domain folders {missing or '(none)'} not found; expected "
             "root/<domain>/<class>/<image>."
         )
@@ -158,7 +168,7 @@ def load_torchvision(
     import torchvision
 
     if split not in ("train", "test"):
-        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
+        raise ConfigError(f"`split` must be 'train' or 'test', got {split!r}.")
     cls_name, how = TORCHVISION[name]
     cls = getattr(torchvision.datasets, cls_name)
     split_arg = {"split": split} if how == "split" else {"train": split == "train"}
@@ -201,14 +211,14 @@ DATASETS: dict[str, Callable[..., Loaded]] = {
 def load_dataset(name: str, path: str | None = None, **options: Any) -> Loaded:
     """Load dataset ``name`` (see :data:`DATASETS`); ``options`` go to its loader."""
     if name not in DATASETS:
-        raise ValueError(f"Unknown `dataset`={name!r}; available: {sorted(DATASETS)}.")
+        raise ConfigError(f"Unknown `dataset`={name!r}; available: {sorted(DATASETS)}.")
     if name == "npz":
         if path is None:
-            raise ValueError("`dataset`='npz' needs `path` to an .npz file.")
+            raise ConfigError("`dataset`='npz' needs `path` to an .npz file.")
         return load_npz(path)
     if name in TORCHVISION:
         options = {"name": name, **options}
     try:
         return DATASETS[name](**options)
     except TypeError as err:
-        raise ValueError(f"Bad `dataset_options` {options} for dataset {name!r}: {err}") from err
+        raise ConfigError(f"Bad `dataset_options` {options} for dataset {name!r}: {err}") from err

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pl_federated.validation import ConfigError, Int, Real, arguments
+
 
 @dataclass
 class Partition:
@@ -33,9 +35,8 @@ class Partitioner(ABC):
             ``ValueError`` that says why it cannot.
     """
 
+    @arguments(min_size=Int(ge=1))
     def __init__(self, min_size: int = 10) -> None:
-        if not isinstance(min_size, int) or min_size < 1:
-            raise ValueError(f"`min_size` must be an int >= 1, got {min_size!r}.")
         self.min_size = min_size
 
     def __call__(
@@ -43,19 +44,26 @@ class Partitioner(ABC):
     ) -> Partition:
         labels = np.asarray(labels)
         if not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"`num_clients` must be an int >= 1, got {num_clients!r}.")
+            raise ConfigError(f"`num_clients` must be an int >= 1, got {num_clients!r}.")
         if num_clients > len(labels):
-            raise ValueError(
+            raise ConfigError(
                 f"`num_clients`={num_clients} is more than the {len(labels)} samples to split."
             )
         if num_clients * self.min_size > len(labels):
-            raise ValueError(
+            raise ConfigError(
                 f"Cannot give each of `num_clients`={num_clients} clients `min_size`="
                 f"{self.min_size} samples from {len(labels)} samples; lower one of them."
             )
         rng = np.random.default_rng(seed)
         parts = self.split(labels, num_clients, rng, domains=domains)
         indices = [np.sort(i) for i in parts]
+        short = [k for k, i in enumerate(indices) if len(i) < self.min_size]
+        if short:  # a partitioner's own guarantee, checked for all of them
+            raise ConfigError(
+                f"{type(self).__name__} gave clients {short} fewer than `min_size`="
+                f"{self.min_size} samples ({[len(indices[k]) for k in short]}); lower `min_size` "
+                "or `num_clients`."
+            )
         num_classes = int(labels.max()) + 1 if len(labels) else 0
         return Partition(indices, label_counts(labels, indices, num_classes))
 
@@ -93,10 +101,9 @@ class FeatureNoise(IID):
         sigma: the noise scale (>= 0).
     """
 
+    @arguments(sigma=Real(ge=0), min_size=Int(ge=1))
     def __init__(self, sigma: float = 0.1, min_size: int = 10) -> None:
         super().__init__(min_size)
-        if not sigma >= 0:
-            raise ValueError(f"`FeatureNoise.sigma` must be >= 0, got {sigma!r}.")
         self.sigma = float(sigma)
 
     def feature_noise(self, client: int, num_clients: int) -> float:
@@ -115,12 +122,11 @@ class LongTail(Partitioner):
         inner: the partitioner applied to the kept samples.
     """
 
+    @arguments(imbalance=Real(ge=1), min_size=Int(ge=1))
     def __init__(
         self, imbalance: float = 10.0, inner: Partitioner | None = None, min_size: int = 10
     ) -> None:
         super().__init__(min_size)
-        if not imbalance >= 1:
-            raise ValueError(f"`LongTail.imbalance` must be >= 1, got {imbalance!r}.")
         self.imbalance = float(imbalance)
         self.inner = inner if inner is not None else IID(min_size)
 
@@ -155,12 +161,9 @@ class Dirichlet(Partitioner):
         max_tries: redraws before giving up with a ``ValueError``.
     """
 
+    @arguments(alpha=Real(gt=0), min_size=Int(ge=1), max_tries=Int(ge=1))
     def __init__(self, alpha: float = 0.5, min_size: int = 10, max_tries: int = 100) -> None:
         super().__init__(min_size)
-        if not alpha > 0:
-            raise ValueError(f"`Dirichlet.alpha` must be > 0, got {alpha!r}.")
-        if not isinstance(max_tries, int) or max_tries < 1:
-            raise ValueError(f"`Dirichlet.max_tries` must be an int >= 1, got {max_tries!r}.")
         self.alpha = float(alpha)
         self.max_tries = max_tries
 
@@ -183,7 +186,7 @@ class Dirichlet(Partitioner):
             smallest = int(sizes.min())
             if smallest >= self.min_size:
                 return [np.concatenate(p) for p in parts]
-        raise ValueError(
+        raise ConfigError(
             f"Dirichlet(alpha={self.alpha}) could not give all {num_clients} clients "
             f"`min_size`={self.min_size} samples in {self.max_tries} draws (smallest client: "
             f"{smallest}); use a larger alpha, fewer clients or a smaller min_size."
@@ -197,22 +200,19 @@ class Domains(Partitioner):
     ``num_domains * clients_per_domain``.
     """
 
+    @arguments(clients_per_domain=Int(ge=1), alpha=Real(gt=0, optional=True), min_size=Int(ge=1))
     def __init__(self, clients_per_domain: int = 1, alpha: float | None = None, min_size: int = 10):
         super().__init__(min_size)
-        if not isinstance(clients_per_domain, int) or clients_per_domain < 1:
-            raise ValueError(
-                f"`clients_per_domain` must be an int >= 1, got {clients_per_domain!r}."
-            )
         self.clients_per_domain = clients_per_domain
         self.inner: Partitioner = Dirichlet(alpha, min_size) if alpha is not None else IID(min_size)
 
     def split(self, labels, num_clients, rng, domains=None):
         if domains is None:
-            raise ValueError("The `Domains` partition needs a dataset with domains.")
+            raise ConfigError("The `Domains` partition needs a dataset with domains.")
         domains = np.asarray(domains)
         ids = np.unique(domains)
         if num_clients != len(ids) * self.clients_per_domain:
-            raise ValueError(
+            raise ConfigError(
                 f"`num_clients`={num_clients} must be num_domains ({len(ids)}) x "
                 f"`clients_per_domain` ({self.clients_per_domain}) = "
                 f"{len(ids) * self.clients_per_domain}."
@@ -221,7 +221,7 @@ class Domains(Partitioner):
         for d in ids:
             where = np.flatnonzero(domains == d)
             if len(where) < self.clients_per_domain * self.min_size:
-                raise ValueError(
+                raise ConfigError(
                     f"Domain {d} has {len(where)} samples: too few for {self.clients_per_domain} "
                     f"clients of `min_size`={self.min_size}."
                 )
@@ -241,21 +241,18 @@ class Pathological(Partitioner):
     the clients holding it.
     """
 
+    @arguments(classes_per_client=Int(ge=1), min_size=Int(ge=1))
     def __init__(self, classes_per_client: int = 2, min_size: int = 10) -> None:
         super().__init__(min_size)
-        if not isinstance(classes_per_client, int) or classes_per_client < 1:
-            raise ValueError(
-                f"`classes_per_client` must be an int >= 1, got {classes_per_client!r}."
-            )
         self.classes_per_client = classes_per_client
 
     def split(self, labels, num_clients, rng, domains=None):
         classes = np.unique(labels)
         c, n = self.classes_per_client, len(classes)
         if c > n:
-            raise ValueError(f"`classes_per_client`={c} is more than the {n} classes.")
+            raise ConfigError(f"`classes_per_client`={c} is more than the {n} classes.")
         if num_clients * c < n:
-            raise ValueError(
+            raise ConfigError(
                 f"{num_clients} clients x `classes_per_client`={c} cannot cover all {n} classes; "
                 "use more clients or more classes per client."
             )
@@ -272,7 +269,7 @@ class Pathological(Partitioner):
         out = [np.concatenate(p) for p in parts]
         smallest = min(len(p) for p in out)
         if smallest < self.min_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Pathological({c}) leaves a client with {smallest} samples < `min_size`="
                 f"{self.min_size}; use fewer clients or a smaller min_size."
             )
@@ -283,10 +280,9 @@ class QuantitySkew(Partitioner):
     """Client sizes ~ Dirichlet(alpha) (NIID-Bench ``iid-diff-quantity``), labels IID. A draw
     leaving a client under ``min_size`` is redrawn, at most ``max_tries`` times."""
 
+    @arguments(alpha=Real(gt=0), min_size=Int(ge=1), max_tries=Int(ge=1))
     def __init__(self, alpha: float = 0.5, min_size: int = 10, max_tries: int = 100) -> None:
         super().__init__(min_size)
-        if not alpha > 0:
-            raise ValueError(f"`QuantitySkew.alpha` must be > 0, got {alpha!r}.")
         self.alpha, self.max_tries = float(alpha), max_tries
 
     def split(self, labels, num_clients, rng, domains=None):
@@ -299,7 +295,7 @@ class QuantitySkew(Partitioner):
             smallest = int(sizes.min())
             if smallest >= self.min_size:
                 return np.split(rng.permutation(n), cuts)
-        raise ValueError(
+        raise ConfigError(
             f"QuantitySkew(alpha={self.alpha}) could not give all {num_clients} clients "
             f"`min_size`={self.min_size} samples in {self.max_tries} draws (smallest: "
             f"{smallest}); use a larger alpha, fewer clients or a smaller min_size."

@@ -23,12 +23,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from pl_federated.engine.workers import Workers
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import ConfigError
 
 
 def logits_of(out: Any) -> Tensor:
@@ -82,6 +84,47 @@ class Evaluator:
         self.num_classes = datamodule.num_classes
         self.num_clients = datamodule.num_clients
         self.client_num_samples = datamodule.num_train.clone()
+
+    def check_data_fits(self) -> None:
+        """One evaluation forward of every role's worker on two training samples, before any
+        client trains, so a model/data mismatch fails here (naming the module and the data
+        shapes) instead of in the middle of a round.
+
+        Raises:
+            ConfigError: the forward fails, or the model has fewer outputs than classes.
+        """
+        dm = self.datamodule
+        client = next((c for c in range(self.num_clients) if int(dm.num_train[c])), None)
+        if client is None:
+            return
+        x = dm.client_train(client)[0][:2]
+        for role in self.workers.modules:
+            worker = self.workers[role]
+            name = f"The client module {type(worker).__name__} (role {role!r})"
+            try:
+                logits = self.forward_batched(worker, x)
+            except Exception as err:
+                worker.train()
+                raise ConfigError(
+                    f"{name} cannot take the data: its forward on inputs of shape "
+                    f"{tuple(x.shape)} ({x.dtype}, client {client}) raised "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            if logits.shape[-1] < self.num_classes:
+                raise ConfigError(
+                    f"{name} outputs {logits.shape[-1]} values per sample, but the data has "
+                    f"{self.num_classes} classes; set its number of classes to "
+                    f"{self.num_classes}."
+                )
+
+    def warn_if_nothing_to_evaluate(self, eval_every_n_rounds: int) -> None:
+        """Say so when evaluation rounds would compute nothing (no test data anywhere)."""
+        dm = self.datamodule
+        if eval_every_n_rounds and not int(dm.num_test.sum()) and not len(dm.global_test_y):
+            rank_zero_warn(
+                "No client has test data (`test_fraction`=0) and there is no global test "
+                "split: `global/*` and `personal/*` will not be computed."
+            )
 
     # ---------------------------------------------------------------- forward passes
     @torch.no_grad()

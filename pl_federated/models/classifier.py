@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from pl_federated.validation import Choice, Flag, Int, Real, arguments
+
 _OPTIMIZERS = ("sgd", "adam")
 
 
@@ -25,6 +27,9 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: L2 penalty.
     """
 
+    @arguments(
+        lr=Real(gt=0), optimizer=Choice(_OPTIMIZERS), momentum=Real(ge=0), weight_decay=Real(ge=0)
+    )
     def __init__(
         self,
         lr: float = 0.01,
@@ -33,10 +38,6 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"`optimizer` must be one of {_OPTIMIZERS}, got {optimizer!r}.")
-        if not lr > 0:
-            raise ValueError(f"`lr` must be > 0, got {lr!r}.")
         self.lr, self.optimizer_name = lr, optimizer
         self.momentum, self.weight_decay = momentum, weight_decay
 
@@ -69,6 +70,7 @@ class MLPClassifier(ImageClassifier):
         num_classes: output classes.
     """
 
+    @arguments(input_size=Int(ge=1), num_classes=Int(ge=1))
     def __init__(
         self,
         input_size: int = 64,
@@ -103,6 +105,13 @@ class CNNClassifier(ImageClassifier):
         hidden: width of the fully connected layer (paper: 512).
     """
 
+    @arguments(
+        in_channels=Int(ge=1),
+        image_size=Int(ge=4),
+        num_classes=Int(ge=1),
+        batch_norm=Flag(),
+        hidden=Int(ge=1),
+    )
     def __init__(
         self,
         in_channels: int = 1,

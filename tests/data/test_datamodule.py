@@ -47,3 +47,16 @@ def test_labels_must_be_non_negative_class_indices(tmp_path):
     empty = FederatedDataModule("npz", path=_npz(tmp_path, _images(0), labels[:0]), num_clients=2)
     with pytest.raises(ValueError, match=r"non-empty 1-D array of class indices, got shape \(0,\)"):
         empty.setup("fit")
+
+
+def test_fractional_labels_are_refused_not_truncated(tmp_path):
+    labels = (np.arange(60) % 3).astype(np.float32)
+    labels[5] = 1.5
+    data = FederatedDataModule("npz", path=_npz(tmp_path, _images(), labels), num_clients=2)
+    with pytest.raises(ValueError, match=r"must be integer class indices; sample 5 has label"):
+        data.setup("fit")
+    whole = FederatedDataModule(
+        "npz", path=_npz(tmp_path, _images(), np.arange(60.0) % 3), num_clients=2
+    )
+    whole.setup("fit")  # float labels that are whole numbers are class indices
+    assert whole.num_classes == 3
