@@ -196,6 +196,52 @@ class ClientIds(Rule):
 
 
 @dataclass(frozen=True)
+class Items(Rule):
+    """A list (or tuple) of ``min_len`` to ``max_len`` items, each allowed by ``item``
+    (layer widths, name prefixes)."""
+
+    item: Rule
+    min_len: int = 1
+    max_len: int | None = None
+    optional: bool = False
+
+    def allows(self, value: Any) -> bool:
+        return (
+            isinstance(value, Sequence)
+            and not isinstance(value, str)
+            and self.min_len <= len(value) <= (self.max_len or len(value))
+            and all(self.item.allows(v) for v in value)
+        )
+
+    def describe(self) -> str:
+        count = f"{self.min_len}" + (f" to {self.max_len}" if self.max_len != self.min_len else "")
+        if self.max_len is None:
+            count = f"at least {self.min_len}"
+        return f"a list of {count} items, each {self.item.describe()}"
+
+    def refused(self) -> list[Any]:
+        bad_item = next(v for v in self.item.refused() if v is not None)
+        out = ["12", 3, [bad_item], [None]]
+        if self.min_len > 0:
+            out.append([])
+        return out + ([] if self.optional else [None])
+
+
+@dataclass(frozen=True)
+class Text(Rule):
+    """A non-empty string."""
+
+    def allows(self, value: Any) -> bool:
+        return isinstance(value, str) and bool(value)
+
+    def describe(self) -> str:
+        return "a non-empty string"
+
+    def refused(self) -> list[Any]:
+        return ["", 3, None]
+
+
+@dataclass(frozen=True)
 class AnyOf(Rule):
     """Allowed by one of ``rules`` (e.g. an int count or a fraction)."""
 

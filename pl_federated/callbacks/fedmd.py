@@ -14,7 +14,7 @@ from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.data.datasets import load_dataset
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE
-from pl_federated.validation import Choice, Int, Real, arguments
+from pl_federated.validation import Choice, Int, Items, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -70,6 +70,7 @@ class FedMD(FederatedCallback):
         digest_batch_size=Int(ge=1),
         digest_loss=Choice(_LOSSES),
         temperature=Real(gt=0),
+        architectures=Items(Int(ge=0), optional=True),
     )
     def __init__(
         self,

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from pl_federated.callbacks.fedavg import FedAvg
+from pl_federated.validation import Items, Text, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -26,6 +27,7 @@ class FedPer(FedAvg):
         ValueError: a prefix that matches no state entry of the client model.
     """
 
+    @arguments(personal_keys=Items(Text()))
     def __init__(
         self,
         personal_keys: Sequence[str] = ("head",),
@@ -33,8 +35,6 @@ class FedPer(FedAvg):
         weighting: str = "samples",
     ) -> None:
         super().__init__(over=over, weighting=weighting)
-        if not personal_keys:
-            raise ValueError("`FedPer.personal_keys` must name at least one layer prefix.")
         self.personal_keys = tuple(personal_keys)
 
     @override

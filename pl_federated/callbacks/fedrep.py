@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from pl_federated.callbacks.fedper import FedPer
-from pl_federated.validation import Int, arguments
+from pl_federated.validation import Int, Items, Text, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -29,7 +29,7 @@ class FedRep(FedPer):
         over, weighting: as :class:`FedAvg`.
     """
 
-    @arguments(head_epochs=Int(ge=1))
+    @arguments(personal_keys=Items(Text()), head_epochs=Int(ge=1))
     def __init__(
         self,
         personal_keys: Sequence[str] = ("head",),

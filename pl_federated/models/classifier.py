@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pl_federated.validation import Choice, Flag, Int, Real, arguments
+from pl_federated.validation import Choice, Flag, Int, Items, Real, arguments
 
 _OPTIMIZERS = ("sgd", "adam")
 
@@ -70,7 +70,7 @@ class MLPClassifier(ImageClassifier):
         num_classes: output classes.
     """
 
-    @arguments(input_size=Int(ge=1), num_classes=Int(ge=1))
+    @arguments(input_size=Int(ge=1), hidden=Items(Int(ge=1), min_len=0), num_classes=Int(ge=1))
     def __init__(
         self,
         input_size: int = 64,
@@ -110,6 +110,7 @@ class CNNClassifier(ImageClassifier):
         image_size=Int(ge=4),
         num_classes=Int(ge=1),
         batch_norm=Flag(),
+        channels=Items(Int(ge=1), min_len=2, max_len=2),
         hidden=Int(ge=1),
     )
     def __init__(
@@ -132,8 +133,6 @@ class CNNClassifier(ImageClassifier):
             norm = [nn.BatchNorm2d(cout)] if batch_norm else []
             return [nn.Conv2d(cin, cout, 5, padding=2), *norm, nn.ReLU(), nn.MaxPool2d(2)]
 
-        if len(channels) != 2:
-            raise ValueError(f"`channels` must have two widths, got {channels!r}.")
         c1, c2 = channels
         side = image_size // 4
         self.features = nn.Sequential(
