@@ -114,7 +114,7 @@ def run(setting: str, method: str, seed: int) -> dict[str, float]:
         "pf1": last["personal/f1_mean"],
         "pacc": last["personal/acc_mean"],
         "worst": float(acc[~acc.isnan()].min()),
-        "gacc": last["global/acc"],
+        "gacc": last.get("global/acc", float("nan")),  # absent: no global model
         "seconds": time.perf_counter() - start,
     }
 

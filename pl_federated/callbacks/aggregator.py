@@ -46,7 +46,13 @@ class Aggregator(FederatedCallback, ABC):
     :meth:`aggregate` once at the end of the round, only when some client uploaded (on any
     rank): a round without uploads keeps the server state and the engine warns once. Streaming
     the uploads (instead of holding all of them) keeps memory at O(model) for averaging rules.
+
+    ``has_global_model = False`` says the server state is no model anyone uses (LocalOnly and
+    the methods built on it: FD, FedProto, FedMD exchange knowledge, not weights): ``global/*``
+    metrics are then not computed, instead of scoring the untrained initial model.
     """
+
+    has_global_model: bool = True
 
     def reset(self, fed: FederatedModule) -> None:
         """Forget the previous round's uploads."""

@@ -17,10 +17,11 @@ if TYPE_CHECKING:
 
 class LocalOnly(Aggregator):
     """Each client trains only its own model: every state entry is client-local, nothing is
-    aggregated, the server state stays the initial model (so ``global/*`` metrics describe the
-    untrained model; read ``personal/*``)."""
+    aggregated, the server state stays the initial model. There is no global model, so no
+    ``global/*`` metrics: read ``personal/*``."""
 
     supports_distributed = True
+    has_global_model = False
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:

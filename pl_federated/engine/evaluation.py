@@ -281,6 +281,7 @@ class StageEvaluation:
         self.log = log
         self.preds: list[Tensor] = []
         self.targets: list[Tensor] = []
+        self.warned = False
 
     def start(self, server_state: Mapping[str, Tensor]) -> None:
         self.evaluator.workers.load(SHARED_ROLE, server_state)
@@ -289,6 +290,12 @@ class StageEvaluation:
     def step(self, client: int, stage: str) -> None:
         ev, dm = self.evaluator, self.evaluator.datamodule
         split = "val" if stage == "val" and int(dm.num_val.sum()) > 0 else "test"
+        if stage == "val" and split == "test" and not self.warned:
+            self.warned = True
+            rank_zero_warn(
+                "`validate`: the datamodule has no validation split (`val_fraction`=0), so the "
+                "clients' test splits are evaluated; `val/*` are test numbers."
+            )
         x, y = dm.client_split(client, split)
         if not len(y):
             return

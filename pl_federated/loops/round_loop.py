@@ -127,6 +127,35 @@ def aggregate(fed: Any) -> None:
     fed.log_round(aggregate_metrics)
 
 
+def holds_personal_model(fed: Any, client: int) -> bool:
+    """Whether ``client`` keeps a model of its own between rounds: a personal (or other
+    evaluated local) role, or client-local keys of the shared model (FedBN, FedPer, LocalOnly).
+    Without one (FedAvg), its personalized model is the one it trains in a round."""
+    roles = fed.role_registry
+    return bool(roles.local_keys) or roles.evaluated_role(client) != SHARED_ROLE
+
+
+def evaluate_held_models(fed: Any) -> dict[int, tuple[float, float]]:
+    """At an evaluation round, ``(acc, f1)`` of the model every client not scored this round
+    holds (each rank its own clients, gathered): its stored personal role, or the new server
+    model with its own local keys, as it would start its next round. With the clients scored
+    after local training, ``personal/*`` then covers every client of such methods."""
+    state, store = fed.round_state, fed.store
+    scores = {}
+    for client in store.owned(fed.collectives.rank, fed.world_size):
+        if client in state.personal or not holds_personal_model(fed, client):
+            continue
+        fed.transport.download(client)
+        result = fed.evaluator.personal(client)
+        if result is not None:
+            scores[client] = result
+    if fed.world_size > 1:
+        scores = {
+            k: v for part in fed.collectives.all_gather_objects(scores) for k, v in part.items()
+        }
+    return scores
+
+
 def end_round(fed: Any) -> None:
     """Aggregate, run ``on_round_end`` callbacks, evaluate and log the round."""
     merge_round(fed)
@@ -148,8 +177,10 @@ def end_round(fed: Any) -> None:
         metrics[f"train/loss{suffix}"] = float(loss_sum / max(state.loss_counts[role], 1))
     metrics.update(fed.round_logger.round_logs)
     if state.is_eval_round:
-        metrics.update(fed.evaluator.evaluate_global(fed.server_state))
-        metrics.update(fed.evaluator.personal_metrics(state.personal))
+        if fed.aggregator.has_global_model:  # LocalOnly & co: no global model to score
+            metrics.update(fed.evaluator.evaluate_global(fed.server_state))
+        held = evaluate_held_models(fed)
+        metrics.update(fed.evaluator.personal_metrics({**state.personal, **held}))
     metrics.update({k: v.item() for k, v in fed.round_logger.pop_client_logs().items()})
     metrics["round/seconds"] = time.perf_counter() - state.started
     fed.round_logger.log_row(fed, metrics)

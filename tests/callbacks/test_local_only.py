@@ -18,3 +18,7 @@ def test_local_only_never_communicates(trainer_factory):
         for key in local:
             assert torch.equal(local[key][k], spy.after[k][key])
     assert not torch.equal(local["head.weight"][0], local["head.weight"][1])
+    # no global model: global/* is absent (not the untrained model's accuracy)
+    assert not any(k.startswith("global/") for h in fed.history for k in h)
+    assert "global_acc" not in fed.client_metrics
+    assert 0.0 <= fed.history[-1]["personal/acc_mean"] <= 1.0

@@ -140,3 +140,26 @@ def test_a_non_finite_server_state_is_rejected_with_the_aggregators_state(traine
     for k, v in agg.states[1].items():  # round 2 started from round 0's server state
         assert torch.equal(agg.states[2][k], v)
     assert all(torch.isfinite(v).all() for v in fed.server_state.values())
+
+
+def test_personal_metrics_cover_every_client_that_holds_its_own_model(trainer_factory):
+    from pl_federated.callbacks import Ditto
+
+    fed = federation(local_steps=2, clients_per_round=2)
+    trainer_factory(rounds=2, callbacks=[FedAvg(), Ditto(lam=0.1)]).fit(fed, digits(6))
+    acc = fed.client_metrics["personal_acc"]
+    assert not acc.isnan().any()  # all 6 clients, though 2 trained in the last round
+    trained_last = set(fed.selected_clients)
+    held = next(c for c in range(6) if c not in trained_last)
+    worker = fed.workers["personal"]  # by hand: its stored personal model on its test split
+    stored = fed.store.get("personal", held) if fed.store.has("personal", held) else None
+    worker.load_state_dict(stored or fed.role_registry.role_initial_state["personal"])
+    x, y = fed.datamodule.client_test(held)
+    with torch.no_grad():
+        expected = (worker.eval()(x).argmax(-1) == y).float().mean().item()
+    assert acc[held].item() == pytest.approx(expected, abs=1e-6)
+    assert fed.history[-1]["personal/acc_mean"] == pytest.approx(acc.mean().item(), abs=1e-6)
+
+    stateless = federation(local_steps=2, clients_per_round=2)  # FedAvg: trained ones only
+    trainer_factory(rounds=1, callbacks=[FedAvg()]).fit(stateless, digits(6))
+    assert int((~stateless.client_metrics["personal_acc"].isnan()).sum()) == 2
