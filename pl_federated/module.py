@@ -465,7 +465,8 @@ class FederatedModule(pl.LightningModule):
     # ---------------------------------------------------------------- test / validate
     def _stage_start(self) -> None:
         self.server_state = {k: v.to(self.device) for k, v in self.server_state.items()}
-        self._stage = StageEvaluation(self.evaluator, self.log)
+        has_global = self.aggregator is None or self.aggregator.has_global_model
+        self._stage = StageEvaluation(self.evaluator, self.log, self.transport.download, has_global)
         self._stage.start(self.server_state)
 
     @override

@@ -184,3 +184,22 @@ def test_a_checkpoint_cannot_choose_paths_or_classes(tmp_path, monkeypatch):
     assert test.model.store_path is None and type(test.model.client).__name__ == "MLPClassifier"
     assert test.model.local_epochs == 3
     assert not (tmp_path / "chosen_by_the_checkpoint").exists()
+
+
+def test_test_scores_the_personal_models_held_in_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ditto = ["--config", str(ROOT / "configs" / "ditto.yaml"), "--trainer.logger=false"]
+    ditto += ["--data.max_train_samples=40", "--model.clients_per_round=1.0"]
+    fit = cli_main(["fit", *ditto, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    metrics = cli_main(["test", *ditto, f"--ckpt_path={ckpt}"]).trainer.callback_metrics
+    # every client trained in the round, so its fit-time score is of the model it keeps
+    personal = fit.model.history[-1]["personal/acc_mean"]
+    assert metrics["test/personal_acc_client_mean"].item() == pytest.approx(personal, abs=1e-6)
+    assert metrics["test/acc"].item() == pytest.approx(fit.model.history[-1]["global/acc"])
+    local = ["--config", str(ROOT / "configs" / "fd.yaml"), "--trainer.logger=false"]
+    local += ["--data.max_train_samples=40", "--trainer.enable_progress_bar=false"]
+    cli_main(["fit", *local, "--trainer.max_epochs=1", "--trainer.default_root_dir=fd"])
+    ckpt = next((tmp_path / "fd").rglob("*.ckpt"))
+    metrics = cli_main(["test", *local, f"--ckpt_path={ckpt}"]).trainer.callback_metrics
+    assert "test/personal_acc" in metrics and "test/acc" not in metrics  # no global model

@@ -268,24 +268,39 @@ class Evaluator:
 
 
 class StageEvaluation:
-    """``trainer.test``/``validate``: the server model on each client's split, one step per
-    client, pooled at the epoch end.
+    """``trainer.test``/``validate``: the server model (``<stage>/acc``, ``/f1``,
+    ``/acc_client_mean``) and every client's own model held in the checkpoint
+    (``<stage>/personal_acc``, ``/personal_f1``, ``/personal_acc_client_mean``; for clients that
+    keep one, see :meth:`Workers.holds_own_model`) on each client's split, one step per client,
+    pooled at the epoch end.
 
     Args:
         evaluator: the evaluator whose workers and metrics are used.
         log: the LightningModule's ``log``.
+        download: loads a client's own models into the workers (``StateTransport.download``).
+        has_global_model: whether the server state is a model to score (not for LocalOnly).
     """
 
-    def __init__(self, evaluator: Evaluator, log: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        log: Callable[..., None],
+        download: Callable[[int], None],
+        has_global_model: bool = True,
+    ) -> None:
         self.evaluator = evaluator
         self.log = log
-        self.preds: list[Tensor] = []
-        self.targets: list[Tensor] = []
+        self.download = download
+        self.has_global_model = has_global_model
+        self.preds: dict[str, list[Tensor]] = {"": [], "personal_": []}
+        self.targets: dict[str, list[Tensor]] = {"": [], "personal_": []}
+        self.server_state: Mapping[str, Tensor] = {}
         self.warned = False
 
     def start(self, server_state: Mapping[str, Tensor]) -> None:
-        self.evaluator.workers.load(SHARED_ROLE, server_state)
-        self.preds, self.targets = [], []
+        self.server_state = server_state
+        self.preds = {"": [], "personal_": []}
+        self.targets = {"": [], "personal_": []}
 
     def step(self, client: int, stage: str) -> None:
         ev, dm = self.evaluator, self.evaluator.datamodule
@@ -299,13 +314,23 @@ class StageEvaluation:
         x, y = dm.client_split(client, split)
         if not len(y):
             return
-        preds = ev.predict_classes(ev.workers.shared, x).cpu()
-        self.preds.append(preds)
-        self.targets.append(y)
+        if self.has_global_model:
+            ev.workers.load(SHARED_ROLE, self.server_state)
+            self._score(stage, "", ev.workers.shared, x, y)
+        if ev.workers.holds_own_model(client):
+            self.download(client)
+            self._score(stage, "personal_", ev.workers[ev.workers.evaluated_role(client)], x, y)
+
+    def _score(self, stage: str, kind: str, worker: nn.Module, x: Tensor, y: Tensor) -> None:
+        ev = self.evaluator
+        preds = ev.predict_classes(worker, x).cpu()
+        self.preds[kind].append(preds)
+        self.targets[kind].append(y)
         acc, _ = ev.acc_f1(preds, y)
-        self.log(f"{stage}/acc_client_mean", acc, on_epoch=True, batch_size=1)
+        self.log(f"{stage}/{kind}acc_client_mean", acc, on_epoch=True, batch_size=1)
 
     def end(self, stage: str, log_dict: Callable[..., None]) -> None:
-        if self.preds:
-            acc, f1 = self.evaluator.acc_f1(torch.cat(self.preds), torch.cat(self.targets))
-            log_dict({f"{stage}/acc": acc, f"{stage}/f1": f1}, on_epoch=True)
+        for kind, preds in self.preds.items():
+            if preds:
+                acc, f1 = self.evaluator.acc_f1(torch.cat(preds), torch.cat(self.targets[kind]))
+                log_dict({f"{stage}/{kind}acc": acc, f"{stage}/{kind}f1": f1}, on_epoch=True)

@@ -167,6 +167,13 @@ class Workers:
         roles = self.client_roles(client)
         return self.personal_role if self.personal_role in roles else roles[0]
 
+    def holds_own_model(self, client: int) -> bool:
+        """Whether ``client`` keeps a model of its own between rounds: an evaluated local role
+        (personal, an architecture of its own) or client-local keys of the shared model
+        (FedBN, FedPer, LocalOnly). Without one (FedAvg) its personalized model exists only
+        right after it trains in a round."""
+        return bool(self.local_keys) or self.evaluated_role(client) != SHARED_ROLE
+
     def held_roles(self, client: int) -> list[str]:
         """The local roles ``client`` holds: its trained ones and every untrained one."""
         trained = self.client_roles(client)

@@ -127,14 +127,6 @@ def aggregate(fed: Any) -> None:
     fed.log_round(aggregate_metrics)
 
 
-def holds_personal_model(fed: Any, client: int) -> bool:
-    """Whether ``client`` keeps a model of its own between rounds: a personal (or other
-    evaluated local) role, or client-local keys of the shared model (FedBN, FedPer, LocalOnly).
-    Without one (FedAvg), its personalized model is the one it trains in a round."""
-    roles = fed.role_registry
-    return bool(roles.local_keys) or roles.evaluated_role(client) != SHARED_ROLE
-
-
 def evaluate_held_models(fed: Any) -> dict[int, tuple[float, float]]:
     """At an evaluation round, ``(acc, f1)`` of the model every client not scored this round
     holds (each rank its own clients, gathered): its stored personal role, or the new server
@@ -143,7 +135,7 @@ def evaluate_held_models(fed: Any) -> dict[int, tuple[float, float]]:
     state, store = fed.round_state, fed.store
     scores = {}
     for client in store.owned(fed.collectives.rank, fed.world_size):
-        if client in state.personal or not holds_personal_model(fed, client):
+        if client in state.personal or not fed.role_registry.holds_own_model(client):
             continue
         fed.transport.download(client)
         result = fed.evaluator.personal(client)
