@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -235,13 +237,18 @@ def partition_main(args: list[str]) -> PartitionReport:
 def main() -> None:
     """Entry point of the ``pl-federated`` console script. A setting outside what it allows
     (:class:`~pl_federated.validation.ConfigError`) ends the run with its one-line message
-    and exit status 2, not a traceback through LightningCLI."""
+    and exit status 2, not a traceback through LightningCLI (``PL_FEDERATED_DEBUG=1`` shows the
+    traceback)."""
+    # Lightning's own code against this torch; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         if len(sys.argv) > 1 and sys.argv[1] == "partition":
             partition_main(sys.argv[2:])
         else:
             cli_main()
     except ConfigError as error:
+        if os.environ.get("PL_FEDERATED_DEBUG", "") not in ("", "0"):
+            raise
         print(f"pl-federated: error: {error}", file=sys.stderr)
         sys.exit(2)
 

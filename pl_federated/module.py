@@ -8,6 +8,7 @@ hooks delegate in a few lines to the engine's parts (:mod:`pl_federated.engine`)
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ from pl_federated.loops.optimization import Stepper
 from pl_federated.loops.vectorized import check_vectorizable
 from pl_federated.store import SHARED_ROLE, ClientStore
 from pl_federated.strategy import check_fed_ddp
+from pl_federated.validation import ConfigError
 
 
 class FederatedModule(pl.LightningModule):
@@ -374,7 +376,7 @@ class FederatedModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "client_train"):
-            raise ValueError(
+            raise ConfigError(
                 "FederatedModule needs a FederatedDataModule: trainer.fit(module, datamodule=dm)."
             )
         dm.setup(stage)
@@ -386,6 +388,10 @@ class FederatedModule(pl.LightningModule):
             use_atomic_checkpoints(self.trainer.strategy)  # a kill never half-writes one
         self.config.check_clients(dm.num_clients)
         self.num_clients = dm.num_clients
+        if stage == "fit":  # rows are logged once a round; a longer interval only warns
+            slots = math.ceil(self.num_selected / (self.clients_per_step * self.world_size))
+            self._log_every_n_steps = self.trainer.log_every_n_steps
+            self.trainer.log_every_n_steps = max(1, min(self._log_every_n_steps, slots))
         self.evaluator.bind(dm)
         if self.store is None:
             self.store = self.config.new_store(self.num_clients, self.root_device)
@@ -413,6 +419,7 @@ class FederatedModule(pl.LightningModule):
     def teardown(self, stage: str) -> None:
         if stage == "fit" and hasattr(self, "_limit_val_batches"):
             self.trainer.limit_val_batches = self._limit_val_batches
+            self.trainer.log_every_n_steps = self._log_every_n_steps
 
     @property
     def root_device(self) -> torch.device:

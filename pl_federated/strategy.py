@@ -21,6 +21,8 @@ import torch.distributed
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from typing_extensions import override
 
+from pl_federated.validation import ConfigError
+
 
 class FederatedDDPStrategy(DDPStrategy):
     """DDP without the ``DistributedDataParallel`` wrapper: one process per device, each
@@ -80,15 +82,15 @@ def check_fed_ddp(strategy: Any, world_size: int, callbacks: Any, vectorized: bo
             vectorized clients.
     """
     if not isinstance(strategy, FederatedDDPStrategy):
-        raise ValueError(
+        raise ConfigError(
             f"{type(strategy).__name__} with {world_size} processes: federated training needs "
             "`strategy: fed_ddp` (DDP would average the gradients of different clients)."
         )
     unsupported = [type(c).__name__ for c in callbacks if not c.supports_distributed]
     if unsupported:
-        raise ValueError(
+        raise ConfigError(
             f"Callbacks {unsupported} do not support `strategy: fed_ddp` (their server-side "
             "state is not reduced across processes); run them in one process."
         )
     if vectorized:
-        raise ValueError("`vectorize_clients` is not supported with `strategy: fed_ddp`.")
+        raise ConfigError("`vectorize_clients` is not supported with `strategy: fed_ddp`.")

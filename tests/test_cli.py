@@ -203,3 +203,17 @@ def test_test_scores_the_personal_models_held_in_the_checkpoint(tmp_path, monkey
     ckpt = next((tmp_path / "fd").rglob("*.ckpt"))
     metrics = cli_main(["test", *local, f"--ckpt_path={ckpt}"]).trainer.callback_metrics
     assert "test/personal_acc" in metrics and "test/acc" not in metrics  # no global model
+
+
+def test_a_quickstart_run_prints_no_warning(tmp_path):
+    exe = Path(sys.executable).parent / "pl-federated"
+    out = subprocess.run(
+        [str(exe), "fit", "--config", QUICKSTART, "--trainer.max_epochs=2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    warned = [line for line in out.stderr.splitlines() if "Warning" in line or ".py:" in line]
+    assert not warned, warned

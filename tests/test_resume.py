@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import digits, federation, public_digits
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 
 from pl_federated.callbacks import (
     KD3A,
@@ -26,16 +27,34 @@ def strip(history):
     return [{k: v for k, v in h.items() if k != "round/seconds"} for h in history]
 
 
+class RecordingLogger(Logger):
+    """Keeps every ``log_metrics`` call: what any logger (CSV, TensorBoard, W&B) receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    name, version = "recording", 0
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, {k: v for k, v in metrics.items() if k != "round/seconds"}))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
 def fit(trainer_factory, tmp_path, rounds, ckpt_path=None):
     fed = federation(clients_per_round=3, persist_optimizer=True, local_steps=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    trainer = trainer_factory(rounds=rounds, callbacks=[ckpt], enable_checkpointing=True)
+    trainer = trainer_factory(
+        rounds=rounds, callbacks=[ckpt], enable_checkpointing=True, logger=RecordingLogger()
+    )
     trainer.fit(fed, digits(num_clients=6), ckpt_path=ckpt_path)
     return fed, trainer
 
 
 def test_resume_equals_uninterrupted_run(trainer_factory, tmp_path):
-    straight, _ = fit(trainer_factory, tmp_path / "a", rounds=4)
+    straight, straight_trainer = fit(trainer_factory, tmp_path / "a", rounds=4)
     _, first = fit(trainer_factory, tmp_path / "b", rounds=2)
     ckpt = sorted((tmp_path / "b").glob("epoch=1-*.ckpt"))
     assert len(ckpt) == 1
@@ -44,6 +63,9 @@ def test_resume_equals_uninterrupted_run(trainer_factory, tmp_path):
     resumed, trainer = fit(trainer_factory, tmp_path / "c", rounds=4, ckpt_path=ckpt[0])
     assert trainer.current_epoch == 4
     assert strip(resumed.history) == strip(straight.history)  # all 4 rounds, exactly
+    # the resumed run's logger got every round at the uninterrupted run's steps (replayed)
+    assert trainer.logger.calls == straight_trainer.logger.calls
+    assert [m["round"] for _, m in trainer.logger.calls] == [0.0, 1.0, 2.0, 3.0]
     for name, tensor in straight.server_state.items():
         assert torch.equal(resumed.server_state[name], tensor), name
     for name, tensor in straight.store.stacked("optim/model").items():

@@ -173,3 +173,20 @@ def test_the_console_script_reports_a_bad_setting_in_one_line():
     assert out.stderr.strip().endswith(
         "pl-federated: error: `FederatedModule.eval_batch_size` must be an int >= 1, got 0."
     )
+
+
+def test_a_setup_check_is_one_line_and_the_debug_variable_shows_the_traceback(tmp_path):
+    import os
+
+    exe = Path(sys.executable).parent / "pl-federated"
+    config = Path(__file__).resolve().parents[1] / "configs" / "pfa_det.yaml"
+    cmd = [str(exe), "fit", "--config", str(config), "--data.val_fraction=0.0"]
+    cmd += ["--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "pl-federated: error: DeputyEnhancedTransfer(split='val') needs a validation" in (
+        out.stderr
+    )
+    env = {**os.environ, "PL_FEDERATED_DEBUG": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert out.returncode == 1 and "Traceback" in out.stderr and "ConfigError" in out.stderr

@@ -122,7 +122,7 @@ class DeputyEnhancedTransfer(FederatedCallback):
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         dm = trainer.datamodule
         if self.split == "val" and int(dm.num_val.min()) == 0:
-            raise ValueError(
+            raise ConfigError(
                 "DeputyEnhancedTransfer(split='val') needs a validation split on every client: "
                 "set `data.val_fraction` > 0, or use split='train' (the reference code's choice)."
             )

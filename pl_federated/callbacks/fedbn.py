@@ -9,6 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from pl_federated.callbacks.fedavg import FedAvg
+from pl_federated.validation import ConfigError
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -37,7 +38,7 @@ class FedBN(FedAvg):
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
         keys = batchnorm_keys(fed.shared_worker)
         if not keys:
-            raise ValueError(
+            raise ConfigError(
                 "FedBN: the client model has no BatchNorm layer; use FedAvg (or a model with "
                 "batch_norm: true)."
             )

@@ -14,7 +14,7 @@ from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.data.datasets import load_dataset
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE
-from pl_federated.validation import Choice, Int, Items, Real, arguments
+from pl_federated.validation import Choice, ConfigError, Int, Items, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -93,7 +93,7 @@ class FedMD(FederatedCallback):
         self.models = list(models or [])
         for i, m in enumerate(self.models):
             if not isinstance(m, pl.LightningModule):
-                raise ValueError(
+                raise ConfigError(
                     f"`FedMD.models[{i}]` must be a LightningModule, got {type(m).__name__}."
                 )
         self.architectures = None if architectures is None else [int(a) for a in architectures]
@@ -108,7 +108,7 @@ class FedMD(FederatedCallback):
         if self.architectures is None:
             self.architectures = [c % n for c in range(k)]
         if len(self.architectures) != k or not all(0 <= a < n for a in self.architectures):
-            raise ValueError(
+            raise ConfigError(
                 f"`FedMD.architectures` must list one index in [0, {n}) per client ({k}), got "
                 f"{self.architectures}."
             )
@@ -131,7 +131,7 @@ class FedMD(FederatedCallback):
         if self.public_dataset is None:
             x = getattr(dm, "public_x", None)
             if x is None or not len(x):
-                raise ValueError(
+                raise ConfigError(
                     "FedMD needs public data: set `data.public_fraction` > 0 or "
                     "`FedMD.public_dataset`."
                 )

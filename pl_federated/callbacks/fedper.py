@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from pl_federated.callbacks.fedavg import FedAvg
-from pl_federated.validation import Items, Text, arguments
+from pl_federated.validation import ConfigError, Items, Text, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -42,7 +42,7 @@ class FedPer(FedAvg):
         names = list(fed.shared_worker.state_dict())
         for prefix in self.personal_keys:
             if not any(n == prefix or n.startswith(prefix + ".") for n in names):
-                raise ValueError(
+                raise ConfigError(
                     f"`FedPer.personal_keys` entry {prefix!r} matches no state entry; "
                     f"entries: {names}."
                 )

@@ -14,7 +14,7 @@ from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.losses import prototype_regularizer
 from pl_federated.prototypes import PrototypeBank
 from pl_federated.store import SHARED_ROLE
-from pl_federated.validation import Choice, Flag, Real, arguments
+from pl_federated.validation import Choice, ConfigError, Flag, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -54,7 +54,7 @@ class FedProto(FederatedCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         if not callable(getattr(fed.shared_worker, "forward_features", None)):
-            raise ValueError(
+            raise ConfigError(
                 "FedProto needs the client module to define `forward_features(x)` (the "
                 "penultimate representation), e.g. pl_federated.models.ImageClassifier."
             )

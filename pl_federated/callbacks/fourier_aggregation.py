@@ -19,7 +19,7 @@ from pl_federated.fourier import (
     fourier_mix_rows,
     progressive_ratio,
 )
-from pl_federated.validation import Choice, Flag, Real, arguments
+from pl_federated.validation import Choice, ConfigError, Flag, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -88,10 +88,10 @@ class ProgressiveFourierAggregation(Aggregator):
             if self.classifier_key is None:
                 matrices = [k for k, t in state.items() if t.ndim == 2 and t.is_floating_point()]
                 if not matrices:
-                    raise ValueError("PFA `classwise_classifier`: the model has no 2-D weight.")
+                    raise ConfigError("PFA `classwise_classifier`: the model has no 2-D weight.")
                 self.classifier_key = matrices[-1]
             elif self.classifier_key not in state or state[self.classifier_key].ndim != 2:
-                raise ValueError(
+                raise ConfigError(
                     f"PFA `classifier_key`={self.classifier_key!r} is not a 2-D state entry."
                 )
 

@@ -146,9 +146,9 @@ class KD3A(Aggregator):
         k = fed.num_clients
         check_client_ids("KD3A.target_clients", self.target_clients, k)
         if len(self.target_clients) == k:
-            raise ValueError("KD3A needs at least one source client (not every client a target).")
+            raise ConfigError("KD3A needs at least one source client (not every client a target).")
         if fed.num_selected < k:
-            raise ValueError(
+            raise ConfigError(
                 "KD3A needs every client every round (`model.clients_per_round: 1.0`): the "
                 "targets vote with all sources' models of the round."
             )

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.store import SHARED_ROLE
-from pl_federated.validation import Choice, Flag, arguments
+from pl_federated.validation import Choice, ConfigError, Flag, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -54,7 +54,7 @@ class RetrogressMonitor(FederatedCallback):
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         sizes = getattr(trainer.datamodule, f"num_{self.split}")
         if int(sizes.min()) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"RetrogressMonitor(split={self.split!r}): some clients have no '{self.split}' "
                 f"data; set `data.{self.split}_fraction` > 0 or choose another `split`."
             )

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from pl_federated.callbacks.aggregator import Aggregator
 from pl_federated.callbacks.base import HOOK_NAMES, FederatedCallback, overrides
+from pl_federated.validation import ConfigError
 
 
 def federated_callbacks(trainer: Any) -> tuple[Aggregator, list[FederatedCallback]]:
@@ -31,7 +32,7 @@ def federated_callbacks(trainer: Any) -> tuple[Aggregator, list[FederatedCallbac
     aggregators = [c for c in callbacks if isinstance(c, Aggregator)]
     if len(aggregators) > 1:
         names = [type(a).__name__ for a in aggregators]
-        raise ValueError(f"Exactly one aggregator callback may be active, got {names}.")
+        raise ConfigError(f"Exactly one aggregator callback may be active, got {names}.")
     if not aggregators:
         from pl_federated.callbacks.fedavg import FedAvg  # the default, only when needed
 
@@ -42,7 +43,7 @@ def federated_callbacks(trainer: Any) -> tuple[Aggregator, list[FederatedCallbac
     supervised = [c for c in callbacks if overrides(c, "supervised_loss")]
     if len(supervised) > 1:
         names = [type(c).__name__ for c in supervised]
-        raise ValueError(f"At most one callback may replace the supervised loss, got {names}.")
+        raise ConfigError(f"At most one callback may replace the supervised loss, got {names}.")
     return aggregators[0], callbacks
 
 

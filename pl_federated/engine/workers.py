@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import ConfigError
 
 RESERVED_NAMESPACES = ("local", "server")
 """Store namespaces the engine owns besides the roles: ``local`` (the shared role's
@@ -29,12 +30,12 @@ def check_client_module(client: object, what: str = "`client`") -> None:
         ValueError: not a LightningModule, or one with manual optimization.
     """
     if not isinstance(client, pl.LightningModule):
-        raise ValueError(
+        raise ConfigError(
             f"{what} must be a LightningModule, got {type(client).__name__}; wrap your "
             "nn.Module in a LightningModule with training_step and configure_optimizers."
         )
     if not client.automatic_optimization:
-        raise ValueError(
+        raise ConfigError(
             f"{what} uses manual optimization; the FederatedModule drives the client's "
             "optimizer itself: return the loss from `training_step` instead."
         )

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from pl_federated.strategy import FederatedDDPStrategy
+from pl_federated.validation import ConfigError
 
 STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 """Lightning hooks of the backward/step path: overriding one forces Lightning's path."""
@@ -31,14 +32,16 @@ def single_optimizer(conf: Any, where: str) -> torch.optim.Optimizer:
     """
     if isinstance(conf, Mapping):
         if "lr_scheduler" in conf:
-            raise ValueError(f"{where}: LR schedulers in `configure_optimizers` are not supported.")
+            raise ConfigError(
+                f"{where}: LR schedulers in `configure_optimizers` are not supported."
+            )
         conf = conf.get("optimizer")
     if isinstance(conf, (list, tuple)):
         if len(conf) == 1:
             return single_optimizer(conf[0], where)
-        raise ValueError(f"{where}: `configure_optimizers` must return exactly one optimizer.")
+        raise ConfigError(f"{where}: `configure_optimizers` must return exactly one optimizer.")
     if not isinstance(conf, torch.optim.Optimizer):
-        raise ValueError(
+        raise ConfigError(
             f"{where}: `configure_optimizers` must return a torch optimizer, got "
             f"{type(conf).__name__}."
         )

@@ -35,6 +35,7 @@ from pl_federated.loops.local_update import (
 )
 from pl_federated.loops.optimization import STEP_HOOKS, overrides_step_hooks
 from pl_federated.store import SHARED_ROLE, finite_rows
+from pl_federated.validation import ConfigError
 
 ELEMENTWISE_OPTIMIZERS = (
     torch.optim.SGD,
@@ -77,23 +78,23 @@ def _ignore_log(*args: Any, **kwargs: Any) -> None:
 def check_vectorizable(fed: Any) -> None:
     """Raise a ValueError naming what prevents vectorized training of ``fed``'s clients."""
     if fed.local_roles:
-        raise ValueError(
+        raise ConfigError(
             f"`vectorize_clients` trains the shared model only; roles {fed.local_roles} were "
             "added by callbacks (DET, Ditto, mutual learning, ...): set `vectorize_clients: "
             "false`."
         )
     if fed.persist_optimizer:
-        raise ValueError("`vectorize_clients` does not support `persist_optimizer: true`.")
+        raise ConfigError("`vectorize_clients` does not support `persist_optimizer: true`.")
     for cb in fed.dispatch.callbacks:
         hooks = [h for h in UNSUPPORTED_HOOKS if overrides(cb, h)]
         if hooks:
-            raise ValueError(
+            raise ConfigError(
                 f"`vectorize_clients`: callback {type(cb).__name__} overrides {hooks}, which act "
                 "inside one client's update; set `vectorize_clients: false` for it."
             )
     stepped = overrides_step_hooks(fed, fed.trainer.callbacks)
     if stepped:
-        raise ValueError(
+        raise ConfigError(
             f"`vectorize_clients`: {stepped} override {list(STEP_HOOKS)}, which would see the "
             "stacked parameters of all clients of a group (e.g. a gradient norm over all of "
             "them); set `vectorize_clients: false`."
@@ -101,7 +102,7 @@ def check_vectorizable(fed: Any) -> None:
     opt = fed.optimizer(SHARED_ROLE)
     if type(opt) not in ELEMENTWISE_OPTIMIZERS:
         names = [o.__name__ for o in ELEMENTWISE_OPTIMIZERS]
-        raise ValueError(
+        raise ConfigError(
             f"`vectorize_clients` needs an element-wise torch optimizer ({names}); the client's "
             f"`configure_optimizers` returned {type(opt).__name__}."
         )
