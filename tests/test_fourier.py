@@ -1,3 +1,5 @@
+"""The Fourier mixing math (pl_federated/fourier.py) against a NumPy reference."""
+
 import numpy as np
 import pytest
 import torch
@@ -143,25 +145,6 @@ def test_classwise_rows_match_numpy_reference_and_never_mix(variant):
     torch.testing.assert_close(moved[:, keep], out[:, keep])
 
 
-def test_pfa_classwise_option_end_to_end(trainer_factory):
-    from helpers import digits, federation
-
-    from pl_federated.callbacks import ProgressiveFourierAggregation
-
-    pfa = ProgressiveFourierAggregation(classwise_classifier=True)
-    fed = federation(local_steps=3)
-    trainer_factory(rounds=2, callbacks=[pfa]).fit(fed, digits(3))
-    assert pfa.classifier_key == "head.weight"
-    assert fed.store.has("server", 0) and fed.history[-1]["global/acc"] > 0.2
-    with pytest.raises(ValueError, match="classifier_key"):
-        trainer_factory(
-            rounds=1,
-            callbacks=[
-                ProgressiveFourierAggregation(classwise_classifier=True, classifier_key="x")
-            ],
-        ).fit(federation(local_steps=1), digits(3))
-
-
 @pytest.mark.parametrize("variant", ["amplitude", "amplitude_phase"])
 def test_fourier_mix_in_client_chunks_equals_one_chunk(variant, monkeypatch):
     """Chunking over clients (bounded FFT memory) gives the same weights as one chunk."""
@@ -202,61 +185,3 @@ def test_fourier_mix_inplace_writes_the_same_result_into_the_input(chunk, monkey
         result = mix(target, weights, 0.6, "amplitude_phase", inplace=True)
         assert result.data_ptr() == target.data_ptr()
         torch.testing.assert_close(target, expected, atol=0, rtol=0)
-
-
-def test_pfa_aggregator_mixes_the_uploads_in_client_order_and_skips_missing_clients():
-    """The aggregator's preallocated upload rows give, per client, exactly ``fourier_mix`` of
-    the uploads sorted by client; BN stays local, biases are averaged, a selected client
-    that did not upload (excluded for NaN) gets no row; the global state is the mean."""
-    import functools
-    from types import SimpleNamespace
-
-    from pl_federated.callbacks import ProgressiveFourierAggregation
-    from pl_federated.callbacks.aggregator import Upload
-    from pl_federated.engine.transport import put_server_rows
-    from pl_federated.store import ClientStore
-
-    gen = torch.Generator().manual_seed(2)
-    uploads = {
-        c: {
-            "conv.weight": torch.randn(4, 2, 3, 3, generator=gen),
-            "fc.weight": torch.randn(6, 8, generator=gen),
-            "fc.bias": torch.randn(6, generator=gen),
-            "bn.running_mean": torch.randn(4, generator=gen),
-        }
-        for c in range(5)
-    }
-    like = {k: torch.zeros_like(v) for k, v in uploads[0].items()}
-    store = ClientStore(5)
-    fed = SimpleNamespace(
-        selected_clients=[3, 0, 2, 1],
-        world_size=1,
-        client_num_samples=torch.tensor([10, 20, 30, 40, 50]),
-        store=store,
-        put_client_server_states=functools.partial(put_server_rows, store),
-        local_keys={"bn.running_mean"},
-        current_round=0,
-        trainer=SimpleNamespace(max_epochs=4),
-    )
-    pfa = ProgressiveFourierAggregation(weighting="samples")
-    pfa.reset(fed)
-    for c in (3, 0, 1):  # client 2 was excluded
-        pfa.update(fed, Upload(c, uploads[c], int(fed.client_num_samples[c]), 1))
-    with pytest.raises(RuntimeError, match="not selected"):
-        pfa.update(fed, Upload(4, uploads[4], 50, 1))
-    average, logged = pfa.aggregate(fed, like)
-    clients = [0, 1, 3]
-    weights = fed.client_num_samples[clients].double()
-    server = fed.store.stacked("server")
-    for key in ("conv.weight", "fc.weight"):
-        stacked = torch.stack([uploads[c][key] for c in clients])
-        torch.testing.assert_close(server[key][clients], fourier_mix(stacked, weights, 0.7))
-    w = (weights / weights.sum()).float()
-    for key in like:
-        mean = sum(wi * uploads[c][key] for wi, c in zip(w, clients, strict=True))
-        torch.testing.assert_close(average[key], mean)
-    torch.testing.assert_close(server["fc.bias"][clients], average["fc.bias"].expand(3, 6))
-    for c in clients:
-        torch.testing.assert_close(server["bn.running_mean"][c], uploads[c]["bn.running_mean"])
-    assert not fed.store.has("server", 2) and fed.store.has("server", 3)
-    assert logged == {"pfa/ratio": pytest.approx(0.7)}

@@ -130,3 +130,16 @@ def test_progress_bar_shows_rounds_and_round_metrics(trainer_factory):
     assert trainer.progress_bar_metrics["global/acc"] == pytest.approx(
         fed.history[-1]["global/acc"]
     )
+
+
+def test_the_round_table_includes_the_algorithms_own_metrics(trainer_factory, tmp_path, capsys):
+    monitor = RetrogressMonitor(split="train", plot=False)
+    fed, _ = fit(
+        trainer_factory, CSVLogger(tmp_path, name="run"), callbacks=[monitor, CustomPrefix()]
+    )
+    columns, rows = FederatedSummary().round_table(fed.history)
+    assert "myalgo/rounds_seen" in columns and "retrogress/mean" in columns
+    assert not any("client_" in c for c in columns)  # per-client series stay in the logs
+    assert [r[columns.index("myalgo/rounds_seen")] for r in rows] == [1.0, 2.0]
+    with open(tmp_path / "run" / "version_0" / "rounds.csv") as f:
+        assert "myalgo/rounds_seen" in f.readline()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +25,21 @@ ROUND_COLUMNS = (
     ("round/excluded_clients", "excluded"),
     ("round/seconds", "seconds"),
 )
+
+
+ENGINE_PREFIXES = ("global", "personal", "train", "round", "client")
+"""Metric groups of the engine (the others are the algorithms' own)."""
+
+
+def algorithm_metrics(history: Sequence[Mapping[str, float]]) -> list[str]:
+    """The algorithms' round metrics in ``history`` (e.g. ``det/recover``), sorted; per-client
+    series such as ``retrogress/client_3`` are left out."""
+    keys = {k for row in history for k in row if "/" in k}
+    return sorted(
+        k
+        for k in keys
+        if k.split("/", 1)[0] not in ENGINE_PREFIXES and not re.search(r"client_\d+$", k)
+    )
 
 
 def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -113,7 +129,10 @@ class FederatedSummary(Callback):
         return path
 
     def round_table(self, history: Sequence[dict[str, float]]) -> tuple[list[str], list[list]]:
+        """One row per round: :data:`ROUND_COLUMNS`, then the algorithms' own round metrics
+        (``det/*``, ``retrogress/mean``, ``fedmd/*``, ...; per-client ones left out)."""
         present = [(k, name) for k, name in ROUND_COLUMNS if any(k in h for h in history)]
+        present += [(k, k) for k in algorithm_metrics(history)]
         rows = [[h.get(k, float("nan")) for k, _ in present] for h in history]
         counts = {i for i, (k, _) in enumerate(present) if k in ("round", "round/excluded_clients")}
         rows = [[int(v) if i in counts and v == v else v for i, v in enumerate(r)] for r in rows]

@@ -1,7 +1,6 @@
 import pytest
 import torch
-from helpers import federation
-from test_prr import bn_cnn, dm
+from helpers import bn_cnn, dm, federation
 
 from pl_federated.callbacks import (
     ConjointPrototypeAlignment,

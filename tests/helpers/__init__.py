@@ -8,7 +8,7 @@ from pl_federated.callbacks.aggregator import Upload
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.callbacks.fedavg import FedAvg
 from pl_federated.data import IID, Dirichlet
-from pl_federated.models import MLPClassifier
+from pl_federated.models import CNNClassifier, MLPClassifier
 
 
 class LoggingClient(MLPClassifier):
@@ -104,3 +104,17 @@ class TrainedStateSpy(FederatedCallback):
 
     def on_client_end(self, trainer, fed, client):
         self.after[client] = {k: v.clone() for k, v in fed.worker_state().items()}
+
+
+def bn_cnn():
+    """A seeded small BatchNorm CNN for 8x8 digits (the PRR-FL tests' client)."""
+    torch.manual_seed(0)
+    return CNNClassifier(in_channels=1, image_size=8, batch_norm=True, lr=0.05, momentum=0.9)
+
+
+def dm(**kwargs):
+    """3 digits clients with a 15% validation split (DET's stage metric)."""
+    kwargs.setdefault("val_fraction", 0.15)
+    return FederatedDataModule(
+        "digits", num_clients=3, partition=Dirichlet(0.5, min_size=30), **kwargs
+    )
