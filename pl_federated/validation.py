@@ -214,10 +214,13 @@ class Items(Rule):
         )
 
     def describe(self) -> str:
-        count = f"{self.min_len}" + (f" to {self.max_len}" if self.max_len != self.min_len else "")
         if self.max_len is None:
-            count = f"at least {self.min_len}"
-        return f"a list of {count} items, each {self.item.describe()}"
+            count = "any number of" if self.min_len == 0 else f"at least {self.min_len}"
+        elif self.max_len == self.min_len:
+            count = str(self.min_len)
+        else:
+            count = f"{self.min_len} to {self.max_len}"
+        return f"a list of {count} item(s), each {self.item.describe()}"
 
     def refused(self) -> list[Any]:
         bad_item = next(v for v in self.item.refused() if v is not None)
