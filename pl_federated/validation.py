@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,20 +39,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class Rule:
+class Rule(ABC):
     """What one argument allows."""
 
     optional: bool = False
 
+    @abstractmethod
     def allows(self, value: Any) -> bool:
-        raise NotImplementedError
+        """Whether ``value`` (not ``None``) is allowed."""
 
+    @abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """What is allowed, as the end of "must be ..."."""
 
+    @abstractmethod
     def refused(self) -> list[Any]:
         """Values this rule must refuse (for tests)."""
-        raise NotImplementedError
 
     def check(self, where: str, value: Any) -> None:
         """Raise :class:`ConfigError` unless ``value`` is allowed."""
