@@ -295,10 +295,13 @@ class StageEvaluation:
         self.preds: dict[str, list[Tensor]] = {"": [], "personal_": []}
         self.targets: dict[str, list[Tensor]] = {"": [], "personal_": []}
         self.server_state: Mapping[str, Tensor] = {}
+        self.shared_is_server = False
         self.warned = False
 
     def start(self, server_state: Mapping[str, Tensor]) -> None:
         self.server_state = server_state
+        self.evaluator.workers.load(SHARED_ROLE, server_state)
+        self.shared_is_server = True
         self.preds = {"": [], "personal_": []}
         self.targets = {"": [], "personal_": []}
 
@@ -315,10 +318,13 @@ class StageEvaluation:
         if not len(y):
             return
         if self.has_global_model:
-            ev.workers.load(SHARED_ROLE, self.server_state)
+            if not self.shared_is_server:  # a client's own model was loaded since
+                ev.workers.load(SHARED_ROLE, self.server_state)
+                self.shared_is_server = True
             self._score(stage, "", ev.workers.shared, x, y)
         if ev.workers.holds_own_model(client):
             self.download(client)
+            self.shared_is_server = False
             self._score(stage, "personal_", ev.workers[ev.workers.evaluated_role(client)], x, y)
 
     def _score(self, stage: str, kind: str, worker: nn.Module, x: Tensor, y: Tensor) -> None:
