@@ -8,7 +8,6 @@ hooks delegate in a few lines to the engine's parts (:mod:`pl_federated.engine`)
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -19,22 +18,20 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from pl_federated.callbacks.aggregator import Aggregator
-from pl_federated.checkpoint_io import use_atomic_checkpoints
 from pl_federated.engine import checkpoint as engine_checkpoint
 from pl_federated.engine.collectives import Collectives
 from pl_federated.engine.config import FederationConfig
-from pl_federated.engine.dispatch import HookDispatch, federated_callbacks
+from pl_federated.engine.dispatch import HookDispatch
 from pl_federated.engine.evaluation import Evaluator, StageEvaluation
 from pl_federated.engine.round_log import RoundLogger
 from pl_federated.engine.schedule import ClientSchedule, ClientSlots, SeedStreams, num_selected
+from pl_federated.engine.setup import FitSettings, setup_stage
 from pl_federated.engine.transport import StateTransport
 from pl_federated.engine.workers import StoreNamespaces, Workers, check_client_module
 from pl_federated.loops import round_loop
 from pl_federated.loops.optimization import Stepper
 from pl_federated.loops.vectorized import check_vectorizable
 from pl_federated.store import SHARED_ROLE, ClientStore
-from pl_federated.strategy import check_fed_ddp
-from pl_federated.validation import ConfigError
 
 
 class FederatedModule(pl.LightningModule):
@@ -121,25 +118,27 @@ class FederatedModule(pl.LightningModule):
         self.store_namespaces = StoreNamespaces()
         self.role_registry = Workers(self.workers, self.store_namespaces, self.round_logger.route)
         self.streams = SeedStreams(seed)
-        # the parts read the module's live values through bound methods (picklable, so the
-        # module still pickles for the spawn launcher and deep-copies consistently)
+        # the parts read the module's live values through bound methods and `live(self, name)`
+        # (= `partial(getattr, self, name)`): picklable, so the module still pickles for the
+        # spawn launcher and deep-copies consistently
+        live = functools.partial(functools.partial, getattr)
         self.schedule = ClientSchedule(
             self.streams,
             clients_per_step,
-            num_clients=self._live_num_clients,
-            num_selected=self._live_num_selected,
+            num_clients=live(self, "num_clients"),
+            num_selected=live(self, "num_selected"),
             rank_and_world=self._live_rank_and_world,
             max_rounds=self._live_max_rounds,
-            selected=self._live_selected,
+            selected=live(self, "selected_clients"),
             phases=self._live_phases,
             phased=self._live_phased,
         )
         self.collectives = Collectives(self._live_attached_trainer)
         self.transport = StateTransport(
-            self.role_registry, self._live_store, self._live_server_state
+            self.role_registry, live(self, "store"), live(self, "server_state")
         )
         self.evaluator = Evaluator(
-            self.role_registry, self._live_attached_trainer, self._live_device, eval_batch_size
+            self.role_registry, self._live_attached_trainer, live(self, "device"), eval_batch_size
         )
         self.stepper = Stepper(self)
         self.round_state = round_loop.engine_round_state()
@@ -149,21 +148,13 @@ class FederatedModule(pl.LightningModule):
         self.current_client: int | None = None
         self.dispatch = HookDispatch([])
         self.aggregator: Aggregator | None = None
-
-    def _live_num_clients(self) -> int:
-        return self.num_clients
-
-    def _live_num_selected(self) -> int:
-        return self.num_selected
+        self.fit_settings = FitSettings()
 
     def _live_rank_and_world(self) -> tuple[int, int]:
         return self.collectives.rank, self.world_size
 
     def _live_max_rounds(self) -> int | None:
         return self.trainer.max_epochs
-
-    def _live_selected(self) -> tuple[int, ...]:
-        return self.selected_clients
 
     def _live_phases(self) -> list:
         return self.round_state.phases or [self.selected_clients]
@@ -173,15 +164,6 @@ class FederatedModule(pl.LightningModule):
 
     def _live_attached_trainer(self) -> pl.Trainer | None:
         return self._trainer
-
-    def _live_store(self) -> ClientStore | None:
-        return self.store
-
-    def _live_server_state(self) -> dict[str, Tensor]:
-        return self.server_state
-
-    def _live_device(self) -> torch.device:
-        return self.device
 
     def __getattr__(self, name: str) -> Any:
         """The settings of :attr:`config` read as attributes (``fed.local_epochs``, ...)."""
@@ -374,65 +356,17 @@ class FederatedModule(pl.LightningModule):
     # ---------------------------------------------------------------- Lightning hooks
     @override
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "client_train"):
-            raise ConfigError(
-                "FederatedModule needs a FederatedDataModule: trainer.fit(module, datamodule=dm)."
-            )
-        dm.setup(stage)
-        if stage == "fit":
-            # The FederatedModule evaluates after aggregation itself; Lightning's in-epoch
-            # validation loop would run before `on_train_epoch_end`, i.e. before aggregation.
-            self._limit_val_batches = self.trainer.limit_val_batches
-            self.trainer.limit_val_batches = 0
-            use_atomic_checkpoints(self.trainer.strategy)  # a kill never half-writes one
-        self.config.check_clients(dm.num_clients)
-        self.num_clients = dm.num_clients
-        if stage == "fit":  # rows are logged once a round; a longer interval only warns
-            slots = math.ceil(self.num_selected / (self.clients_per_step * self.world_size))
-            self._log_every_n_steps = self.trainer.log_every_n_steps
-            self.trainer.log_every_n_steps = max(1, min(self._log_every_n_steps, slots))
-        self.evaluator.bind(dm)
-        if self.store is None:
-            self.store = self.config.new_store(self.num_clients, self.root_device)
-        if not self.server_state:
-            initial = {k: v.detach().clone() for k, v in self.shared_worker.state_dict().items()}
-            self.role_registry.initial_state = initial
-            self.server_state = {k: v.clone() for k, v in initial.items()}
-        for worker in self.workers.values():
-            worker.trainer = self.trainer  # lets clients read trainer/current_epoch
-        self._setup_callbacks()
-        if self.world_size > 1:
-            self._setup_distributed()
-
-    def _setup_distributed(self) -> None:
-        """Refuse what sharded clients cannot do; start every rank from rank 0's initial
-        weights (no DDP wrapper broadcasts them)."""
-        callbacks = self.dispatch.callbacks
-        check_fed_ddp(self.trainer.strategy, self.world_size, callbacks, self.vectorize_clients)
-        roles = self.role_registry
-        initial = (roles.initial_state, roles.role_initial_state, self.server_state)
-        roles.initial_state, role_initial, self.server_state = self.collectives.broadcast(initial)
-        roles.role_initial_state.update(role_initial)
+        setup_stage(self, stage)
 
     @override
     def teardown(self, stage: str) -> None:
-        if stage == "fit" and hasattr(self, "_limit_val_batches"):
-            self.trainer.limit_val_batches = self._limit_val_batches
-            self.trainer.log_every_n_steps = self._log_every_n_steps
+        if stage == "fit":
+            self.fit_settings.restore(self.trainer)
 
     @property
     def root_device(self) -> torch.device:
         """The Trainer's root device (the CPU without a Trainer)."""
         return self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
-
-    def _setup_callbacks(self) -> None:
-        self.aggregator, callbacks = federated_callbacks(self.trainer)
-        self.dispatch = HookDispatch(callbacks, self.trainer.profiler)
-        self.role_registry.role_filters = [
-            functools.partial(cb.client_roles, self)
-            for cb in self.dispatch.implementing("client_roles")
-        ]
 
     @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -65,8 +65,7 @@ class FedNova(Aggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> AggregateResult:
-        if fed.world_size > 1:
-            self._sync(fed, server_state)
+        self._sync(fed, server_state)
         tau_eff = self._tau / self._n
         out = {}
         for k, t in server_state.items():
@@ -80,7 +79,8 @@ class FedNova(Aggregator):
 
     def _sync(self, fed: FederatedModule, server_state: Mapping[str, Tensor]) -> None:
         """Sum the normalized updates, step and sample totals and the buffers' weighted sums
-        over ranks (a rank whose clients uploaded nothing joins with zeros)."""
+        over ranks (a rank whose clients uploaded nothing joins with zeros; the identity in
+        one process)."""
         if self._d is None:
             self._d = {
                 k: torch.zeros_like(server_state[k], dtype=torch.float32) for k in self._params

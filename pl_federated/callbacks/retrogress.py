@@ -40,7 +40,7 @@ class RetrogressMonitor(FederatedCallback):
         plot: write/log the curve figure at the end of fit (needs ``per_epoch``).
     """
 
-    supports_distributed = True  # each rank scores its own clients; on_round_end merges
+    supports_distributed = True  # the curve is round state; on_round_end gathers the drops
 
     @arguments(metric=Choice(_METRICS), split=Choice(_SPLITS), per_epoch=Flag(), plot=Flag())
     def __init__(
@@ -49,6 +49,11 @@ class RetrogressMonitor(FederatedCallback):
         self.metric, self.split, self.per_epoch, self.plot = metric, split, per_epoch, plot
         self.curve: list[tuple[int, int, int, float]] = []  # (round, client, epoch, metric)
         self.history: list[tuple[int, int, float, float]] = []  # (round, client, before, after)
+        # this round's: the score of each client this rank trained right before receipt, its
+        # local epochs so far, and the curve points of every rank's clients (merged)
+        self.add_round_state("before", {}, reduce="local")
+        self.add_round_state("epochs", {}, reduce="local")
+        self.add_round_state("round_curve", [], reduce="cat")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
@@ -63,45 +68,33 @@ class RetrogressMonitor(FederatedCallback):
         return fed.score(role, client, self.split, self.metric)
 
     @override
-    def on_round_start(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
-        self._before: dict[int, float] = {}
-        self._epochs: dict[int, int] = {}
-        self._round_curve: list[tuple[int, int, int, float]] = []
-
-    @override
     def on_local_epoch_start(
         self, trainer: pl.Trainer, fed: FederatedModule, client: int, epoch: int
     ) -> None:
         if self.per_epoch:
             score = self._score(fed, fed.evaluated_role(client), client)
-            self._round_curve.append((fed.current_round, client, epoch, score))
-            self._epochs[client] = epoch + 1
+            self.round_curve.append((fed.current_round, client, epoch, score))
+            self.epochs[client] = epoch + 1
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        self._before[client] = self._score(fed, SHARED_ROLE, client)
+        self.before[client] = self._score(fed, SHARED_ROLE, client)
         if self.per_epoch:
             score = self._score(fed, fed.evaluated_role(client), client)
-            self._round_curve.append(
-                (fed.current_round, client, self._epochs.get(client, 0), score)
-            )
+            self.round_curve.append((fed.current_round, client, self.epochs.get(client, 0), score))
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
-        history = []
-        for client, before in self._before.items():
+        mine = {}  # each rank scores its own clients after receipt; then every rank's
+        for client, before in self.before.items():
             if client in fed.excluded:
                 continue
             fed.load_received_state(client)
-            history.append((server_round, client, before, self._score(fed, SHARED_ROLE, client)))
-        curve = self._round_curve
-        if fed.world_size > 1:  # under fed_ddp every rank scored its own clients: merge
-            parts = fed.collectives.all_gather_objects((history, curve))
-            history = [h for part in parts for h in part[0]]
-            curve = [c for part in parts for c in part[1]]
+            mine[client] = (server_round, client, before, self._score(fed, SHARED_ROLE, client))
+        history = list(fed.collectives.gather_clients(mine).values())
         # client order, whatever the number of ranks (and the training order) was
         self.history += sorted(history, key=lambda h: h[1])
-        self.curve += sorted(curve, key=lambda c: (c[1], c[2]))
+        self.curve += sorted(self.round_curve, key=lambda c: (c[1], c[2]))
         if history:
             drops = {client: before - after for _, client, before, after in sorted(history)}
             values = torch.tensor(list(drops.values()))

@@ -2,6 +2,8 @@
 :class:`~pl_federated.module.FederatedModule` (none of them imports it back):
 
 * :mod:`~pl_federated.engine.config`: the validated federation settings.
+* :mod:`~pl_federated.engine.setup`: what ``setup`` prepares at every stage, and the Trainer
+  settings fit changes and restores.
 * :mod:`~pl_federated.engine.schedule`: named seed streams, client selection, rank ownership
   and the round's training slots.
 * :mod:`~pl_federated.engine.collectives`: gather/reduce across processes (identity in one).

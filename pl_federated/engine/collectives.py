@@ -25,6 +25,21 @@ def reduce_tensors(strategy: Any, tensors: Mapping[str, Tensor]) -> dict[str, Te
     return out
 
 
+def _first(item: tuple[Any, Any]) -> Any:
+    return item[0]
+
+
+def _to(value: Any, device: Any) -> Any:
+    """``value`` with its tensors (also nested in dicts, lists, tuples) on ``device``."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
 class Collectives:
     """Gather/reduce over the Trainer's processes.
 
@@ -55,10 +70,20 @@ class Collectives:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def gather_clients(self, per_client: Mapping[int, Any]) -> dict[int, Any]:
-        """Merge every rank's ``{client: value}`` (values picklable: CPU tensors) into one
-        dict held by every rank; ``per_client`` itself in one process."""
-        return {c: v for part in self.all_gather_objects(dict(per_client)) for c, v in part.items()}
+    def gather_clients(
+        self, per_client: Mapping[int, Any], device: torch.device | None = None
+    ) -> dict[int, Any]:
+        """Merge every rank's ``{client: value}`` into one dict held by every rank, in sorted
+        client order; in one process ``per_client`` as it is (no copy, no sort).
+
+        Values are picklable objects; tensors in them (also inside dicts, lists and tuples)
+        travel on the CPU and come back on ``device`` (on the CPU when ``None``).
+        """
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return dict(per_client)
+        parts = self.all_gather_objects({c: _to(v, "cpu") for c, v in per_client.items()})
+        merged = dict(sorted(((c, v) for part in parts for c, v in part.items()), key=_first))
+        return merged if device is None else {c: _to(v, device) for c, v in merged.items()}
 
     def reduce_sum_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Each tensor summed over ranks (same keys and shapes on every rank); identity in

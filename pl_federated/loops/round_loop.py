@@ -141,11 +141,7 @@ def evaluate_held_models(fed: Any) -> dict[int, tuple[float, float]]:
         result = fed.evaluator.personal(client)
         if result is not None:
             scores[client] = result
-    if fed.world_size > 1:
-        scores = {
-            k: v for part in fed.collectives.all_gather_objects(scores) for k, v in part.items()
-        }
-    return scores
+    return fed.collectives.gather_clients(scores)
 
 
 def end_round(fed: Any) -> None:

@@ -2,9 +2,8 @@
 
 import pytest
 
-from pl_federated.callbacks import (
-    RetrogressMonitor,
-)
+from pl_federated.callbacks import RetrogressMonitor
+from pl_federated.engine.collectives import Collectives
 
 
 class FakeFed:
@@ -17,6 +16,7 @@ class FakeFed:
         self.logged = {}
         self.current_round = 0
         self.world_size = 1
+        self.collectives = Collectives(lambda: None)  # one process
         self.personal_role = "model"
 
     def score(self, role, client, split, metric):
@@ -38,6 +38,7 @@ def test_retrogress_monitor_on_a_scripted_two_client_case():
         after={0: [0, 1, 1, 1], 1: [2, 2, 2, 2]},  # acc 0.75 and 1.00 after receipt
     )
     monitor = RetrogressMonitor(metric="acc")
+    monitor.round_state.reset()  # what the engine does before on_round_start
     monitor.on_round_start(None, fed, 0)
     for k in (0, 1):
         monitor.on_client_end(None, fed, k)
