@@ -46,8 +46,11 @@ class LoggedConfig(SaveConfigCallback):
 class FederatedCLI(LightningCLI):
     """LightningCLI with the links a federation needs.
 
-    ``data.num_clients`` is the single place to set K (linked into ``model.num_clients``) and
-    ``seed_everything`` seeds the client initialisation, the partition and the selection.
+    ``data.num_clients`` is the single place to set K (linked into ``model.num_clients``).
+    Two seeds: ``seed_everything`` is the training seed (the client initialisation, the
+    selection, batch order and client-side randomness: linked into ``model.seed``);
+    ``data.seed`` (default 0) is the data seed (the partition and the splits), so repeated
+    runs over training seeds keep one partition.
     A :class:`FederatedSummary` (``summary.*``) prints the result tables at the end of fit.
     """
 
@@ -91,7 +94,6 @@ class FederatedCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_clients", "model.num_clients")
         parser.link_arguments("seed_everything", "model.seed")
-        parser.link_arguments("seed_everything", "data.seed")
         parser.add_lightning_class_args(FederatedSummary, "summary")
 
 

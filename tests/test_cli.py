@@ -217,3 +217,17 @@ def test_a_quickstart_run_prints_no_warning(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     warned = [line for line in out.stderr.splitlines() if "Warning" in line or ".py:" in line]
     assert not warned, warned
+
+
+def _partition(*args):
+    cli = cli_main(["--config", QUICKSTART, *args], run=False)
+    cli.datamodule.setup("fit")
+    return cli.model.seed, [idx.tolist() for idx in cli.datamodule.split.indices]
+
+
+def test_the_training_seed_keeps_the_partition_and_the_data_seed_changes_it():
+    seed0, part0 = _partition()
+    seed1, part1 = _partition("--seed_everything=1")
+    assert (seed0, seed1) == (0, 1) and part1 == part0  # new training seed, same partition
+    seed, part_data1 = _partition("--data.seed=1")
+    assert seed == 0 and part_data1 != part0  # same training seed, another partition

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.ddp_run import run
+from lightning.pytorch.strategies import DDPStrategy
+
+from pl_federated.callbacks import FedAvg, FederatedCallback
+from pl_federated.strategy import FederatedDDPStrategy, check_fed_ddp
+from pl_federated.validation import ConfigError
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "helpers" / "ddp_run.py"
@@ -65,15 +70,16 @@ def _last_store(root: Path) -> dict:
     "algo",
     [
         # slow: what faster variants cover too (FedAvg's sums: fedbn; per-client roles: the
-        # PFA + DET runs; gathered uploads: krum; round-state gathers: fd, fedmd, kd3a)
+        # PFA + DET runs; gathered uploads: krum; round-state gathers: fd, fedmd, kd3a; a
+        # server optimizer on FedAvg's sums: fedadam; CPA's gathered prototypes: pfa_det_cpa)
         pytest.param("fedavg_prox", marks=pytest.mark.slow),
         "fedbn",
-        "fedadam",
+        pytest.param("fedadam", marks=pytest.mark.slow),
         "fednova",
         "krum",
         "scaffold",
         "pfa_det",
-        "pfa_det_cpa",
+        pytest.param("pfa_det_cpa", marks=pytest.mark.slow),
         pytest.param("mutual", marks=pytest.mark.slow),
         "fd",
         "fedmd",
@@ -116,6 +122,23 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
     _assert_same(straight, resumed)
 
 
+def test_check_fed_ddp_refuses_what_sharded_clients_cannot_do():
+    class Unverified(FederatedCallback):
+        pass
+
+    fed_ddp = FederatedDDPStrategy()
+    check_fed_ddp(fed_ddp, 2, [FedAvg()], vectorized=False)  # supported: no error
+    with pytest.raises(ConfigError, match=r"\['Unverified'\] do not support `strategy: fed_ddp`"):
+        check_fed_ddp(fed_ddp, 2, [FedAvg(), Unverified()], vectorized=False)
+    with pytest.raises(
+        ConfigError, match="DDPStrategy with 2 processes: .* needs `strategy: fed_ddp`"
+    ):
+        check_fed_ddp(DDPStrategy(), 2, [FedAvg()], vectorized=False)
+    with pytest.raises(ConfigError, match="`vectorize_clients` is not supported"):
+        check_fed_ddp(fed_ddp, 2, [FedAvg()], vectorized=True)
+
+
+@pytest.mark.slow  # the launched refusal; check_fed_ddp itself is tested fast above
 def test_unsupported_callbacks_and_the_stock_ddp_strategy_are_refused(tmp_path):
     out = _launch(tmp_path / "a", "unverified", "--devices", "2")
     assert out.returncode != 0 and "do not support `strategy: fed_ddp`" in out.stderr
