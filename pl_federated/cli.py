@@ -1,5 +1,6 @@
 """``pl-federated``: LightningCLI over FederatedModule + FederatedDataModule (fit/validate/test),
-plus ``pl-federated partition`` (the partition report of a config, no training)."""
+plus ``pl-federated partition`` (the partition report of a config, no training) and
+``pl-federated compare`` (configs x training seeds, one table: :mod:`pl_federated.compare`)."""
 
 from __future__ import annotations
 
@@ -246,6 +247,12 @@ def main() -> None:
     try:
         if len(sys.argv) > 1 and sys.argv[1] == "partition":
             partition_main(sys.argv[2:])
+        elif len(sys.argv) > 1 and sys.argv[1] == "compare":
+            from pl_federated.compare import compare_main
+
+            args = sys.argv[2:]
+            del sys.argv[1:]  # each run's arguments are its own (LightningCLI warns otherwise)
+            compare_main(args, fit=cli_main)
         else:
             cli_main()
     except ConfigError as error:
