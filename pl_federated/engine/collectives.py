@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pl_federated.engine.round_state import merge_values, to_device
+
 
 def reduce_tensors(strategy: Any, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Each tensor summed over ranks, in sorted key order; results come back on each
@@ -23,21 +25,6 @@ def reduce_tensors(strategy: Any, tensors: Mapping[str, Tensor]) -> dict[str, Te
         t = out[key]
         out[key] = strategy.reduce(t.to(strategy.root_device), reduce_op="sum").to(t.device)
     return out
-
-
-def _first(item: tuple[Any, Any]) -> Any:
-    return item[0]
-
-
-def _to(value: Any, device: Any) -> Any:
-    """``value`` with its tensors (also nested in dicts, lists, tuples) on ``device``."""
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    return value
 
 
 class Collectives:
@@ -81,9 +68,8 @@ class Collectives:
         """
         if self.world_size == 1 or not torch.distributed.is_initialized():
             return dict(per_client)
-        parts = self.all_gather_objects({c: _to(v, "cpu") for c, v in per_client.items()})
-        merged = dict(sorted(((c, v) for part in parts for c, v in part.items()), key=_first))
-        return merged if device is None else {c: _to(v, device) for c, v in merged.items()}
+        merged = merge_values("gather", self.all_gather_objects(to_device(dict(per_client))))
+        return merged if device is None else to_device(merged, device)
 
     def reduce_sum_tensors(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Each tensor summed over ranks (same keys and shapes on every rank); identity in

@@ -37,14 +37,15 @@ class RoundField:
     reduce: str
 
 
-def _portable(value: Any) -> Any:
-    """``value`` with tensors detached on the CPU (picklable across ranks)."""
+def to_device(value: Any, device: Any = "cpu") -> Any:
+    """``value`` with its tensors (also nested in dicts, lists and tuples) detached on
+    ``device``; on the CPU (the default) it pickles across ranks."""
     if isinstance(value, Tensor):
-        return value.detach().cpu()
+        return value.detach().to(device)
     if isinstance(value, dict):
-        return {k: _portable(v) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_portable(v) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     return value
 
 
@@ -114,7 +115,7 @@ class RoundState:
     def local_values(self) -> dict[str, Any]:
         """This rank's values of the fields that merge (tensors moved to the CPU)."""
         return {
-            name: _portable(getattr(self.target, name))
+            name: to_device(getattr(self.target, name))
             for name, f in self.fields.items()
             if f.reduce != "local"
         }
