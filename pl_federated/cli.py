@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import inspect
+import logging
 import os
 import re
 import sys
@@ -25,6 +28,7 @@ from pl_federated.checkpoint_io import remove_stale_temps
 from pl_federated.data.datamodule import FederatedDataModule
 from pl_federated.data.report import PartitionReport
 from pl_federated.module import FederatedModule
+from pl_federated.outputs import run_dir
 from pl_federated.validation import ConfigError
 
 NOT_FROM_CHECKPOINTS = ("store_path", "client.class_path")
@@ -34,11 +38,26 @@ the architecture they were trained with)."""
 
 
 class LoggedConfig(SaveConfigCallback):
-    """Saves ``config.yaml`` to the log dir (Lightning's default) and also logs the full
-    resolved config to every logger as the ``config`` hyperparameter (for W&B: the run's
-    config panel), so a run can be reproduced from the logger alone."""
+    """Saves the resolved ``config.yaml`` into the run's own folder
+    (:func:`~pl_federated.outputs.run_dir`: Lightning's log dir for the CSV and TensorBoard
+    loggers, ``<save_dir>/<project>/<run id>/`` for W&B, where Lightning's default would be the
+    save dir every run of a sweep shares) and logs it to every logger as the ``config``
+    hyperparameter (for W&B: the run's config panel), so a run can be reproduced from its
+    folder or from the logger alone. Without a logger: ``default_root_dir``, as Lightning."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+        self.folder: str | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved:
+            self.folder = run_dir(trainer) or trainer.default_root_dir  # every rank: broadcast
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, self.config_filename)
+        self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config})
@@ -73,7 +92,9 @@ class FederatedCLI(LightningCLI):
         class is imported and built (``client``); those come from the config and command line
         only. Loading itself is ``weights_only`` (no pickled code)."""
         sub = self.config.get("subcommand")
-        model = self.config[sub]["model"] if sub else self.config.get("model")
+        config = self.config[sub] if sub else self.config
+        name_loggers_after_the_config(config)
+        model = config["model"]
         for key, chosen in self._chosen.items():
             if model.get(key) != chosen:
                 rank_zero_warn(
@@ -92,10 +113,63 @@ class FederatedCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = find_resume_checkpoint(self.trainer)
 
+    def after_fit(self) -> None:
+        """Say where the run's files went (the logger's folder, listed)."""
+        folder = run_dir(self.trainer)
+        if self.trainer.is_global_zero and folder:
+            log_dir = Path(folder)
+            if log_dir.is_dir():
+                files = sorted(p.name + ("/" if p.is_dir() else "") for p in log_dir.iterdir())
+                print(f"\noutputs: {log_dir}/ ({', '.join(files)})")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test``: a federation has no ``predict`` (whose
+        predictions, the server's or each client's, on which data?), so it is not offered."""
+        commands = LightningCLI.subcommands()
+        commands.pop("predict")
+        return commands
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_clients", "model.num_clients")
         parser.link_arguments("seed_everything", "model.seed")
         parser.add_lightning_class_args(FederatedSummary, "summary")
+
+
+def name_loggers_after_the_config(config) -> None:
+    """Fill the logger settings left at their class defaults with meaningful ones, so every
+    run gets its own folder under ``outputs/`` and a name that says what it ran:
+
+    - ``name`` (``lightning_logs`` for the CSV and TensorBoard loggers): the stem of the last
+      ``--config`` file, so ``--config federations/digits20.yaml --config
+      algorithms/fedprox.yaml`` logs into ``outputs/fedprox/version_N/``;
+    - for W&B: the run name ``<stem>-seed<training seed>``, the project ``pl_federated``
+      (unless ``WANDB_PROJECT`` is set, as a sweep does) and ``save_dir`` ``outputs`` (W&B's
+      ``.`` would write into the working directory).
+
+    A value set anywhere (config, command line) is kept."""
+    if not config.get("config"):
+        return
+    stem = Path(str(config["config"][-1])).stem
+    loggers = config["trainer"].get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not (hasattr(logger, "class_path") and hasattr(logger, "init_args")):
+            continue  # True/False/None: Lightning's default logger or none
+        module, _, attr = logger.class_path.rpartition(".")
+        defaults = {
+            key: parameter.default
+            for key, parameter in inspect.signature(
+                getattr(importlib.import_module(module), attr)
+            ).parameters.items()
+        }
+        chosen = {"name": stem}
+        if attr == "WandbLogger":
+            chosen = {"name": f"{stem}-seed{config.get('seed_everything')}", "save_dir": "outputs"}
+            if not os.environ.get("WANDB_PROJECT"):
+                chosen["project"] = "pl_federated"
+        for key, value in chosen.items():
+            if key in defaults and logger.init_args.get(key) == defaults[key]:
+                logger.init_args[key] = value
 
 
 def checkpoint_folders(trainer: pl.Trainer) -> list[Path]:
@@ -152,6 +226,15 @@ def find_resume_checkpoint(trainer: pl.Trainer) -> str | None:
     return None
 
 
+DESCRIPTION = (
+    "Federated learning as one Lightning Trainer.fit. Subcommands: fit, validate, test "
+    "(LightningCLI over FederatedModule and FederatedDataModule), and two more: "
+    "`pl-federated partition --config X.yaml` (the partition report of a config, no training) "
+    "and `pl-federated compare --configs A.yaml B.yaml --seeds 0 1 2` (configs x training "
+    "seeds on one partition, one table and one plot). Each takes --help."
+)
+"""The top-level ``--help`` text (it names the subcommands LightningCLI does not know)."""
+
 _CALLBACK_ARG = re.compile(r"^--trainer\.callbacks\.([A-Z]\w*)\.(\w+)=(.*)$", re.DOTALL)
 
 
@@ -205,6 +288,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FederatedCLI:
         FederatedDataModule,
         seed_everything_default=0,
         auto_configure_optimizers=False,
+        parser_kwargs={"description": DESCRIPTION},
         save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -216,15 +300,28 @@ def partition_main(args: list[str]) -> PartitionReport:
     """``pl-federated partition --config X.yaml [--out DIR] [other overrides]``: build the
     config's datamodule (no model training), print its :class:`PartitionReport` and write
     ``partition.csv`` and ``partition.png`` to ``--out`` (default ``outputs/partition``)."""
-    parser = argparse.ArgumentParser(prog="pl-federated partition", add_help=True)
-    parser.add_argument("--out", type=Path, default=Path("outputs/partition"))
+    parser = argparse.ArgumentParser(
+        prog="pl-federated partition",
+        description="Print the partition report of a config (per-client class counts, sizes, "
+        "label entropy, distances to the global label distribution) and write partition.csv "
+        "and partition.png. No model is trained. Any other option is a `pl-federated fit` "
+        "override (e.g. --data.num_clients=50, --data.partition.init_args.alpha=0.1), applied "
+        "after the config files.",
+    )
+    parser.add_argument(
+        "--config", action="append", default=[], help="config file(s), as for fit (repeatable)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("outputs/partition"), help="output folder")
     known, rest = parser.parse_known_args(args)
+    if not known.config:
+        parser.error("--config is required")
+    configs = [arg for path in known.config for arg in ("--config", path)]
     cli = FederatedCLI(
         FederatedModule,
         FederatedDataModule,
         seed_everything_default=0,
         auto_configure_optimizers=False,
-        args=rest,
+        args=[*configs, *rest],
         run=False,
         save_config_callback=None,
     )
@@ -237,6 +334,14 @@ def partition_main(args: list[str]) -> PartitionReport:
     return report
 
 
+class NotApplicableTips(logging.Filter):
+    """Drops Lightning's "💡 Tip" lines (install litlogger/litmodels for Lightning's cloud):
+    advice about a hosted service, printed on every run, that a simulation does not use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
 def main() -> None:
     """Entry point of the ``pl-federated`` console script. A setting outside what it allows
     (:class:`~pl_federated.validation.ConfigError`) ends the run with its one-line message
@@ -244,9 +349,13 @@ def main() -> None:
     traceback)."""
     # Lightning's own code against this torch; nothing a user can act on
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(NotApplicableTips())
     try:
         if len(sys.argv) > 1 and sys.argv[1] == "partition":
-            partition_main(sys.argv[2:])
+            args = sys.argv[2:]
+            del sys.argv[1:]  # its arguments go to LightningCLI as `args` (it warns otherwise)
+            partition_main(args)
         elif len(sys.argv) > 1 and sys.argv[1] == "compare":
             from pl_federated.compare import compare_main
 

@@ -16,6 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 PRR_CONFIGS = ROOT / "configs" / "experiments" / "prr_digit_domains"
 """The PRR-FL experiment's configs (one per method)."""
+FEDERATION = ROOT / "configs" / "federations" / "digits20.yaml"
+"""The federation every algorithm part under ``configs/algorithms/`` runs on."""
+
+
+def shipped_configs(experiments: bool = False) -> dict[str, list[Path]]:
+    """Every shipped run by name, as the ``--config`` files it takes in order: each whole
+    config in ``configs/`` alone, each part in ``configs/algorithms/`` after
+    :data:`FEDERATION`; with ``experiments``, also the configs under ``configs/experiments/``."""
+    configs = ROOT / "configs"
+    runs = {p.stem: [p] for p in sorted(configs.glob("*.yaml"))}
+    for part in sorted((configs / "algorithms").glob("*.yaml")):
+        runs[f"algorithms/{part.stem}"] = [FEDERATION, part]
+    if experiments:
+        for path in sorted((configs / "experiments").rglob("*.yaml")):
+            runs[str(path.relative_to(configs).with_suffix(""))] = [path]
+    return runs
 
 
 def digit_domains(seed: int, clients_per_domain: int = 2, **kwargs) -> FederatedDataModule:

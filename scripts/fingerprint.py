@@ -1,6 +1,7 @@
 """Print a fingerprint of the engine's numbers, to prove a refactor keeps them bit-identical.
 
-For every config under ``configs/`` (not sweeps or experiments): a short fit (``--rounds``,
+For every shipped run (``configs/*.yaml``, and each ``configs/algorithms/`` part on the shared
+federation; not sweeps or experiments): a short fit (``--rounds``,
 default 3) and its final metrics plus SHA-256 checksums of the server state and of every
 client's stored state; then the quickstart's full run (``make run``: its round and client
 tables). Run it before and after a change and ``diff`` the outputs; ``round/seconds`` is left
@@ -22,8 +23,8 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
+from common import shipped_configs  # this folder
 
-ROOT = Path(__file__).resolve().parents[1]
 QUIET = [
     "--trainer.logger=false",
     "--trainer.enable_checkpointing=false",
@@ -57,19 +58,20 @@ def _flat(state: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def fingerprint(config: Path, rounds: int | None) -> list[str]:
-    """The lines printed for one config."""
+def fingerprint(name: str, configs: list[Path], rounds: int | None) -> list[str]:
+    """The lines printed for one run (its ``--config`` files in order)."""
     from pl_federated.cli import cli_main
 
     out = tempfile.mkdtemp(prefix="pl_federated_fingerprint_")  # figures some callbacks write
-    args = ["fit", "--config", str(config), *QUIET, f"--trainer.default_root_dir={out}"]
+    files = [arg for config in configs for arg in ("--config", str(config))]
+    args = ["fit", *files, *QUIET, f"--trainer.default_root_dir={out}"]
     if rounds is not None:
         args.append(f"--trainer.max_epochs={rounds}")
     with redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli = cli_main(args)
     fed = cli.model
-    lines = [f"== {config.relative_to(ROOT)} rounds={cli.trainer.max_epochs}"]
+    lines = [f"== {name} rounds={cli.trainer.max_epochs}"]
     lines.append(f"server_state {checksum(fed.server_state)}")
     lines.append(f"store {checksum(_flat(fed.store.state_dict()))}")
     lines.append(f"client_metrics {checksum(fed.client_metrics)}")
@@ -89,12 +91,12 @@ def main() -> None:
     parser.add_argument("--no-quickstart", action="store_true", help="skip the full quickstart")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
-    for config in configs:
-        if args.only in config.name:
-            print("\n".join(fingerprint(config, args.rounds)), flush=True)
-    if not args.no_quickstart and args.only in "quickstart.yaml":
-        print("\n".join(fingerprint(ROOT / "configs" / "quickstart.yaml", None)), flush=True)
+    runs = shipped_configs()
+    for name, configs in runs.items():
+        if args.only in name:
+            print("\n".join(fingerprint(name, configs, args.rounds)), flush=True)
+    if not args.no_quickstart and args.only in "quickstart":
+        print("\n".join(fingerprint("quickstart", runs["quickstart"], None)), flush=True)
 
 
 if __name__ == "__main__":

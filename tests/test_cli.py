@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from pl_federated.cli import cli_main
+from scripts.common import FEDERATION, shipped_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+RUNS = shipped_configs(experiments=True)
+
+
+def _config_args(name: str) -> list[str]:
+    return [arg for path in RUNS[name] for arg in ("--config", str(path))]
 
 
 def test_quickstart_config_reaches_target_accuracy(tmp_path, monkeypatch, capsys):
@@ -69,20 +75,25 @@ def test_cli_rejects_bad_config_naming_the_field(tmp_path, monkeypatch):
         cli_main(["fit", "--config", QUICKSTART, "--model.clients_per_round=11"])
 
 
-@pytest.mark.parametrize(
-    "config",
-    sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts),
-    ids=lambda p: str(p.relative_to(ROOT)),
-)
-def test_every_shipped_config_runs_one_round(config, monkeypatch, tmp_path):
-    if "../shared/data" in config.read_text() and not (ROOT.parent / "shared" / "data").is_dir():
+def test_the_shipped_runs_are_every_config_with_algorithm_parts_on_the_shared_federation():
+    configs = ROOT / "configs"
+    files = {p for p in configs.rglob("*.yaml") if "sweeps" not in p.parts}
+    assert {p for paths in RUNS.values() for p in paths} == files  # every file is run
+    parts = [name for name in RUNS if name.startswith("algorithms/")]
+    assert "algorithms/fedavg" in parts and len(parts) == 19
+    assert all(RUNS[name] == [FEDERATION, configs / f"{name}.yaml"] for name in parts)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_every_shipped_config_runs_one_round(name, monkeypatch, tmp_path):
+    texts = "".join(path.read_text() for path in RUNS[name])
+    if "../shared/data" in texts and not (ROOT.parent / "shared" / "data").is_dir():
         pytest.skip("config reads ../shared/data, which is not present")
     monkeypatch.chdir(ROOT)  # configs use paths relative to the repository root
     cli = cli_main(
         [
             "fit",
-            "--config",
-            str(config),
+            *_config_args(name),
             "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=false",
@@ -99,15 +110,11 @@ def test_every_shipped_config_runs_one_round(config, monkeypatch, tmp_path):
     assert has_global == ("global/acc" in row)
 
 
-@pytest.mark.parametrize(
-    "config",
-    sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts),
-    ids=lambda p: str(p.relative_to(ROOT)),
-)
-def test_every_shipped_config_prints(config, monkeypatch, capsys):
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_every_shipped_config_prints(name, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_:
-        cli_main(["fit", "--config", str(config), "--print_config"])
+        cli_main(["fit", *_config_args(name), "--print_config"])
     assert exit_.value.code in (0, None)
     assert "class_path: pl_federated" in capsys.readouterr().out
 
@@ -159,14 +166,39 @@ def test_ckpt_path_last_without_checkpoints_says_it_starts_over(tmp_path, monkey
 def test_every_shipped_config_checkpoints_every_round_into_its_own_folder():
     import yaml
 
-    configs = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)
     folders = {}
-    for config in configs:
-        trainer = yaml.safe_load(config.read_text())["trainer"]
-        assert trainer.get("enable_checkpointing", True), config  # so `--ckpt_path last` works
+    for name, paths in RUNS.items():
+        trainer = {}
+        for path in paths:  # what matters here merges key by key (logger init_args)
+            for key, value in yaml.safe_load(path.read_text()).get("trainer", {}).items():
+                if key == "logger":
+                    logger = trainer.setdefault("logger", {"init_args": {}})
+                    logger["init_args"].update(value.get("init_args", {}))
+                else:
+                    trainer[key] = value
+        assert trainer.get("enable_checkpointing", True), name  # so `--ckpt_path last` works
         args = trainer["logger"]["init_args"]
-        folders.setdefault((args["save_dir"], args["name"]), []).append(config.name)
+        folder = (args["save_dir"], args.get("name", paths[-1].stem))  # the CLI's default name
+        folders.setdefault(folder, []).append(name)
     assert all(len(names) == 1 for names in folders.values()), folders  # `last` finds its own
+
+
+def test_a_composed_run_logs_under_the_algorithm_name_and_says_where(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [*_config_args("algorithms/fedprox"), "--trainer.max_epochs=1"]
+    args += ["--trainer.enable_progress_bar=false", "--summary.print_tables=false"]
+    args += ["--data.max_train_samples=32", "--model.local_epochs=1"]
+    args += [f"--trainer.logger.save_dir={tmp_path}"]
+    cli = cli_main(["fit", *args])
+    run = tmp_path / "fedprox" / "version_0"
+    assert Path(cli.trainer.log_dir) == run
+    assert {"config.yaml", "metrics.csv", "rounds.csv", "clients.csv", "checkpoints"} <= {
+        p.name for p in run.iterdir()
+    }
+    out = capsys.readouterr().out
+    assert f"outputs: {run}/ (" in out and "rounds.csv" in out
+    named = cli_main([*args, "--trainer.logger.name=mine"], run=False)
+    assert named.trainer.logger.name == "mine"  # a name chosen anywhere is kept
 
 
 def test_a_checkpoint_cannot_choose_paths_or_classes(tmp_path, monkeypatch):
@@ -188,7 +220,7 @@ def test_a_checkpoint_cannot_choose_paths_or_classes(tmp_path, monkeypatch):
 
 def test_test_scores_the_personal_models_held_in_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ditto = ["--config", str(ROOT / "configs" / "ditto.yaml"), "--trainer.logger=false"]
+    ditto = [*_config_args("algorithms/ditto"), "--trainer.logger=false"]
     ditto += ["--data.max_train_samples=40", "--model.clients_per_round=1.0"]
     fit = cli_main(["fit", *ditto, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
     ckpt = next(tmp_path.rglob("*.ckpt"))
@@ -197,7 +229,7 @@ def test_test_scores_the_personal_models_held_in_the_checkpoint(tmp_path, monkey
     personal = fit.model.history[-1]["personal/acc_mean"]
     assert metrics["test/personal_acc_client_mean"].item() == pytest.approx(personal, abs=1e-6)
     assert metrics["test/acc"].item() == pytest.approx(fit.model.history[-1]["global/acc"])
-    local = ["--config", str(ROOT / "configs" / "fd.yaml"), "--trainer.logger=false"]
+    local = [*_config_args("algorithms/fd"), "--trainer.logger=false"]
     local += ["--data.max_train_samples=40", "--trainer.enable_progress_bar=false"]
     cli_main(["fit", *local, "--trainer.max_epochs=1", "--trainer.default_root_dir=fd"])
     ckpt = next((tmp_path / "fd").rglob("*.ckpt"))
@@ -217,6 +249,8 @@ def test_a_quickstart_run_prints_no_warning(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     warned = [line for line in out.stderr.splitlines() if "Warning" in line or ".py:" in line]
     assert not warned, warned
+    assert "Tip" not in out.stderr + out.stdout  # Lightning's cloud advertising, dropped
+    assert f"outputs: {Path('outputs', 'quickstart', 'version_0')}/ (" in out.stdout
 
 
 def _partition(*args):
@@ -231,3 +265,20 @@ def test_the_training_seed_keeps_the_partition_and_the_data_seed_changes_it():
     assert (seed0, seed1) == (0, 1) and part1 == part0  # new training seed, same partition
     seed, part_data1 = _partition("--data.seed=1")
     assert seed == 0 and part_data1 != part0  # same training seed, another partition
+
+
+def test_help_names_every_subcommand_and_partition_help_its_options(capsys):
+    from pl_federated.cli import partition_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = capsys.readouterr().out
+    assert "{fit,validate,test}" in out and "predict" not in out  # no predict for a federation
+    assert "pl-federated partition" in out and "pl-federated compare" in out
+    with pytest.raises(SystemExit):
+        cli_main(["predict", "--config", QUICKSTART])
+    assert "invalid choice: 'predict'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        partition_main(["--help"])
+    out = capsys.readouterr().out
+    assert "--config CONFIG" in out and "--out OUT" in out and "--data.num_clients" in out

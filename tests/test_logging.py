@@ -94,7 +94,9 @@ def test_cli_logs_the_full_config_to_wandb(tmp_path, monkeypatch):
         [
             "fit",
             "--config",
-            "configs/fedprox.yaml",
+            "configs/federations/digits20.yaml",
+            "--config",
+            "configs/algorithms/fedprox.yaml",
             "--trainer.max_epochs=1",
             "--trainer.enable_progress_bar=false",
             "--summary.print_tables=false",
@@ -118,6 +120,16 @@ def test_cli_logs_the_full_config_to_wandb(tmp_path, monkeypatch):
     assert config["data"]["num_clients"] == 20
     classes = [c["class_path"] for c in config["trainer"]["callbacks"]]
     assert "pl_federated.callbacks.FedProx" in classes
+    # named after the algorithm part and the seed, in the project, files in the run's folder
+    assert (cli.trainer.logger.name, cli.trainer.logger.experiment.name) == (
+        "pl_federated",
+        "fedprox-seed0",
+    )
+    folder = tmp_path / "pl_federated" / cli.trainer.logger.version
+    assert {"config.yaml", "rounds.csv", "clients.csv", "checkpoints"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert not (tmp_path / "config.yaml").exists()  # not in the save_dir all runs share
 
 
 def test_progress_bar_shows_rounds_and_round_metrics(trainer_factory):

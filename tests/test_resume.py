@@ -21,6 +21,7 @@ from pl_federated.callbacks import (
     MutualLearning,
 )
 from pl_federated.models import MLPClassifier
+from scripts.common import shipped_configs
 
 
 def strip(history):
@@ -124,7 +125,9 @@ def _cli(cwd: Path, config: str, *args: str, tmpdir: Path) -> subprocess.Complet
     """``pl-federated fit`` of a shipped config in a fresh process (small and fast)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "TMPDIR": str(tmpdir)}
     cmd = [str(Path(sys.executable).parent / "pl-federated"), "fit"]
-    cmd += ["--config", str(ROOT / "configs" / config), f"--trainer.max_epochs={ROUNDS}"]
+    for path in shipped_configs()[config]:
+        cmd += ["--config", str(path)]
+    cmd += [f"--trainer.max_epochs={ROUNDS}"]
     cmd += ["--trainer.enable_progress_bar=false", "--summary.print_tables=false"]
     cmd += ["--data.max_train_samples=40", "--model.local_epochs=1", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -174,11 +177,11 @@ def _crash_and_resume(tmp_path: Path, config: str, moment: str, straight: Path |
 
 def test_sigkill_mid_round_resumes_bit_identical_fedavg(tmp_path):
     # the fast case; a kill during the write itself: test_checkpoint_io.py and the slow ones
-    _crash_and_resume(tmp_path, "quickstart.yaml", "mid_round")
+    _crash_and_resume(tmp_path, "quickstart", "mid_round")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["quickstart.yaml", "ditto.yaml", "pfa_det.yaml"])
+@pytest.mark.parametrize("config", ["quickstart", "algorithms/ditto", "pfa_det"])
 def test_sigkill_mid_round_and_mid_write_resume_bit_identical(tmp_path, config):
     straight = _crash_and_resume(tmp_path, config, "mid_round")
     _crash_and_resume(tmp_path, config, "checkpoint_write", straight)

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.outputs import run_dir
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import Choice, ConfigError, Flag, arguments
 
@@ -104,7 +105,7 @@ class RetrogressMonitor(FederatedCallback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
-        out_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank asks
+        out_dir = run_dir(trainer) or trainer.default_root_dir  # a broadcast: every rank asks
         if not (trainer.is_global_zero and self.plot and self.per_epoch and self.curve):
             return
         os.makedirs(out_dir, exist_ok=True)

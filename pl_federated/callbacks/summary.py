@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
+from pl_federated.outputs import run_dir
 from pl_federated.validation import Flag, arguments
 
 ROUND_COLUMNS = (
@@ -64,10 +65,10 @@ class FederatedSummary(Callback):
     The round table has one row per round: round, global accuracy/F1, mean and worst
     personalized accuracy, train loss, excluded clients and seconds. The client table has one
     row per client: samples and the latest evaluated global/personal accuracy and F1. Both are
-    written as CSV to ``trainer.log_dir`` when a logger is configured, and the client table is
+    written as CSV to the run's folder (:func:`~pl_federated.outputs.run_dir`) when a logger is configured, and the client table is
     logged with ``log_table`` to a :class:`~lightning.pytorch.loggers.WandbLogger`.
 
-    With ``images`` and a logger, two figures go to ``trainer.log_dir`` (and to W&B as images):
+    With ``images`` and a logger, two figures go to the run's folder (and to W&B as images):
     the partition heatmap at fit start (``partition.png``, key ``partition/heatmap``; the
     report's table goes to ``partition.csv``) and the
     per-client accuracy bars at the end (``client_accuracy.png``, key ``clients/accuracy``).
@@ -90,8 +91,7 @@ class FederatedSummary(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: pl.LightningModule) -> None:
-        # `trainer.log_dir` broadcasts: every rank asks, then only rank 0 writes
-        log_dir = trainer.log_dir if trainer.loggers else None
+        log_dir = run_dir(trainer)  # a broadcast: every rank asks, then only rank 0 writes
         dm = trainer.datamodule
         if not (trainer.is_global_zero and self.images and log_dir and hasattr(dm, "split")):
             return
@@ -140,7 +140,7 @@ class FederatedSummary(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, fed: pl.LightningModule) -> None:
-        log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast: every rank asks
+        log_dir = run_dir(trainer)  # a broadcast: every rank asks
         if trainer.is_global_zero:
             self._write_results(trainer, fed, log_dir)
 
