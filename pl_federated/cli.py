@@ -15,6 +15,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -25,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from pl_federated.callbacks.summary import FederatedSummary
 from pl_federated.checkpoint_io import remove_stale_temps
+from pl_federated.cli_parser import FederatedArgumentParser, config_error_in, debugging
 from pl_federated.data.datamodule import FederatedDataModule
 from pl_federated.data.report import PartitionReport
 from pl_federated.module import FederatedModule
@@ -72,7 +74,22 @@ class FederatedCLI(LightningCLI):
     ``data.seed`` (default 0) is the data seed (the partition and the splits), so repeated
     runs over training seeds keep one partition.
     A :class:`FederatedSummary` (``summary.*``) prints the result tables at the end of fit.
+    Parse errors are one message (:class:`~pl_federated.cli_parser.FederatedArgumentParser`).
     """
+
+    def __init__(self, *args: Any, parser_class: type = FederatedArgumentParser, **kwargs: Any):
+        super().__init__(*args, parser_class=parser_class, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Build the classes; a class refusing its arguments is reported as its own
+        :class:`ConfigError`, not as the union-type error jsonargparse wraps it in."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            cause = config_error_in(error)
+            if cause is None:
+                raise
+            raise cause from None  # its own traceback, where the class refused
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, and remember what the config and command line chose for the settings a
@@ -288,7 +305,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> FederatedCLI:
         FederatedDataModule,
         seed_everything_default=0,
         auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs={"description": DESCRIPTION, "prog": "pl-federated"},
         save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -365,7 +382,7 @@ def main() -> None:
         else:
             cli_main()
     except ConfigError as error:
-        if os.environ.get("PL_FEDERATED_DEBUG", "") not in ("", "0"):
+        if debugging():
             raise
         print(f"pl-federated: error: {error}", file=sys.stderr)
         sys.exit(2)

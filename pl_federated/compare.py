@@ -171,13 +171,9 @@ def curve(by_seed: dict[int, list[dict[str, float]]], key: str) -> tuple[list, l
 
 def plot(results: dict[str, dict[int, list[dict[str, float]]]], key: str, path: Path) -> list[Path]:
     """``key`` against the round per config (mean over seeds, ±1 std band), as PNG and PDF."""
-    import matplotlib
+    from pl_federated.figures import FORMATS, integer_ticks, legend_outside, new_figure, save
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = new_figure(6.4, 4.0)
     for name, by_seed in results.items():
         xs, means, stds = curve(by_seed, key)
         if not xs:
@@ -187,16 +183,12 @@ def plot(results: dict[str, dict[int, list[dict[str, float]]]], key: str, path: 
         upper = [m + s for m, s in zip(means, stds, strict=True)]
         ax.fill_between(xs, lower, upper, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_ticks(ax.xaxis)
     ax.set_ylabel(dict(TABLE_COLUMNS).get(key, key))
     ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
-    out = [path.with_suffix(".png"), path.with_suffix(".pdf")]
-    for p in out:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    legend_outside(ax)
+    save(fig, path)
+    return [path.with_suffix(suffix) for suffix in FORMATS]
 
 
 def parse_args(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -80,6 +80,19 @@ class FederatedModule(pl.LightningModule):
 
     Raises:
         ValueError: invalid arguments (named), before any training.
+
+    Attributes:
+        workers: role -> worker module (``"model"``, the shared role, is the user's module;
+            :meth:`add_role` adds more); a ``ModuleDict``.
+        server_state: the server's state (the shared role's keys), replaced by aggregation.
+        store: per-client state (:class:`~pl_federated.store.ClientStore`) from ``setup`` on.
+        store_namespaces: reserve a store namespace before writing one of your own
+            (``fed.store_namespaces.reserve("myalgo", "MyAlgo")``).
+        selected_clients: this round's clients (a tuple; final from ``on_round_start`` on).
+        current_client: the client being trained, else ``None``.
+        num_clients: K.
+        config: the validated settings; each also reads as an attribute (``fed.local_epochs``).
+        collectives: gather/reduce across ranks (identity in one process).
     """
 
     def __init__(
@@ -195,6 +208,7 @@ class FederatedModule(pl.LightningModule):
 
     @property
     def local_keys(self) -> set[str]:
+        """Shared-role entries that stay on each client (:meth:`add_local_keys`)."""
         return self.role_registry.local_keys
 
     def add_role(
@@ -283,10 +297,12 @@ class FederatedModule(pl.LightningModule):
 
     @property
     def client_num_samples(self) -> Tensor:
+        """Each client's number of training samples (``[K]``; the client table's ``samples``)."""
         return self.evaluator.client_num_samples
 
     @property
     def num_classes(self) -> int:
+        """The number of classes of the datamodule's task (for metrics and prototypes)."""
         return self.evaluator.num_classes
 
     @property
@@ -301,6 +317,7 @@ class FederatedModule(pl.LightningModule):
 
     @property
     def current_round(self) -> int:
+        """The communication round in progress, from 0 (= ``trainer.current_epoch``)."""
         return self.trainer.current_epoch
 
     @property
@@ -310,10 +327,12 @@ class FederatedModule(pl.LightningModule):
 
     @property
     def num_selected(self) -> int:
+        """m, the clients selected per round (``clients_per_round`` of K, rounded up)."""
         return num_selected(self.clients_per_round, self.num_clients)
 
     @property
     def datamodule(self) -> Any:
+        """The Trainer's datamodule (a client's data: ``fed.datamodule.client_split(k, "train")``)."""
         return self.trainer.datamodule
 
     @property
@@ -328,6 +347,11 @@ class FederatedModule(pl.LightningModule):
     def client_slots(self) -> ClientSlots:
         """The round's training iterable (the datamodule's ``train_dataloader``)."""
         return ClientSlots(self.schedule)
+
+    @property
+    def root_device(self) -> torch.device:
+        """The Trainer's root device (the CPU without a Trainer)."""
+        return self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
 
     def log_round(self, metrics: Mapping[str, float]) -> None:
         """Add scalars to this round's log row (callbacks call this, e.g. in on_round_end)."""
@@ -362,11 +386,6 @@ class FederatedModule(pl.LightningModule):
     def teardown(self, stage: str) -> None:
         if stage == "fit":
             self.fit_settings.restore(self.trainer)
-
-    @property
-    def root_device(self) -> torch.device:
-        """The Trainer's root device (the CPU without a Trainer)."""
-        return self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
 
     @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -201,6 +201,8 @@ class ClientStore:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Restore a :meth:`state_dict` (the module does, from a checkpoint); the number of
+        clients must match."""
         if state["num_clients"] != self.num_clients:
             raise ValueError(
                 f"Checkpoint store has {state['num_clients']} clients, this run has "

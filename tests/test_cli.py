@@ -237,7 +237,7 @@ def test_test_scores_the_personal_models_held_in_the_checkpoint(tmp_path, monkey
     assert "test/personal_acc" in metrics and "test/acc" not in metrics  # no global model
 
 
-def test_a_quickstart_run_prints_no_warning(tmp_path):
+def test_a_quickstart_run_prints_no_warning_and_writes_only_its_run_folder(tmp_path):
     exe = Path(sys.executable).parent / "pl-federated"
     out = subprocess.run(
         [str(exe), "fit", "--config", QUICKSTART, "--trainer.max_epochs=2"],
@@ -251,6 +251,14 @@ def test_a_quickstart_run_prints_no_warning(tmp_path):
     assert not warned, warned
     assert "Tip" not in out.stderr + out.stdout  # Lightning's cloud advertising, dropped
     assert f"outputs: {Path('outputs', 'quickstart', 'version_0')}/ (" in out.stdout
+    # nothing written next to the command: every file is in the run's folder
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
+    run = tmp_path / "outputs" / "quickstart" / "version_0"
+    expected = {"config.yaml", "metrics.csv", "rounds.csv", "clients.csv", "partition.csv"}
+    expected |= {
+        f"{fig}.{ext}" for fig in ("partition", "client_accuracy") for ext in ("png", "pdf")
+    }
+    assert expected <= {p.name for p in run.iterdir()}
 
 
 def _partition(*args):

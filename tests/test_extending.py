@@ -50,3 +50,20 @@ def test_loss_term_example(trainer_factory):
     fed = federation(local_steps=3)
     trainer_factory(rounds=1, callbacks=[namespace["ConfidencePenalty"](0.1)]).fit(fed, digits(3))
     assert fed.history[-1]["train/loss"] > 0
+
+
+def test_the_api_reference_is_the_one_the_docstrings_generate():
+    from scripts.api_reference import BEGIN, END, render
+
+    text = DOC.read_text()
+    section = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    assert section == render(), "run `.venv/bin/python scripts/api_reference.py --write`"
+    # what a callback author reaches for most is in it
+    for member in (
+        "fed.add_role(",
+        "fed.rng(",
+        "fed.log_round(",
+        "fed.store.put(",
+        "`server_state`",
+    ):
+        assert member in section, member

@@ -16,10 +16,14 @@ from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import Choice, ConfigError, Flag, arguments
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from pl_federated.module import FederatedModule
 
 _METRICS = ("f1", "acc")
 _SPLITS = ("val", "test", "train")
+LEGEND_UP_TO = 20
+"""Clients named in the retrogress legend; more are drawn thin, with their mean."""
 
 
 class RetrogressMonitor(FederatedCallback):
@@ -31,7 +35,7 @@ class RetrogressMonitor(FederatedCallback):
     Logged per round: ``retrogress/mean``, ``retrogress/max`` and ``retrogress/client_<k>``.
     With ``per_epoch=True`` it also records the evaluated model's metric (the personal role when
     one exists, else the shared model) after receipt and after every local epoch, the saw-tooth
-    curve, written as ``retrogress.png`` (and ``retrogress.csv``) to the trainer's log dir at the
+    curve, written as ``retrogress.png``/``.pdf`` (and ``retrogress.csv``) to the trainer's log dir at the
     end of fit and logged as an image to a WandbLogger.
 
     Args:
@@ -109,8 +113,7 @@ class RetrogressMonitor(FederatedCallback):
         if not (trainer.is_global_zero and self.plot and self.per_epoch and self.curve):
             return
         os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "retrogress.png")
-        self.save_curve(path)
+        path = self.save_curve(os.path.join(out_dir, "retrogress.png"))
         with open(os.path.join(out_dir, "retrogress.csv"), "w") as f:
             f.write("round,client,epoch,metric\n")
             f.writelines(f"{r},{c},{e},{m:.6f}\n" for r, c, e, m in self.curve)
@@ -118,26 +121,48 @@ class RetrogressMonitor(FederatedCallback):
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="retrogress/curve", images=[path])
 
-    def save_curve(self, path: str, title: str | None = None) -> None:
-        """Plot the per-epoch metric of every client over the run (x: local epochs)."""
-        import matplotlib
+    def curve_figure(self, title: str | None = None) -> Figure:
+        """The per-epoch metric of every client over the run. x is in rounds: round ``r``'s
+        receipt sits at ``r`` and its local epochs between ``r`` and ``r + 1``, so each round
+        boundary (dotted) is where a receipt's drop shows as a vertical step. Up to
+        ``LEGEND_UP_TO`` clients get a legend entry each; more are drawn thin with their mean."""
+        from pl_federated.figures import integer_ticks, legend_outside, new_figure
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for client in sorted({c for _, c, _, _ in self.curve}):
+        fig, ax = new_figure(8, 4)
+        clients = sorted({c for _, c, _, _ in self.curve})
+        epochs = max(max(e for _, _, e, _ in self.curve), 1)
+        rounds = sorted({r for r, _, _, _ in self.curve})
+        for boundary in range(rounds[0], rounds[-1] + 2):
+            ax.axvline(boundary, color="0.6", lw=0.8, ls=":", zorder=0)
+        many = len(clients) > LEGEND_UP_TO
+        per_point: dict[tuple[int, int], list[float]] = {}  # (round, epoch) -> every client's
+        for client in clients:
             points = sorted((r, e, m) for r, c, e, m in self.curve if c == client)
-            epochs_per_round = max(e for _, e, _ in points) + 1
-            xs = [r * epochs_per_round + e for r, e, _ in points]
-            ax.plot(xs, [m for _, _, m in points], lw=1, label=f"client {client}")
-        ax.set_xlabel("local epoch (receipt of the server state at each round start)")
-        ax.set_ylabel(self.metric)
+            for r, e, m in points:
+                per_point.setdefault((r, e), []).append(m)
+            style = {"lw": 0.6, "color": "0.7", "alpha": 0.6} if many else {"lw": 1}
+            xs, ys = [r + e / epochs for r, e, _ in points], [m for _, _, m in points]
+            label = (
+                f"client {client}" if not many else "each client" if client == clients[0] else None
+            )
+            ax.plot(xs, ys, label=label, **style)
+        if many:
+            keys = sorted(per_point)
+            means = [sum(per_point[key]) / len(per_point[key]) for key in keys]
+            xs = [r + e / epochs for r, e in keys]
+            ax.plot(xs, means, color="C0", lw=1.6, label=f"mean of {len(clients)} clients")
+        integer_ticks(ax.xaxis, len(rounds) + 1)
+        ax.set_xlabel("round (receipt of the server state at each dotted line)")
+        ax.set_ylabel(f"{self.split} {self.metric}")
         ax.set_title(title or "metric after receipt and after every local epoch")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        legend_outside(ax, ncol=1 if len(clients) <= 10 or many else 2)
+        return fig
+
+    def save_curve(self, path: str, title: str | None = None) -> str:
+        """Save :meth:`curve_figure` as PNG and PDF; return the PNG's path."""
+        from pl_federated.figures import save
+
+        return str(save(self.curve_figure(title), path))
 
     @override
     def state_dict(self) -> dict[str, Any]:

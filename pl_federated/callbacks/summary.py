@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
+from pl_federated.figures import save
 from pl_federated.outputs import run_dir
 from pl_federated.validation import Flag, arguments
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch import Tensor
 
 ROUND_COLUMNS = (
     ("round", "round"),
@@ -27,6 +33,9 @@ ROUND_COLUMNS = (
     ("round/seconds", "seconds"),
 )
 
+
+BARS_UP_TO = 40
+"""Clients drawn as bars in the per-client figure; more are drawn as a sorted curve."""
 
 ENGINE_PREFIXES = ("global", "personal", "train", "round", "client")
 """Metric groups of the engine (the others are the algorithms' own)."""
@@ -104,30 +113,6 @@ class FederatedSummary(Callback):
         report.to_csv(os.path.join(log_dir, "partition.csv"))
         self._log_image(trainer, "partition/heatmap", path)
 
-    def client_accuracy_figure(self, fed: pl.LightningModule, path: str) -> str:
-        """Bars of each client's latest global and personalized test accuracy."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-
-        metrics = fed.client_metrics
-        names = [n for n in ("global_acc", "personal_acc") if n in metrics]
-        k = fed.num_clients
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * k + 2), 3.5))
-        width = 0.8 / max(len(names), 1)
-        for i, name in enumerate(names):
-            xs = [c + (i - (len(names) - 1) / 2) * width for c in range(k)]
-            ax.bar(xs, metrics[name].nan_to_num(0).tolist(), width, label=name)
-        ax.set_xlabel("client")
-        ax.set_ylabel("test accuracy")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
-
     def round_table(self, history: Sequence[dict[str, float]]) -> tuple[list[str], list[list]]:
         """One row per round: :data:`ROUND_COLUMNS`, then the algorithms' own round metrics
         (``det/*``, ``retrogress/mean``, ``fedmd/*``, ...; per-client ones left out)."""
@@ -166,5 +151,44 @@ class FederatedSummary(Callback):
                 columns, rows = tables["clients"]
                 logger.log_table(key="clients", columns=columns, data=rows)
         if self.images and log_dir and fed.client_metrics:
-            path = os.path.join(log_dir, "client_accuracy.png")
-            self._log_image(trainer, "clients/accuracy", self.client_accuracy_figure(fed, path))
+            figure = client_accuracy_figure(fed.client_metrics, fed.num_clients)
+            path = save(figure, os.path.join(log_dir, "client_accuracy.png"))
+            self._log_image(trainer, "clients/accuracy", str(path))
+
+
+def client_accuracy_figure(client_metrics: Mapping[str, Tensor], num_clients: int) -> Figure:
+    """Each client's latest global and personalized test accuracy (``client_metrics``: the
+    module's per-client ``global_acc``/``personal_acc``, NaN where a client has no score).
+
+    Up to ``BARS_UP_TO`` clients: grouped bars at integer client ticks. More: each metric's
+    values sorted, against the client's rank, so 1,000 clients read as a distribution
+    (the worst clients on the left). Clients without test data are left out, not drawn as 0.
+    """
+    from pl_federated.figures import integer_ticks, legend_outside, new_figure
+
+    metrics, k = client_metrics, num_clients
+    names = [n for n in ("global_acc", "personal_acc") if n in metrics]
+    if k <= BARS_UP_TO:
+        fig, ax = new_figure(max(5.0, 0.3 * k + 2), 3.5)
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            values = metrics[name].tolist()
+            clients = [c for c in range(k) if math.isfinite(values[c])]
+            xs = [c + (i - (len(names) - 1) / 2) * width for c in clients]
+            ax.bar(xs, [values[c] for c in clients], width, label=name)
+        ax.set_xlim(-0.6, k - 0.4)
+        ax.set_xlabel("client")
+        integer_ticks(ax.xaxis, k)
+    else:
+        fig, ax = new_figure(7.0, 3.5)
+        for name in names:
+            values = sorted(v for v in metrics[name].tolist() if math.isfinite(v))
+            mean = sum(values) / max(len(values), 1)
+            ax.plot(range(len(values)), values, lw=1.2, label=f"{name} (mean {mean:.3f})")
+        ax.set_xlabel(f"client rank ({k} clients, each metric sorted)")
+        integer_ticks(ax.xaxis)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)  # an accuracy of 1.0 stays visible
+    ax.grid(axis="y", alpha=0.3)
+    legend_outside(ax)
+    return fig

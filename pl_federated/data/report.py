@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class PartitionReport:
@@ -72,22 +76,24 @@ class PartitionReport:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def heatmap(self, path: str | Path, title: str = "label counts per client") -> Path:
-        """A clients x classes heatmap of the label counts (PNG)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
+    def heatmap_figure(self, title: str = "label counts per client") -> Figure:
+        """A clients x classes heatmap of the label counts, integer ticks on both axes (at most
+        ``MAX_CLIENT_TICKS`` labels: readable from 20 to 1,000 clients, each client one row)."""
+        from pl_federated.figures import integer_ticks, new_figure
 
         k, c = self.counts.shape
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * c + 2), max(3.0, min(0.25 * k + 1.5, 14))))
+        fig, ax = new_figure(max(4.0, 0.45 * c + 2), max(3.0, min(0.25 * k + 1.5, 9.0)))
         im = ax.imshow(self.counts, aspect="auto", cmap="viridis", interpolation="nearest")
+        integer_ticks(ax.xaxis, c)
+        integer_ticks(ax.yaxis, k)
         ax.set_xlabel("class")
         ax.set_ylabel("client")
-        ax.set_title(title)
+        ax.set_title(title if k <= 20 else f"{title} ({k} clients)")
         fig.colorbar(im, ax=ax, label="samples")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return fig
+
+    def heatmap(self, path: str | Path, title: str = "label counts per client") -> Path:
+        """Save the heatmap as PNG and PDF next to it; return the PNG's path."""
+        from pl_federated.figures import save
+
+        return save(self.heatmap_figure(title), path)

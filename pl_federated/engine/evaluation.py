@@ -6,9 +6,12 @@ Every ``eval_every_n_rounds`` rounds and at the last round:
 * ``global/*``: after aggregation, the new server model on every client's test split;
   ``global/acc`` and ``global/f1`` (macro) over the pooled test data (or the datamodule's
   held-out global test set, ``global_test_fraction``), plus per-client values.
-* ``personal/*``: each client trained this round, on its own test split, right after its
-  local training and before aggregation (for FedAvg: the locally fine-tuned model);
-  ``personal/acc_mean``, ``personal/acc_min``, ``personal/f1_mean`` over those clients.
+* ``personal/*``: every client's current model on its own test split: a client trained
+  this round right after its local training and before aggregation (for FedAvg: the locally
+  fine-tuned model); any other client with the model it holds after aggregation (its own
+  role or local keys where it keeps them, else the new server model, already scored by
+  ``global/*``); ``personal/acc_mean``, ``personal/acc_min``, ``personal/f1_mean`` over all
+  clients with test data.
 
 Classifiers are scored by accuracy and macro-F1 (torchmetrics) of the argmax of the logits;
 forward passes run in eval mode, in batches of ``eval_batch_size``, under the precision
@@ -231,6 +234,19 @@ class Evaluator:
             "global/f1": f1,
             "global/acc_client_mean": per_acc.nanmean().item(),
             "global/acc_client_min": per_acc[~per_acc.isnan()].min().item(),
+        }
+
+    def server_model_scores(self, skip: Mapping[int, Any]) -> dict[int, tuple[float, float]]:
+        """``(acc, f1)`` of the new server model on each client's test split (from this
+        round's :meth:`evaluate_global`), for the clients not in ``skip``: what a client with
+        no model of its own holds after aggregation, the model it starts its next round from."""
+        acc, f1 = self.client_metrics.get("global_acc"), self.client_metrics.get("global_f1")
+        if acc is None:
+            return {}
+        return {
+            k: (float(acc[k]), float(f1[k]))
+            for k in range(self.num_clients)
+            if k not in skip and not acc[k].isnan()
         }
 
     def personal_metrics(self, personal: Mapping[int, tuple[float, float]]) -> dict[str, float]:

@@ -167,8 +167,10 @@ def end_round(fed: Any) -> None:
     if state.is_eval_round:
         if fed.aggregator.has_global_model:  # LocalOnly & co: no global model to score
             metrics.update(fed.evaluator.evaluate_global(fed.server_state))
-        held = evaluate_held_models(fed)
-        metrics.update(fed.evaluator.personal_metrics({**state.personal, **held}))
+        personal = {**state.personal, **evaluate_held_models(fed)}
+        if fed.aggregator.has_global_model:  # the others hold the new server model
+            personal.update(fed.evaluator.server_model_scores(skip=personal))
+        metrics.update(fed.evaluator.personal_metrics(personal))
     metrics.update({k: v.item() for k, v in fed.round_logger.pop_client_logs().items()})
     metrics["round/seconds"] = time.perf_counter() - state.started
     fed.round_logger.log_row(fed, metrics)

@@ -9,6 +9,7 @@ from helpers import digits, federation
 from pl_federated.callbacks import Aggregator, FedAvg, FederatedCallback
 from pl_federated.loops.round_loop import is_eval_round
 from pl_federated.models import MLPClassifier
+from pl_federated.store import SHARED_ROLE
 
 
 def test_eval_rounds():
@@ -160,6 +161,24 @@ def test_personal_metrics_cover_every_client_that_holds_its_own_model(trainer_fa
     assert acc[held].item() == pytest.approx(expected, abs=1e-6)
     assert fed.history[-1]["personal/acc_mean"] == pytest.approx(acc.mean().item(), abs=1e-6)
 
-    stateless = federation(local_steps=2, clients_per_round=2)  # FedAvg: trained ones only
-    trainer_factory(rounds=1, callbacks=[FedAvg()]).fit(stateless, digits(6))
-    assert int((~stateless.client_metrics["personal_acc"].isnan()).sum()) == 2
+
+def test_a_stateless_client_not_trained_this_round_is_scored_with_the_new_server_model(
+    trainer_factory,
+):
+    fed = federation(local_steps=2, clients_per_round=2)  # FedAvg: no model of their own
+    trainer_factory(rounds=1, callbacks=[FedAvg()]).fit(fed, digits(6))
+    personal, server = fed.client_metrics["personal_acc"], fed.client_metrics["global_acc"]
+    assert not personal.isnan().any()  # all 6 clients from the same round
+    untrained = [c for c in range(6) if c not in fed.selected_clients]
+    assert len(untrained) == 4 and torch.equal(personal[untrained], server[untrained])
+    worker = fed.workers[SHARED_ROLE]  # by hand: the server model on an untrained client's split
+    worker.load_state_dict(fed.server_state)
+    x, y = fed.datamodule.client_test(untrained[0])
+    with torch.no_grad():
+        expected = (worker.eval()(x).argmax(-1) == y).float().mean().item()
+    assert personal[untrained[0]].item() == pytest.approx(expected, abs=1e-6)
+    trained = list(
+        fed.selected_clients
+    )  # scored after local training: fine-tuned, not the server's
+    assert not torch.equal(personal[trained], server[trained])
+    assert fed.history[-1]["personal/acc_mean"] == pytest.approx(personal.mean().item(), abs=1e-6)
