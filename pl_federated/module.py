@@ -45,12 +45,13 @@ class FederatedModule(pl.LightningModule):
 
     The client module stays ordinary: ``training_step(batch, batch_idx)`` returns the loss (or a
     dict with ``loss`` and optionally ``logits``/``features``), ``forward(x)`` returns logits,
-    ``configure_optimizers`` returns one optimizer. Its ``self.log`` calls are collected and
+    ``configure_optimizers`` returns one optimizer (LR schedulers allowed: see
+    :mod:`pl_federated.loops.lr_schedules`). Its ``self.log`` calls are collected and
     logged as per-round means under ``client/<name>``.
 
-    Evaluation (every ``eval_every_n_rounds`` rounds and at the last round) is described in
-    :mod:`pl_federated.engine.evaluation`: ``global/*`` (the new server model) and
-    ``personal/*`` (each client trained this round, right after its local training).
+    Evaluation (every ``eval_every_n_rounds`` rounds and at the last round):
+    ``global/*`` (the new server model) and ``personal/*`` (every client's evaluated model;
+    see :mod:`pl_federated.engine.evaluation`).
 
     Args:
         client: the user's LightningModule (one copy per role is trained for every client).
@@ -391,7 +392,7 @@ class FederatedModule(pl.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """The workers' optimizers, built once and reset per client (registered with Lightning
         so the precision plugin scales/unscales them and ``global_step`` counts local steps)."""
-        return self.stepper.configure(self.workers)
+        return self.stepper.configure(self.workers, self.persist_optimizer)
 
     @override
     def on_fit_start(self) -> None:

@@ -101,6 +101,7 @@ def train_client(fed: Any, client: int) -> None:
         opt.state.clear()  # a fresh optimizer state, or the client's own (persist_optimizer)
         if fed.persist_optimizer:
             fed.transport.restore_optimizer(opt, role, client)
+    stepper.restart_schedules(roles)
     dispatch.call("on_client_start", fed.trainer, fed, client)
     device, workers = fed.device, fed.workers
     sup = next(iter(dispatch.implementing("supervised_loss")), None)
@@ -116,6 +117,7 @@ def train_client(fed: Any, client: int) -> None:
     gen = fed.streams.generator("batches", fed.current_round, client)
     lengths = local_epoch_lengths(n, bs, fed.local_epochs, fed.local_steps)
     loss_sums = {role: torch.zeros((), device=device) for role in roles}
+    done = 0
     for epoch, count in enumerate(lengths):
         dispatch.call("on_local_epoch_start", fed.trainer, fed, client, epoch)
         perm = torch.randperm(n, generator=gen)
@@ -141,6 +143,9 @@ def train_client(fed: Any, client: int) -> None:
                 loss_sums[role] += role_loss.detach()
                 loss = role_loss if loss is None else loss + role_loss
             stepper.step(loss, roles, lopts)
+            done += 1
+            stepper.advance_schedules(roles, "step", done)
+        stepper.advance_schedules(roles, "epoch", epoch + 1)
     total = sum(lengths)
     optimizers = {role: stepper.optimizers[role] for role in roles}
     failed = failed_roles(fed, roles, loss_sums, optimizers if fed.persist_optimizer else {})

@@ -17,35 +17,17 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
+from pl_federated.loops.lr_schedules import (
+    LocalSchedule,
+    local_schedule,
+    parse_configure_optimizers,
+    scheduled,
+)
 from pl_federated.strategy import FederatedDDPStrategy
 from pl_federated.validation import ConfigError
 
 STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 """Lightning hooks of the backward/step path: overriding one forces Lightning's path."""
-
-
-def single_optimizer(conf: Any, where: str) -> torch.optim.Optimizer:
-    """The one optimizer of a ``configure_optimizers`` result (schedulers are not supported).
-
-    Raises:
-        ValueError: a scheduler, several optimizers, or no torch optimizer.
-    """
-    if isinstance(conf, Mapping):
-        if "lr_scheduler" in conf:
-            raise ConfigError(
-                f"{where}: LR schedulers in `configure_optimizers` are not supported."
-            )
-        conf = conf.get("optimizer")
-    if isinstance(conf, (list, tuple)):
-        if len(conf) == 1:
-            return single_optimizer(conf[0], where)
-        raise ConfigError(f"{where}: `configure_optimizers` must return exactly one optimizer.")
-    if not isinstance(conf, torch.optim.Optimizer):
-        raise ConfigError(
-            f"{where}: `configure_optimizers` must return a torch optimizer, got "
-            f"{type(conf).__name__}."
-        )
-    return conf
 
 
 def overrides_step_hooks(module: pl.LightningModule, callbacks: Iterable[Callback]) -> list[str]:
@@ -90,15 +72,41 @@ class Stepper:
     def __init__(self, module: pl.LightningModule) -> None:
         self.module = module
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedules: dict[str, LocalSchedule] = {}
         self.direct = False
 
-    def configure(self, workers: Mapping[str, pl.LightningModule]) -> list[torch.optim.Optimizer]:
-        """Build every role's optimizer from its worker's ``configure_optimizers``."""
-        self.optimizers = {
-            role: single_optimizer(worker.configure_optimizers(), f"client role {role!r}")
-            for role, worker in workers.items()
-        }
+    def configure(
+        self, workers: Mapping[str, pl.LightningModule], persist_optimizer: bool = False
+    ) -> list[torch.optim.Optimizer]:
+        """Build every role's optimizer (and LR schedules, see
+        :mod:`~pl_federated.loops.lr_schedules`) from its worker's ``configure_optimizers``.
+
+        Raises:
+            ConfigError: not one optimizer, or schedulers with ``persist_optimizer`` (a
+                schedule restarts every round; carrying it over is not supported yet).
+        """
+        self.optimizers, self.schedules = {}, {}
+        for role, worker in workers.items():
+            where = f"client role {role!r}"
+            opt, configs = parse_configure_optimizers(worker.configure_optimizers(), where)
+            if configs and persist_optimizer:
+                raise ConfigError(
+                    f"{where}: LR schedulers with `persist_optimizer: true` are not supported "
+                    "(a client's schedule restarts every round); drop one of them."
+                )
+            self.optimizers[role] = opt
+            self.schedules[role] = local_schedule(opt, configs)
         return list(self.optimizers.values())
+
+    def restart_schedules(self, roles: Iterable[str]) -> None:
+        """Every schedule of ``roles`` back to its start (a client's update begins)."""
+        for schedule in scheduled(self.schedules, roles):
+            schedule.restart()
+
+    def advance_schedules(self, roles: Iterable[str], interval: str, count: int) -> None:
+        """``count`` local steps (``interval="step"``) or epochs (``"epoch"``) are done."""
+        for schedule in scheduled(self.schedules, roles):
+            schedule.step(interval, count)
 
     def start(self, trainer: pl.Trainer) -> None:
         """Decide the step path for this fit (see :func:`can_step_directly`)."""

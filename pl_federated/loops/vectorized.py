@@ -85,6 +85,11 @@ def check_vectorizable(fed: Any) -> None:
         )
     if fed.persist_optimizer:
         raise ConfigError("`vectorize_clients` does not support `persist_optimizer: true`.")
+    if fed.stepper.schedules[SHARED_ROLE].configs:
+        raise ConfigError(
+            "`vectorize_clients` does not step LR schedulers; the client's "
+            "`configure_optimizers` returns one: set `vectorize_clients: false`."
+        )
     for cb in fed.dispatch.callbacks:
         hooks = [h for h in UNSUPPORTED_HOOKS if overrides(cb, h)]
         if hooks:
