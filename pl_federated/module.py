@@ -78,6 +78,10 @@ class FederatedModule(pl.LightningModule):
             an element-wise optimizer, only the shared role, and callbacks that do not act
             inside a client's update; dropout draws differ from sequential training and the
             client's own ``self.log`` calls are not collected.
+        gradient_clip_val: clip every local step's gradients of each role at this value
+            (after unscaling; Lightning's ``Trainer(gradient_clip_val)`` does not apply to the
+            manual optimization a federation runs). ``None``: no clipping.
+        gradient_clip_algorithm: ``"norm"`` (the role's total 2-norm) or ``"value"``.
 
     Raises:
         ValueError: invalid arguments (named), before any training.
@@ -112,6 +116,8 @@ class FederatedModule(pl.LightningModule):
         store_dtype: str = "float32",
         store_path: str | None = None,
         vectorize_clients: bool = False,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (client as class_path/init_args),
@@ -122,7 +128,7 @@ class FederatedModule(pl.LightningModule):
         self.config = FederationConfig(
             num_clients, clients_per_round, local_epochs, local_steps, seed, persist_optimizer,
             clients_per_step, eval_every_n_rounds, eval_batch_size, store_device, store_dtype,
-            store_path, vectorize_clients,
+            store_path, vectorize_clients, gradient_clip_val, gradient_clip_algorithm,
         )  # fmt: skip
         self.automatic_optimization = False
         self.num_clients = num_clients or 0
@@ -154,7 +160,7 @@ class FederatedModule(pl.LightningModule):
         self.evaluator = Evaluator(
             self.role_registry, self._live_attached_trainer, live(self, "device"), eval_batch_size
         )
-        self.stepper = Stepper(self)
+        self.stepper = Stepper(self, module_base=FederatedModule)
         self.round_state = round_loop.engine_round_state()
         self.server_state: dict[str, Tensor] = {}
         self.store: ClientStore | None = None
@@ -392,7 +398,18 @@ class FederatedModule(pl.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """The workers' optimizers, built once and reset per client (registered with Lightning
         so the precision plugin scales/unscales them and ``global_step`` counts local steps)."""
-        return self.stepper.configure(self.workers, self.persist_optimizer)
+        config = self.config
+        return self.stepper.configure(
+            self.workers,
+            config.persist_optimizer,
+            config.gradient_clip_val,
+            config.gradient_clip_algorithm,
+        )
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The client's own hook and gradient clipping (Lightning's step path)."""
+        self.stepper.on_before_optimizer_step(optimizer)
 
     @override
     def on_fit_start(self) -> None:

@@ -26,6 +26,8 @@ FEDERATION_RULES = {
     "store_device": Choice(("cpu", "model")),
     "store_dtype": Choice(tuple(STORE_DTYPES)),
     "vectorize_clients": Flag(),
+    "gradient_clip_val": Real(gt=0, optional=True),
+    "gradient_clip_algorithm": Choice(("norm", "value")),
 }
 """What each setting allows (checked as ``FederatedModule.<field>``)."""
 
@@ -52,6 +54,8 @@ class FederationConfig:
     store_dtype: str = "float32"
     store_path: str | None = None
     vectorize_clients: bool = False
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
 
     def __post_init__(self) -> None:
         check("FederatedModule", FEDERATION_RULES, vars(self))

@@ -118,8 +118,10 @@ def train_client(fed: Any, client: int) -> None:
     lengths = local_epoch_lengths(n, bs, fed.local_epochs, fed.local_steps)
     loss_sums = {role: torch.zeros((), device=device) for role in roles}
     done = 0
+    hooks = stepper.hooks  # the client module's own Lightning hooks
     for epoch, count in enumerate(lengths):
         dispatch.call("on_local_epoch_start", fed.trainer, fed, client, epoch)
+        hooks.call("on_train_epoch_start", roles)
         perm = torch.randperm(n, generator=gen)
         for i in range(count):
             idx = perm[i * bs : (i + 1) * bs]
@@ -127,6 +129,8 @@ def train_client(fed: Any, client: int) -> None:
             if transform is not None:
                 xb = torch.stack([transform(sample) for sample in xb])
             batch = (xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True))
+            if -1 in hooks.call("on_train_batch_start", roles, batch, i):
+                break  # Lightning's meaning: skip the rest of this (local) epoch
             outs = {role: as_output(workers[role].training_step(batch, i)) for role in roles}
             loss = None
             for role in roles:
@@ -145,8 +149,10 @@ def train_client(fed: Any, client: int) -> None:
             stepper.step(loss, roles, lopts)
             done += 1
             stepper.advance_schedules(roles, "step", done)
+            hooks.batch_end(roles, outs, batch, i)
         stepper.advance_schedules(roles, "epoch", epoch + 1)
-    total = sum(lengths)
+        hooks.call("on_train_epoch_end", roles)
+    total = done
     optimizers = {role: stepper.optimizers[role] for role in roles}
     failed = failed_roles(fed, roles, loss_sums, optimizers if fed.persist_optimizer else {})
     if failed:

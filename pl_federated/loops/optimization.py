@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
+from pl_federated.loops.client_hooks import ClientHooks
 from pl_federated.loops.lr_schedules import (
     LocalSchedule,
     local_schedule,
@@ -30,12 +31,13 @@ STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_st
 """Lightning hooks of the backward/step path: overriding one forces Lightning's path."""
 
 
-def overrides_step_hooks(module: pl.LightningModule, callbacks: Iterable[Callback]) -> list[str]:
-    """Names of ``module`` (its class) and ``callbacks`` that override a :data:`STEP_HOOKS`."""
+def overrides_step_hooks(
+    module: pl.LightningModule, callbacks: Iterable[Callback], base: type = pl.LightningModule
+) -> list[str]:
+    """Names of ``module`` (its class) and ``callbacks`` that override a :data:`STEP_HOOKS`
+    (the module: relative to ``base``, e.g. the ``FederatedModule``'s own forwarding hooks)."""
     names = (
-        [type(module).__name__]
-        if any(is_overridden(h, module, pl.LightningModule) for h in STEP_HOOKS)
-        else []
+        [type(module).__name__] if any(is_overridden(h, module, base) for h in STEP_HOOKS) else []
     )
     return names + [
         type(cb).__name__
@@ -44,7 +46,9 @@ def overrides_step_hooks(module: pl.LightningModule, callbacks: Iterable[Callbac
     ]
 
 
-def can_step_directly(module: pl.LightningModule, trainer: pl.Trainer) -> bool:
+def can_step_directly(
+    module: pl.LightningModule, trainer: pl.Trainer, base: type = pl.LightningModule
+) -> bool:
     """Whether local steps may call ``loss.backward()``/``optimizer.step()`` directly.
 
     A client update on a small model is ~1 ms, and Lightning's manual_backward/step path
@@ -58,25 +62,36 @@ def can_step_directly(module: pl.LightningModule, trainer: pl.Trainer) -> bool:
         return False
     if not isinstance(trainer.strategy, (SingleDeviceStrategy, FederatedDDPStrategy)):
         return False  # fed_ddp never all-reduces gradients: the direct path is the same
-    return not overrides_step_hooks(module, trainer.callbacks)
+    return not overrides_step_hooks(module, trainer.callbacks, base)
 
 
 class Stepper:
     """The workers' optimizers (one per role, built once, reset per client) and their steps.
 
+    The clients' own step hooks and gradient clipping (:mod:`~pl_federated.loops.
+    client_hooks`) run on both paths.
+
     Args:
         module: the LightningModule that registered the optimizers with Lightning (its
             ``optimizers()`` and ``manual_backward`` are used).
+        module_base: the class whose step hooks are ``module``'s own (overriding them in a
+            subclass forces Lightning's path).
     """
 
-    def __init__(self, module: pl.LightningModule) -> None:
-        self.module = module
+    def __init__(self, module: pl.LightningModule, module_base: type = pl.LightningModule) -> None:
+        self.module, self.module_base = module, module_base
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedules: dict[str, LocalSchedule] = {}
+        self.hooks = ClientHooks()
+        self.roles_by_optimizer: dict[int, str] = {}
         self.direct = False
 
     def configure(
-        self, workers: Mapping[str, pl.LightningModule], persist_optimizer: bool = False
+        self,
+        workers: Mapping[str, pl.LightningModule],
+        persist_optimizer: bool = False,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ) -> list[torch.optim.Optimizer]:
         """Build every role's optimizer (and LR schedules, see
         :mod:`~pl_federated.loops.lr_schedules`) from its worker's ``configure_optimizers``.
@@ -96,7 +111,17 @@ class Stepper:
                 )
             self.optimizers[role] = opt
             self.schedules[role] = local_schedule(opt, configs)
+        self.roles_by_optimizer = {id(opt): role for role, opt in self.optimizers.items()}
+        self.hooks = ClientHooks(workers, gradient_clip_val, gradient_clip_algorithm)
         return list(self.optimizers.values())
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Lightning's path reached ``optimizer``'s step (gradients unscaled): the client's
+        ``on_before_optimizer_step`` and clipping. Not a role's optimizer (the vectorized
+        path's stacked one): nothing."""
+        role = self.roles_by_optimizer.get(id(optimizer))
+        if role is not None:
+            self.hooks.before_optimizer_step(role, optimizer)
 
     def restart_schedules(self, roles: Iterable[str]) -> None:
         """Every schedule of ``roles`` back to its start (a client's update begins)."""
@@ -110,7 +135,7 @@ class Stepper:
 
     def start(self, trainer: pl.Trainer) -> None:
         """Decide the step path for this fit (see :func:`can_step_directly`)."""
-        self.direct = can_step_directly(self.module, trainer)
+        self.direct = can_step_directly(self.module, trainer, self.module_base)
 
     def lightning_optimizers(self) -> dict[str, Any]:
         """Role -> the LightningOptimizer wrapping that role's optimizer."""
@@ -124,20 +149,26 @@ class Stepper:
         """One optimizer step of each role in ``roles`` on ``loss`` (zero grads, backward
         through the precision plugin, step)."""
         lopts = lopts or self.lightning_optimizers()
+        roles = list(roles)
         if self.direct:
             for role in roles:
                 lopts[role].optimizer.zero_grad(set_to_none=True)
+            self.hooks.call("on_before_backward", roles, loss)
             loss.backward()
+            self.hooks.call("on_after_backward", roles)
             for role in roles:
+                self.hooks.before_optimizer_step(role, lopts[role].optimizer)
                 lopts[role]._on_before_step()  # Lightning's step counters (global_step)
                 lopts[role].optimizer.step()
                 lopts[role]._on_after_step()
         else:
             for role in roles:
                 lopts[role].zero_grad(set_to_none=True)
+            self.hooks.call("on_before_backward", roles, loss)
             self.module.manual_backward(loss)
+            self.hooks.call("on_after_backward", roles)
             for role in roles:
-                lopts[role].step()
+                lopts[role].step()  # -> the module's on_before_optimizer_step, after unscaling
 
     def step_unregistered(self, opt: torch.optim.Optimizer, loss: Tensor) -> None:
         """Backward and step of an optimizer Lightning does not know (e.g. over stacked

@@ -97,7 +97,18 @@ def check_vectorizable(fed: Any) -> None:
                 f"`vectorize_clients`: callback {type(cb).__name__} overrides {hooks}, which act "
                 "inside one client's update; set `vectorize_clients: false` for it."
             )
-    stepped = overrides_step_hooks(fed, fed.trainer.callbacks)
+    stepped = overrides_step_hooks(fed, fed.trainer.callbacks, fed.stepper.module_base)
+    hooks = fed.stepper.hooks.any_overridden(SHARED_ROLE)
+    if hooks:
+        raise ConfigError(
+            f"`vectorize_clients` does not call the client's own hooks {hooks} (its clients "
+            "train as one stacked model); set `vectorize_clients: false`."
+        )
+    if fed.gradient_clip_val is not None:
+        raise ConfigError(
+            "`vectorize_clients` cannot clip per client (a norm over the stacked parameters "
+            "mixes clients); unset `gradient_clip_val` or set `vectorize_clients: false`."
+        )
     if stepped:
         raise ConfigError(
             f"`vectorize_clients`: {stepped} override {list(STEP_HOOKS)}, which would see the "

@@ -1,0 +1,98 @@
+"""The client module's own Lightning hooks, called inside its local update.
+
+Lightning calls the hooks of the module the Trainer runs, the ``FederatedModule``; the client
+modules (one worker per role) are not that module, so the engine calls their hooks itself, at
+the points of a local update that correspond to Lightning's:
+
+* ``on_train_epoch_start()``: a local epoch begins;
+* ``on_train_batch_start(batch, i)``: before ``training_step``; returning ``-1`` ends the
+  local epoch (Lightning's meaning);
+* ``on_before_backward(loss)``: before the step's backward (``loss``: the sum over the
+  client's trained roles, which one backward differentiates);
+* ``on_after_backward()``: after it;
+* ``on_before_optimizer_step(optimizer)``: gradients final (after unscaling under mixed
+  precision), before the step;
+* ``configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)``:
+  right after, with the ``FederatedModule``'s clipping settings (Lightning's own
+  ``Trainer(gradient_clip_val=...)`` does not apply to manual optimization);
+* ``on_train_batch_end(outputs, batch, i)``: after the step (``outputs``: the role's
+  ``training_step`` result);
+* ``on_train_epoch_end()``: a local epoch ends.
+
+Only hooks a client overrides are called (a no-op hook costs nothing then), except
+``configure_gradient_clipping`` whose default clips when ``gradient_clip_val`` is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+CLIENT_HOOKS = (
+    "on_train_epoch_start",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "configure_gradient_clipping",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+)
+"""The client's Lightning hooks the local update calls, in the order they run."""
+
+
+class ClientHooks:
+    """Which :data:`CLIENT_HOOKS` each role's worker overrides, and calling them.
+
+    Args:
+        workers: role -> the worker module.
+        gradient_clip_val: clip each role's gradients at this value (``None``: no clipping).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"`` (Lightning's meaning).
+    """
+
+    def __init__(
+        self,
+        workers: Mapping[str, pl.LightningModule] | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+    ) -> None:
+        self.workers = dict(workers or {})
+        self.clip_val, self.clip_algorithm = gradient_clip_val, gradient_clip_algorithm
+        self.overridden = {
+            role: {h for h in CLIENT_HOOKS if is_overridden(h, worker, pl.LightningModule)}
+            for role, worker in self.workers.items()
+        }
+
+    def any_overridden(self, role: str) -> list[str]:
+        """The hooks ``role``'s worker overrides, in :data:`CLIENT_HOOKS` order."""
+        return [h for h in CLIENT_HOOKS if h in self.overridden.get(role, ())]
+
+    def call(self, hook: str, roles: Iterable[str], *args: Any) -> list[Any]:
+        """``hook(*args)`` of every worker of ``roles`` that overrides it; their results."""
+        return [
+            getattr(self.workers[role], hook)(*args)
+            for role in roles
+            if hook in self.overridden.get(role, ())
+        ]
+
+    def before_optimizer_step(self, role: str, optimizer: torch.optim.Optimizer) -> None:
+        """``on_before_optimizer_step`` and gradient clipping of ``role`` (gradients final:
+        after backward and, under mixed precision, after unscaling)."""
+        hooks = self.overridden.get(role, ())
+        worker = self.workers[role]
+        if "on_before_optimizer_step" in hooks:
+            worker.on_before_optimizer_step(optimizer)
+        if self.clip_val is not None or "configure_gradient_clipping" in hooks:
+            worker.configure_gradient_clipping(optimizer, self.clip_val, self.clip_algorithm)
+
+    def batch_end(
+        self, roles: Iterable[str], outputs: Mapping[str, Any], batch: Any, batch_idx: int
+    ) -> None:
+        """``on_train_batch_end`` of each role's worker with its own ``training_step`` output."""
+        for role in roles:
+            if "on_train_batch_end" in self.overridden.get(role, ()):
+                self.workers[role].on_train_batch_end(outputs[role], batch, batch_idx)
