@@ -82,6 +82,9 @@ class FederatedModule(pl.LightningModule):
             (after unscaling; Lightning's ``Trainer(gradient_clip_val)`` does not apply to the
             manual optimization a federation runs). ``None``: no clipping.
         gradient_clip_algorithm: ``"norm"`` (the role's total 2-norm) or ``"value"``.
+        accumulate_grad_batches: one local step (optimizer step) per this many batches, their
+            losses divided by it (Lightning's meaning; a local epoch's last, shorter group
+            steps too). ``local_steps`` counts optimizer steps.
 
     Raises:
         ValueError: invalid arguments (named), before any training.
@@ -118,6 +121,7 @@ class FederatedModule(pl.LightningModule):
         vectorize_clients: bool = False,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
+        accumulate_grad_batches: int = 1,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (client as class_path/init_args),
@@ -129,6 +133,7 @@ class FederatedModule(pl.LightningModule):
             num_clients, clients_per_round, local_epochs, local_steps, seed, persist_optimizer,
             clients_per_step, eval_every_n_rounds, eval_batch_size, store_device, store_dtype,
             store_path, vectorize_clients, gradient_clip_val, gradient_clip_algorithm,
+            accumulate_grad_batches,
         )  # fmt: skip
         self.automatic_optimization = False
         self.num_clients = num_clients or 0

@@ -28,6 +28,7 @@ FEDERATION_RULES = {
     "vectorize_clients": Flag(),
     "gradient_clip_val": Real(gt=0, optional=True),
     "gradient_clip_algorithm": Choice(("norm", "value")),
+    "accumulate_grad_batches": Int(ge=1),
 }
 """What each setting allows (checked as ``FederatedModule.<field>``)."""
 
@@ -56,6 +57,7 @@ class FederationConfig:
     vectorize_clients: bool = False
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str = "norm"
+    accumulate_grad_batches: int = 1
 
     def __post_init__(self) -> None:
         check("FederatedModule", FEDERATION_RULES, vars(self))

@@ -21,16 +21,25 @@ the points of a local update that correspond to Lightning's:
 
 Only hooks a client overrides are called (a no-op hook costs nothing then), except
 ``configure_gradient_clipping`` whose default clips when ``gradient_clip_val`` is set.
+
+State outside the state_dict: one worker module trains every client in turn, and only its
+state_dict (parameters and buffers) is exchanged per client. A tensor the module keeps in a
+plain attribute (an RNN's hidden state, a running statistic) would silently carry from one
+client to the next. A client module may define ``on_client_start(self, client)`` (not a
+Lightning hook): called before every client's update, after its state is loaded, to reset
+such state. Without it, the first update that reassigns such an attribute warns, naming it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torchmetrics import Metric
 
 CLIENT_HOOKS = (
     "on_train_epoch_start",
@@ -67,9 +76,46 @@ class ClientHooks:
             for role, worker in self.workers.items()
         }
 
+        self.resets = {
+            role: worker
+            for role, worker in self.workers.items()
+            if callable(getattr(worker, "on_client_start", None))
+        }
+        self._watch: dict[str, dict[str, int]] | None = None  # attribute ids, first update
+
     def any_overridden(self, role: str) -> list[str]:
         """The hooks ``role``'s worker overrides, in :data:`CLIENT_HOOKS` order."""
-        return [h for h in CLIENT_HOOKS if h in self.overridden.get(role, ())]
+        own = [h for h in CLIENT_HOOKS if h in self.overridden.get(role, ())]
+        return own + (["on_client_start"] if role in self.resets else [])
+
+    def client_start(self, roles: Iterable[str], client: int) -> None:
+        """``on_client_start(client)`` of the workers that define it; on the fit's first
+        update, note the others' tensor attributes outside the state_dict."""
+        for role in roles:
+            if role in self.resets:
+                self.resets[role].on_client_start(client)
+        if self._watch is None:
+            self._watch = {
+                role: stray_tensors(self.workers[role]) for role in roles if role not in self.resets
+            }
+
+    def client_end(self) -> None:
+        """After the fit's first update: warn (once) about tensor attributes it reassigned
+        outside the state_dict of a worker without ``on_client_start``."""
+        if not self._watch:
+            return
+        for role, before in self._watch.items():
+            after = stray_tensors(self.workers[role])
+            changed = sorted(name for name, ref in after.items() if before.get(name) != ref)
+            if changed:
+                warnings.warn(
+                    f"The client module of role {role!r} ({type(self.workers[role]).__name__}) "
+                    f"keeps tensors outside its state_dict ({changed}); they carry from one "
+                    "client to the next. Register them as buffers (kept per client) or reset "
+                    "them in `on_client_start(self, client)`.",
+                    stacklevel=2,
+                )
+        self._watch = {}
 
     def call(self, hook: str, roles: Iterable[str], *args: Any) -> list[Any]:
         """``hook(*args)`` of every worker of ``roles`` that overrides it; their results."""
@@ -96,3 +142,18 @@ class ClientHooks:
         for role in roles:
             if "on_train_batch_end" in self.overridden.get(role, ()):
                 self.workers[role].on_train_batch_end(outputs[role], batch, batch_idx)
+
+
+def stray_tensors(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Tensors (or tuples/lists of tensors) held in plain attributes of ``module`` and its
+    submodules, not in any state_dict: qualified name -> the ids of the tensors. torchmetrics
+    metrics (whose states are such attributes, reset by their own rules) are skipped."""
+    found = {}
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, Metric):
+            continue
+        for name, value in vars(sub).items():
+            items = value if isinstance(value, (tuple, list)) else (value,)
+            if items and all(isinstance(v, torch.Tensor) for v in items):
+                found[f"{prefix}.{name}" if prefix else name] = tuple(id(v) for v in items)
+    return found

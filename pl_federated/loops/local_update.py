@@ -1,8 +1,10 @@
 """One client's local update and its upload.
 
 The update: seed the client's randomness, download its state, reset its optimizers, run
-``on_client_start``, then the batch plan (:func:`local_epoch_lengths`: ``local_epochs`` passes
-or ``local_steps`` batches in a seeded order) with one step of every trained role per batch;
+the client module's and the callbacks' ``on_client_start``, then the batch plan
+(:func:`local_epoch_lengths`: ``local_epochs`` passes or ``local_steps`` optimizer steps, in a
+seeded order) with one step of every trained role per batch (per ``accumulate_grad_batches``
+batches);
 the upload: ``on_client_end``, keep the local state, apply the ``transform_upload`` hooks,
 hand a finite upload to the aggregator (or exclude the client), and on evaluation rounds score
 the client's personal model.
@@ -31,22 +33,47 @@ from pl_federated.store import SHARED_ROLE, all_finite
 
 
 def local_epoch_lengths(
-    num_samples: int, batch_size: int, local_epochs: int, local_steps: int | None
+    num_samples: int,
+    batch_size: int,
+    local_epochs: int,
+    local_steps: int | None,
+    accumulate: int = 1,
 ) -> list[int]:
-    """Batches in each local epoch: ``local_epochs`` full passes, or ``local_steps`` batches
-    cut into passes over the data; no batches without data.
+    """Batches in each local epoch: ``local_epochs`` full passes, or passes until
+    ``local_steps`` optimizer steps are taken; no batches without data.
+
+    With ``accumulate`` > 1 an optimizer step takes ``accumulate`` batches, and, as in
+    Lightning, a local epoch's last (shorter) group steps too; groups never span epochs.
 
     Example:
         >>> local_epoch_lengths(10, 4, 2, None), local_epoch_lengths(10, 4, 1, 5)
         ([3, 3], [3, 2])
+        >>> local_epoch_lengths(10, 2, 1, 4, accumulate=2)  # 5 batches = 3 steps, then 1 more
+        [5, 2]
     """
+    if not num_samples:
+        return []
     per_epoch = math.ceil(num_samples / batch_size)
-    total = (local_steps or local_epochs * per_epoch) if num_samples else 0
-    lengths, step = [], 0
-    while step < total:
-        lengths.append(min(per_epoch, total - step))
-        step += lengths[-1]
+    if local_steps is None:
+        return [per_epoch] * local_epochs
+    steps_per_epoch = math.ceil(per_epoch / accumulate)
+    lengths, remaining = [], local_steps
+    while remaining > 0:
+        steps = min(steps_per_epoch, remaining)
+        lengths.append(per_epoch if steps == steps_per_epoch else steps * accumulate)
+        remaining -= steps
     return lengths
+
+
+def steps_at(count: int, accumulate: int) -> list[bool]:
+    """For each of a local epoch's ``count`` batches: does an optimizer step follow it
+    (every ``accumulate``-th batch and the epoch's last)?
+
+    Example:
+        >>> steps_at(5, 2)
+        [False, True, False, True, True]
+    """
+    return [(i + 1) % accumulate == 0 or i == count - 1 for i in range(count)]
 
 
 def as_output(out: Any) -> Mapping[str, Any]:
@@ -75,10 +102,10 @@ def seed_client_randomness(fed: Any, client: int) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def add_loss(state: Any, role: str, loss_sum: Tensor, steps: int) -> None:
-    """Add a client's summed training loss over ``steps`` to the round's ``role`` totals."""
+def add_loss(state: Any, role: str, loss_sum: Tensor, batches: int) -> None:
+    """Add a client's training loss summed over ``batches`` to the round's ``role`` totals."""
     state.loss_sums[role] = state.loss_sums.get(role, 0.0) + loss_sum
-    state.loss_counts[role] = state.loss_counts.get(role, 0) + steps
+    state.loss_counts[role] = state.loss_counts.get(role, 0) + batches
 
 
 def train_client(fed: Any, client: int) -> None:
@@ -102,6 +129,7 @@ def train_client(fed: Any, client: int) -> None:
         if fed.persist_optimizer:
             fed.transport.restore_optimizer(opt, role, client)
     stepper.restart_schedules(roles)
+    stepper.hooks.client_start(roles, client)
     dispatch.call("on_client_start", fed.trainer, fed, client)
     device, workers = fed.device, fed.workers
     sup = next(iter(dispatch.implementing("supervised_loss")), None)
@@ -115,15 +143,17 @@ def train_client(fed: Any, client: int) -> None:
         x, y = (x, y) if replaced is None else replaced
     n, bs = len(y), fed.datamodule.batch_size
     gen = fed.streams.generator("batches", fed.current_round, client)
-    lengths = local_epoch_lengths(n, bs, fed.local_epochs, fed.local_steps)
     loss_sums = {role: torch.zeros((), device=device) for role in roles}
-    done = 0
+    accumulate = fed.accumulate_grad_batches
+    lengths = local_epoch_lengths(n, bs, fed.local_epochs, fed.local_steps, accumulate)
+    done = batches = 0  # optimizer steps taken, batches trained on
     hooks = stepper.hooks  # the client module's own Lightning hooks
     for epoch, count in enumerate(lengths):
         dispatch.call("on_local_epoch_start", fed.trainer, fed, client, epoch)
         hooks.call("on_train_epoch_start", roles)
         perm = torch.randperm(n, generator=gen)
-        for i in range(count):
+        pending = False  # gradients accumulated since the last optimizer step
+        for i, step_after in enumerate(steps_at(count, accumulate)):
             idx = perm[i * bs : (i + 1) * bs]
             xb = x[idx]
             if transform is not None:
@@ -146,21 +176,30 @@ def train_client(fed: Any, client: int) -> None:
                         role_loss = role_loss + extra
                 loss_sums[role] += role_loss.detach()
                 loss = role_loss if loss is None else loss + role_loss
-            stepper.step(loss, roles, lopts)
+            if accumulate > 1:
+                loss = loss / accumulate  # Lightning's scaling of an accumulated loss
+            stepper.backward(loss, roles, lopts, zero_grad=not pending)
+            pending, batches = True, batches + 1
+            if step_after:
+                stepper.optimizer_step(roles, lopts)
+                pending, done = False, done + 1
+                stepper.advance_schedules(roles, "step", done)
+            hooks.batch_end(roles, outs, batch, i)
+        if pending:  # the epoch ended early (on_train_batch_start): step what accumulated
+            stepper.optimizer_step(roles, lopts)
             done += 1
             stepper.advance_schedules(roles, "step", done)
-            hooks.batch_end(roles, outs, batch, i)
         stepper.advance_schedules(roles, "epoch", epoch + 1)
         hooks.call("on_train_epoch_end", roles)
-    total = done
+    hooks.client_end()
     optimizers = {role: stepper.optimizers[role] for role in roles}
     failed = failed_roles(fed, roles, loss_sums, optimizers if fed.persist_optimizer else {})
     if failed:
         fail_client(fed, client, failed)
         return
     for role in roles:
-        add_loss(state, role, loss_sums[role], total)
-    state.local_steps[client] = total
+        add_loss(state, role, loss_sums[role], batches)
+    state.local_steps[client] = done
     if fed.persist_optimizer:
         for role in roles:
             fed.transport.save_optimizer(stepper.optimizers[role], role, client)

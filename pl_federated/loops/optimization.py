@@ -150,24 +150,35 @@ class Stepper:
         through the precision plugin, step)."""
         lopts = lopts or self.lightning_optimizers()
         roles = list(roles)
+        self.backward(loss, roles, lopts, zero_grad=True)
+        self.optimizer_step(roles, lopts)
+
+    def backward(
+        self, loss: Tensor, roles: list[str], lopts: Mapping[str, Any], zero_grad: bool
+    ) -> None:
+        """Backward of ``loss`` into the gradients of ``roles`` (first zeroed if
+        ``zero_grad``; else accumulated onto theirs), with the clients' backward hooks."""
+        if zero_grad:
+            for role in roles:
+                opt = lopts[role].optimizer if self.direct else lopts[role]
+                opt.zero_grad(set_to_none=True)
+        self.hooks.call("on_before_backward", roles, loss)
         if self.direct:
-            for role in roles:
-                lopts[role].optimizer.zero_grad(set_to_none=True)
-            self.hooks.call("on_before_backward", roles, loss)
             loss.backward()
-            self.hooks.call("on_after_backward", roles)
-            for role in roles:
+        else:
+            self.module.manual_backward(loss)
+        self.hooks.call("on_after_backward", roles)
+
+    def optimizer_step(self, roles: list[str], lopts: Mapping[str, Any]) -> None:
+        """Step every role's optimizer on its current gradients (clients' hooks and clipping
+        first; Lightning's step counters advance)."""
+        for role in roles:
+            if self.direct:
                 self.hooks.before_optimizer_step(role, lopts[role].optimizer)
                 lopts[role]._on_before_step()  # Lightning's step counters (global_step)
                 lopts[role].optimizer.step()
                 lopts[role]._on_after_step()
-        else:
-            for role in roles:
-                lopts[role].zero_grad(set_to_none=True)
-            self.hooks.call("on_before_backward", roles, loss)
-            self.module.manual_backward(loss)
-            self.hooks.call("on_after_backward", roles)
-            for role in roles:
+            else:
                 lopts[role].step()  # -> the module's on_before_optimizer_step, after unscaling
 
     def step_unregistered(self, opt: torch.optim.Optimizer, loss: Tensor) -> None:

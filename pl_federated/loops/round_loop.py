@@ -26,7 +26,7 @@ def engine_round_state() -> RoundState:
     state.add("uploads", 0, reduce="sum")  # finite uploads handed to the aggregator
     state.add("local_steps", {}, reduce="gather")  # client -> local optimizer steps
     state.add("loss_sums", {}, reduce="sum")  # role -> summed training loss
-    state.add("loss_counts", {}, reduce="sum")  # role -> local steps in loss_sums
+    state.add("loss_counts", {}, reduce="sum")  # role -> batches in loss_sums
     state.add("personal", {}, reduce="gather")  # client -> (acc, f1) of its personal model
     state.add("log_sums", {}, reduce="sum")  # (role, name) -> sum of a client's self.log
     state.add("log_counts", {}, reduce="sum")  # (role, name) -> number of values

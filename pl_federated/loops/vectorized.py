@@ -104,6 +104,11 @@ def check_vectorizable(fed: Any) -> None:
             f"`vectorize_clients` does not call the client's own hooks {hooks} (its clients "
             "train as one stacked model); set `vectorize_clients: false`."
         )
+    if fed.accumulate_grad_batches > 1:
+        raise ConfigError(
+            "`vectorize_clients` does not accumulate gradients; set `accumulate_grad_batches: 1` "
+            "or `vectorize_clients: false`."
+        )
     if fed.gradient_clip_val is not None:
         raise ConfigError(
             "`vectorize_clients` cannot clip per client (a norm over the stacked parameters "

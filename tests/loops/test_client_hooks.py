@@ -195,9 +195,71 @@ def test_vectorized_clients_refuse_hooks_and_clipping(trainer_factory):
 
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
-    [("gradient_clip_val", -1.0, "> 0"), ("gradient_clip_algorithm", "l1", "norm")],
+    [
+        ("gradient_clip_val", -1.0, "> 0"),
+        ("gradient_clip_algorithm", "l1", "norm"),
+        ("accumulate_grad_batches", 0, ">= 1"),
+    ],
 )
-def test_bad_clipping_settings_are_named_before_training(field, value, allowed):
+def test_bad_step_settings_are_named_before_training(field, value, allowed):
     with pytest.raises(ValueError, match=rf"{field}.*{allowed}.*got .?{value}") as info:
         FederatedModule(MLPClassifier(), **{field: value})
     assert f"FederatedModule.{field}" in str(info.value)
+
+
+class Stateful(MLPClassifier):
+    """Keeps a running tensor in a plain attribute (like an RNN's hidden state)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.running = torch.zeros(())
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.running = self.running + out["loss"].detach()
+        return out
+
+
+class Resetting(Stateful):
+    """The same, reset for every client by the engine's per-client hook."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.started = []
+
+    def on_client_start(self, client):
+        self.started.append(client)
+        self.running = torch.zeros(())
+
+
+def test_state_outside_the_state_dict_is_named_not_carried_silently(trainer_factory):
+    torch.manual_seed(0)
+    fed = federation(Stateful(), local_steps=2)
+    with pytest.warns(UserWarning, match=r"keeps tensors outside its state_dict \(\['running'\]\)"):
+        trainer_factory(rounds=1, callbacks=[FedAvg()]).fit(fed, _data(2))
+
+
+def test_on_client_start_resets_it_before_every_client(trainer_factory, recwarn):
+    torch.manual_seed(0)
+    fed = federation(Resetting(), local_steps=2)
+    trainer_factory(rounds=2, callbacks=[FedAvg()]).fit(fed, _data(3))
+    worker = fed.workers["model"]
+    assert worker.started == [0, 1, 2] * 2
+    assert not [w for w in recwarn if "outside its state_dict" in str(w.message)]
+    # the last client's two steps only: reset before it, not summed over all clients
+    assert 0 < float(worker.running) < 2 * 3.0  # two cross-entropies of a 10-class MLP
+
+
+def test_a_plain_client_raises_no_such_warning(trainer_factory, recwarn):
+    trainer_factory(rounds=1, callbacks=[FedAvg()]).fit(federation(local_steps=1), _data(2))
+    assert not [w for w in recwarn if "outside its state_dict" in str(w.message)]
+
+
+def test_vectorized_clients_refuse_the_reset_hook_and_accumulation(trainer_factory):
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError, match=r"own hooks \['on_client_start'\]"):
+        fed = federation(Resetting(), vectorize_clients=True, clients_per_step=2)
+        trainer_factory(rounds=1).fit(fed, _data(2))
+    with pytest.raises(ConfigError, match="does not accumulate gradients"):
+        fed = federation(vectorize_clients=True, clients_per_step=2, accumulate_grad_batches=2)
+        trainer_factory(rounds=1).fit(fed, _data(2))

@@ -127,3 +127,70 @@ def test_a_nan_loss_with_finite_weights_fails_the_client(trainer_factory):
     with pytest.warns(UserWarning, match=r"client 1's update has NaN/Inf \(roles \['model'\]\)"):
         trainer_factory(rounds=1, callbacks=[NaNLossTerm()]).fit(fed, digits(num_clients=3))
     assert fed.excluded == [1] and torch.isfinite(torch.tensor(fed.history[-1]["train/loss"]))
+
+
+def test_the_batch_plan_examples_hold():
+    import doctest
+
+    from pl_federated.loops import local_update
+
+    assert doctest.testmod(local_update).failed == 0
+
+
+@pytest.mark.parametrize(
+    ("samples", "batch", "epochs", "steps", "accumulate", "expected"),
+    [
+        (64, 32, 2, None, 1, [2, 2]),
+        (64, 32, 2, None, 2, [2, 2]),
+        (100, 10, 1, 7, 3, [10, 9]),  # 4 steps per epoch (3+3+3+1 batches), then 3 more
+        (100, 10, 1, 4, 3, [10]),
+        (0, 10, 3, None, 2, []),
+    ],
+)
+def test_accumulated_plans_count_optimizer_steps(
+    samples, batch, epochs, steps, accumulate, expected
+):
+    from pl_federated.loops.local_update import local_epoch_lengths, steps_at
+
+    lengths = local_epoch_lengths(samples, batch, epochs, steps, accumulate)
+    assert lengths == expected
+    if steps is not None:
+        assert sum(sum(steps_at(n, accumulate)) for n in lengths) == steps
+
+
+def test_accumulated_steps_equal_a_hand_written_loop(trainer_factory):
+    """One client, batches of 16 from 64 samples, 2 batches per optimizer step, 3 local steps
+    (the 2nd epoch stops after its first step): the server model equals plain torch summing
+    each pair's losses / 2 before stepping, in the same seeded batch order."""
+    import copy
+
+    from torch.nn import functional as F
+
+    from pl_federated import FederatedDataModule
+    from pl_federated.data import IID
+
+    torch.manual_seed(0)
+    client = MLPClassifier(lr=0.3, hidden=(8,))
+    reference = copy.deepcopy(client)
+    fed = federation(client, local_steps=3, accumulate_grad_batches=2)
+    dm = FederatedDataModule(
+        "digits", num_clients=1, partition=IID(), batch_size=16, max_train_samples=64
+    )
+    trainer = trainer_factory(rounds=1, callbacks=[FedAvg()])
+    trainer.fit(fed, dm)
+    assert trainer.global_step == 3
+    x, y = dm.client_train(0)
+    gen = fed.rng("batches", 0, 0)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.3)
+    groups = []
+    for count in (4, 2):  # batches per local epoch: 2 steps, then 1
+        perm = torch.randperm(64, generator=gen)
+        batches = [perm[i * 16 : (i + 1) * 16] for i in range(count)]
+        groups += [batches[j : j + 2] for j in range(0, count, 2)]
+    for group in groups:
+        opt.zero_grad()
+        for idx in group:
+            (F.cross_entropy(reference(x[idx]), y[idx]) / 2).backward()
+        opt.step()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(fed.server_state[name], value, rtol=1e-5, atol=1e-6)
