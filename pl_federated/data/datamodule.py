@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import Tensor
 
+from pl_federated.data.batches import TensorBatches
+from pl_federated.data.client_data import ClientDataModule
 from pl_federated.data.datasets import DATASETS, load_dataset
-from pl_federated.data.partition import Dirichlet, Partition, Partitioner
+from pl_federated.data.partition import Dirichlet, Partition, Partitioner, held_out_split
 from pl_federated.validation import Choice, ConfigError, Flag, Int, Real, arguments
 
 
-class FederatedDataModule(pl.LightningDataModule):
+class FederatedDataModule(ClientDataModule):
     """Partition a dataset over ``num_clients`` clients, each with its own train/test split.
 
     The data live in memory as tensors; a client's batches are index slices of its own
-    tensors (no per-sample ``__getitem__``). The training "dataloader" yields client slots for
-    the :class:`~pl_federated.module.FederatedModule` (one Lightning step = one slot).
+    tensors (no per-sample ``__getitem__``; see :class:`~pl_federated.data.batches.
+    TensorBatches`). What the engine reads is :class:`~pl_federated.data.client_data.
+    ClientDataModule`'s.
 
     Args:
         dataset: a name in :data:`pl_federated.data.datasets.DATASETS` (``digits`` is embedded).
@@ -252,13 +252,8 @@ class FederatedDataModule(pl.LightningDataModule):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(test, val, train) indices of one client from its shuffled indices ``idx``."""
 
-        def held_out(n: int, fraction: float) -> int:
-            return 0 if fraction == 0 else max(1, round(n * fraction))
-
         if not self.stratified:
-            n_test = held_out(len(idx), self.test_fraction)
-            n_val = held_out(len(idx), self.val_fraction)
-            test, val, train = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+            test, val, train = held_out_split(idx, self.test_fraction, self.val_fraction)
         else:
             parts: list[list[np.ndarray]] = [[], [], []]
             for c in np.unique(labels[idx]):
@@ -279,50 +274,9 @@ class FederatedDataModule(pl.LightningDataModule):
         return test, val, train
 
     # ------------------------------------------------------------- access
-    def client_train(self, client: int) -> tuple[Tensor, Tensor]:
-        return self.train_x[client], self.train_y[client]
-
-    def client_test(self, client: int) -> tuple[Tensor, Tensor]:
-        return self.test_x[client], self.test_y[client]
-
-    def client_val(self, client: int) -> tuple[Tensor, Tensor]:
-        return self.val_x[client], self.val_y[client]
-
-    def client_split(self, client: int, split: str) -> tuple[Tensor, Tensor]:
-        """Client ``client``'s ``"train"``, ``"val"`` or ``"test"`` data."""
-        getters = {"train": self.client_train, "val": self.client_val, "test": self.client_test}
-        if split not in getters:
-            raise ConfigError(f"Unknown split {split!r}; choose one of {sorted(getters)}.")
-        return getters[split](client)
-
-    def global_test(self) -> tuple[Tensor, Tensor]:
-        """The held-out global test set (``global_test_fraction``), or the pooled client test
-        splits when there is none."""
-        if len(self.global_test_y):
-            return self.global_test_x, self.global_test_y
-        x, y, _ = self.pooled_test()
-        return x, y
-
-    def pooled_test(self) -> tuple[Tensor, Tensor, Tensor]:
-        """All clients' test splits concatenated, plus each sample's client id."""
-        owner = torch.repeat_interleave(torch.arange(self.num_clients), self.num_test)
-        return torch.cat(self.test_x), torch.cat(self.test_y), owner
-
-    # -------------------------------------------------------- dataloaders
-    def train_dataloader(self) -> Iterable[list[int]]:
-        """The round's client slots, as the FederatedModule plans them (``client_slots``)."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if not callable(getattr(module, "client_slots", None)):
-            raise TypeError(
-                "FederatedDataModule trains a FederatedModule; got "
-                f"{type(module).__name__}. Wrap your LightningModule: FederatedModule(client=...)."
-            )
-        return module.client_slots()
-
-    def test_dataloader(self) -> range:
-        """One step per client for ``trainer.test``; each step evaluates that client."""
-        return range(self.num_clients)
-
-    def val_dataloader(self) -> range:
-        """One step per client for ``trainer.validate`` (not used during fit)."""
-        return range(self.num_clients)
+    def client_batches(self, client: int) -> TensorBatches:
+        """``client``'s training tensors, batched by index slices (``train_transform`` applied
+        as batches are drawn)."""
+        return TensorBatches(
+            self.train_x[client], self.train_y[client], self.batch_size, self.train_transform
+        )

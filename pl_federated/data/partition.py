@@ -27,6 +27,26 @@ def label_counts(labels: np.ndarray, indices: list[np.ndarray], num_classes: int
     return np.stack([np.bincount(labels[i], minlength=num_classes) for i in indices])
 
 
+def held_out_split(
+    idx: np.ndarray, test_fraction: float, val_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(test, val, train)``: the first ``round(n * test_fraction)`` of the (shuffled)
+    indices ``idx``, the next ``round(n * val_fraction)``, the rest; a fraction > 0 holds out
+    at least one sample.
+
+    Example:
+        >>> [part.tolist() for part in held_out_split(np.arange(10), 0.2, 0.05)]
+        [[0, 1], [2], [3, 4, 5, 6, 7, 8, 9]]
+    """
+
+    def held_out(n: int, fraction: float) -> int:
+        return 0 if fraction == 0 else max(1, round(n * fraction))
+
+    n_test = held_out(len(idx), test_fraction)
+    n_val = held_out(len(idx), val_fraction)
+    return idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+
+
 class Partitioner(ABC):
     """Splits sample indices over ``num_clients`` clients.
 

@@ -100,7 +100,8 @@ class Evaluator:
         client = next((c for c in range(self.num_clients) if int(dm.num_train[c])), None)
         if client is None:
             return
-        x = dm.client_train(client)[0][:2]
+        batch = dm.client_batches(client).head(2)
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
         for role in self.workers.modules:
             worker = self.workers[role]
             name = f"The client module {type(worker).__name__} (role {role!r})"

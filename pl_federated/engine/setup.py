@@ -58,9 +58,10 @@ def setup_stage(fed: Any, stage: str) -> None:
     """
     trainer = fed.trainer
     dm = trainer.datamodule
-    if dm is None or not hasattr(dm, "client_train"):
+    if dm is None or not hasattr(dm, "client_batches"):
         raise ConfigError(
-            "FederatedModule needs a FederatedDataModule: trainer.fit(module, datamodule=dm)."
+            "FederatedModule needs a FederatedDataModule (or another ClientDataModule, e.g. "
+            "ClientDatasets): trainer.fit(module, datamodule=dm)."
         )
     dm.setup(stage)
     fed.config.check_clients(dm.num_clients)

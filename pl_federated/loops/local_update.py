@@ -29,31 +29,27 @@ import torch
 from torch import Tensor
 
 from pl_federated.callbacks.aggregator import Upload
+from pl_federated.data.batches import LoaderBatches, TensorBatches, batches_per_epoch, move_batch
 from pl_federated.store import SHARED_ROLE, all_finite
 
 
 def local_epoch_lengths(
-    num_samples: int,
-    batch_size: int,
-    local_epochs: int,
-    local_steps: int | None,
-    accumulate: int = 1,
+    per_epoch: int, local_epochs: int, local_steps: int | None, accumulate: int = 1
 ) -> list[int]:
-    """Batches in each local epoch: ``local_epochs`` full passes, or passes until
-    ``local_steps`` optimizer steps are taken; no batches without data.
+    """Batches in each local epoch of ``per_epoch`` batches: ``local_epochs`` full passes,
+    or passes until ``local_steps`` optimizer steps are taken; no batches without data.
 
     With ``accumulate`` > 1 an optimizer step takes ``accumulate`` batches, and, as in
     Lightning, a local epoch's last (shorter) group steps too; groups never span epochs.
 
     Example:
-        >>> local_epoch_lengths(10, 4, 2, None), local_epoch_lengths(10, 4, 1, 5)
+        >>> local_epoch_lengths(3, 2, None), local_epoch_lengths(3, 1, 5)
         ([3, 3], [3, 2])
-        >>> local_epoch_lengths(10, 2, 1, 4, accumulate=2)  # 5 batches = 3 steps, then 1 more
+        >>> local_epoch_lengths(5, 1, 4, accumulate=2)  # 5 batches = 3 steps, then 1 more
         [5, 2]
     """
-    if not num_samples:
+    if not per_epoch:
         return []
-    per_epoch = math.ceil(num_samples / batch_size)
     if local_steps is None:
         return [per_epoch] * local_epochs
     steps_per_epoch = math.ceil(per_epoch / accumulate)
@@ -63,6 +59,22 @@ def local_epoch_lengths(
         lengths.append(per_epoch if steps == steps_per_epoch else steps * accumulate)
         remaining -= steps
     return lengths
+
+
+def training_batches(fed: Any, client: int) -> TensorBatches | LoaderBatches:
+    """``client``'s training batches this round: the datamodule's, or what a ``train_data``
+    callback replaces its tensors with (in-memory data only)."""
+    dispatch = fed.dispatch
+    source = fed.datamodule.client_batches(client)
+    replacing = dispatch.implementing("train_data")
+    if not replacing:
+        return source
+    x, y = fed.datamodule.client_train(client)  # raises for streamed Datasets
+    for cb in replacing:
+        with dispatch.profile(cb, "train_data"):
+            replaced = cb.train_data(fed, client, x, y)
+        x, y = (x, y) if replaced is None else replaced
+    return TensorBatches(x, y, source.batch_size, source.transform)
 
 
 def steps_at(count: int, accumulate: int) -> list[bool]:
@@ -132,20 +144,17 @@ def train_client(fed: Any, client: int) -> None:
     stepper.hooks.client_start(roles, client)
     dispatch.call("on_client_start", fed.trainer, fed, client)
     device, workers = fed.device, fed.workers
+    shared = workers[SHARED_ROLE]  # its transfer hooks move the batch
     sup = next(iter(dispatch.implementing("supervised_loss")), None)
     weighters = dispatch.implementing("supervised_weight")
     adders = dispatch.implementing("client_loss")
-    transform = getattr(fed.datamodule, "train_transform", None)
-    x, y = fed.datamodule.client_train(client)
-    for cb in dispatch.implementing("train_data"):
-        with dispatch.profile(cb, "train_data"):
-            replaced = cb.train_data(fed, client, x, y)
-        x, y = (x, y) if replaced is None else replaced
-    n, bs = len(y), fed.datamodule.batch_size
+    source = training_batches(fed, client)
+    n, bs = len(source), source.batch_size
     gen = fed.streams.generator("batches", fed.current_round, client)
     loss_sums = {role: torch.zeros((), device=device) for role in roles}
     accumulate = fed.accumulate_grad_batches
-    lengths = local_epoch_lengths(n, bs, fed.local_epochs, fed.local_steps, accumulate)
+    per_epoch = batches_per_epoch(n, bs, source.drop_last)
+    lengths = local_epoch_lengths(per_epoch, fed.local_epochs, fed.local_steps, accumulate)
     done = batches = 0  # optimizer steps taken, batches trained on
     hooks = stepper.hooks  # the client module's own Lightning hooks
     for epoch, count in enumerate(lengths):
@@ -153,12 +162,9 @@ def train_client(fed: Any, client: int) -> None:
         hooks.call("on_train_epoch_start", roles)
         perm = torch.randperm(n, generator=gen)
         pending = False  # gradients accumulated since the last optimizer step
-        for i, step_after in enumerate(steps_at(count, accumulate)):
-            idx = perm[i * bs : (i + 1) * bs]
-            xb = x[idx]
-            if transform is not None:
-                xb = torch.stack([transform(sample) for sample in xb])
-            batch = (xb.to(device, non_blocking=True), y[idx].to(device, non_blocking=True))
+        plan = zip(source.batches(perm, count), steps_at(count, accumulate), strict=True)
+        for i, (cpu_batch, step_after) in enumerate(plan):
+            batch = move_batch(shared, cpu_batch, device)
             if -1 in hooks.call("on_train_batch_start", roles, batch, i):
                 break  # Lightning's meaning: skip the rest of this (local) epoch
             outs = {role: as_output(workers[role].training_step(batch, i)) for role in roles}

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from pl_federated.callbacks.base import HOOKS, overrides
+from pl_federated.data.batches import TensorBatches, batches_per_epoch
 from pl_federated.loops.local_update import (
     add_loss,
     fail_client,
@@ -104,6 +105,11 @@ def check_vectorizable(fed: Any) -> None:
             f"`vectorize_clients` does not call the client's own hooks {hooks} (its clients "
             "train as one stacked model); set `vectorize_clients: false`."
         )
+    if not isinstance(fed.datamodule.client_batches(0), TensorBatches):
+        raise ConfigError(
+            f"`vectorize_clients` stacks in-memory client tensors; "
+            f"{type(fed.datamodule).__name__} streams Datasets: set `vectorize_clients: false`."
+        )
     if fed.accumulate_grad_batches > 1:
         raise ConfigError(
             "`vectorize_clients` does not accumulate gradients; set `accumulate_grad_batches: 1` "
@@ -178,7 +184,7 @@ def train_group(fed: Any, clients: list[int]) -> None:
 
     data = [fed.datamodule.client_train(c) for c in clients]
     n, bs = len(data[0][1]), fed.datamodule.batch_size
-    lengths = local_epoch_lengths(n, bs, fed.local_epochs, fed.local_steps)
+    lengths = local_epoch_lengths(batches_per_epoch(n, bs), fed.local_epochs, fed.local_steps)
     x = torch.stack([d[0] for d in data])
     y = torch.stack([d[1] for d in data])
     gens = [fed.streams.generator("batches", fed.current_round, c) for c in clients]

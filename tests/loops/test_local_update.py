@@ -150,9 +150,10 @@ def test_the_batch_plan_examples_hold():
 def test_accumulated_plans_count_optimizer_steps(
     samples, batch, epochs, steps, accumulate, expected
 ):
+    from pl_federated.data.batches import batches_per_epoch
     from pl_federated.loops.local_update import local_epoch_lengths, steps_at
 
-    lengths = local_epoch_lengths(samples, batch, epochs, steps, accumulate)
+    lengths = local_epoch_lengths(batches_per_epoch(samples, batch), epochs, steps, accumulate)
     assert lengths == expected
     if steps is not None:
         assert sum(sum(steps_at(n, accumulate)) for n in lengths) == steps

@@ -1,0 +1,115 @@
+"""ClientDataModule: what the engine reads from any federated datamodule, written once.
+
+A federated datamodule holds K clients' data. Training reads each client's batches through
+:meth:`ClientDataModule.client_batches` (see :mod:`pl_federated.data.batches`); evaluation reads
+each client's test/validation split as in-memory ``(x, y)`` tensors (``test_x``/``test_y``,
+``val_x``/``val_y``: one per client) and, when there is one, a held-out global test set. The
+training "dataloader" yields client slots for the
+:class:`~pl_federated.module.FederatedModule` (one Lightning step = one slot).
+
+Subclasses: :class:`~pl_federated.data.FederatedDataModule` (a named dataset and a
+partitioner, in-memory tensors) and :class:`~pl_federated.data.ClientDatasets` (the user's own
+per-client Datasets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from pl_federated.data.batches import LoaderBatches, TensorBatches
+from pl_federated.validation import ConfigError
+
+
+class ClientDataModule(pl.LightningDataModule):
+    """The per-client data access the engine uses; subclasses fill it in ``setup``.
+
+    Attributes (set by ``setup``):
+        num_clients: K.
+        num_classes: classes of the labels (classification metrics use them).
+        batch_size: local training batch size.
+        num_train, num_val, num_test: ``[K]`` sample counts per split.
+        test_x, test_y, val_x, val_y: per-client evaluation tensors.
+        global_test_x, global_test_y: a held-out global test set (empty: none).
+    """
+
+    num_clients: int
+    num_classes: int
+    batch_size: int
+    num_train: Tensor
+    num_val: Tensor
+    num_test: Tensor
+    test_x: list[Tensor]
+    test_y: list[Tensor]
+    val_x: list[Tensor]
+    val_y: list[Tensor]
+    global_test_x: Tensor = torch.empty(0)
+    global_test_y: Tensor = torch.empty(0, dtype=torch.long)
+
+    def client_batches(self, client: int) -> TensorBatches | LoaderBatches:
+        """``client``'s training batches (in the order the engine asks for)."""
+        raise NotImplementedError
+
+    def client_train(self, client: int) -> tuple[Tensor, Tensor]:
+        """``client``'s training split as tensors: only where it is held in memory.
+
+        Raises:
+            ConfigError: the datamodule streams training batches from Datasets.
+        """
+        batches = self.client_batches(client)
+        if not isinstance(batches, TensorBatches):
+            raise ConfigError(
+                f"{type(self).__name__} streams each client's training data from its Dataset; "
+                "this needs it as in-memory tensors (a FederatedDataModule): a callback that "
+                "reads or replaces whole training splits (FedProto, KD3A's pseudo-labels) or "
+                "`vectorize_clients`."
+            )
+        return batches.x, batches.y
+
+    def client_test(self, client: int) -> tuple[Tensor, Tensor]:
+        return self.test_x[client], self.test_y[client]
+
+    def client_val(self, client: int) -> tuple[Tensor, Tensor]:
+        return self.val_x[client], self.val_y[client]
+
+    def client_split(self, client: int, split: str) -> tuple[Tensor, Tensor]:
+        """Client ``client``'s ``"train"``, ``"val"`` or ``"test"`` data."""
+        getters = {"train": self.client_train, "val": self.client_val, "test": self.client_test}
+        if split not in getters:
+            raise ConfigError(f"Unknown split {split!r}; choose one of {sorted(getters)}.")
+        return getters[split](client)
+
+    def global_test(self) -> tuple[Tensor, Tensor]:
+        """The held-out global test set, or the pooled client test splits when there is
+        none."""
+        if len(self.global_test_y):
+            return self.global_test_x, self.global_test_y
+        x, y, _ = self.pooled_test()
+        return x, y
+
+    def pooled_test(self) -> tuple[Tensor, Tensor, Tensor]:
+        """All clients' test splits concatenated, plus each sample's client id."""
+        owner = torch.repeat_interleave(torch.arange(self.num_clients), self.num_test)
+        return torch.cat(self.test_x), torch.cat(self.test_y), owner
+
+    # -------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> Iterable[list[int]]:
+        """The round's client slots, as the FederatedModule plans them (``client_slots``)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if not callable(getattr(module, "client_slots", None)):
+            raise TypeError(
+                f"{type(self).__name__} trains a FederatedModule; got "
+                f"{type(module).__name__}. Wrap your LightningModule: FederatedModule(client=...)."
+            )
+        return module.client_slots()
+
+    def test_dataloader(self) -> range:
+        """One step per client for ``trainer.test``; each step evaluates that client."""
+        return range(self.num_clients)
+
+    def val_dataloader(self) -> range:
+        """One step per client for ``trainer.validate`` (not used during fit)."""
+        return range(self.num_clients)

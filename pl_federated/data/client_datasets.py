@@ -1,0 +1,261 @@
+"""ClientDatasets: a federation over the user's own per-client Datasets.
+
+Three ways in:
+
+* ``ClientDatasets(train=[ds_0, ..., ds_K-1], test=[...], val=[...])``: one Dataset per client;
+* ``ClientDatasets.from_client_ids(dataset, client_ids)``: one Dataset and each sample's client
+  (a natural partition: FEMNIST writers, speakers, hospitals);
+* ``ClientDatasets.partitioned(dataset, num_clients, partition)``: any map-style Dataset (e.g. a
+  torchvision dataset) split by a :class:`~pl_federated.data.Partitioner` over its labels.
+
+Training streams each client's batches through one ``DataLoader`` (``collate_fn``,
+``drop_last``, ``num_workers``; see :mod:`pl_federated.data.batches`), in the seeded order the
+in-memory path uses. Evaluation still scores classifiers on in-memory tensors: each client's
+test/val Dataset is collated once at ``setup`` into ``(x, y)``, so its samples must be
+``(input, class index)`` pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
+
+from pl_federated.data.batches import DatasetPool, LoaderBatches
+from pl_federated.data.client_data import ClientDataModule
+from pl_federated.data.partition import (
+    Dirichlet,
+    Partition,
+    Partitioner,
+    held_out_split,
+    label_counts,
+)
+from pl_federated.validation import ConfigError, Flag, Int, arguments
+
+
+def targets_of(dataset: Dataset) -> np.ndarray:
+    """Each sample's class index: ``dataset.targets`` (torchvision) or a TensorDataset's
+    second tensor, through ``Subset``s; else read sample by sample (``dataset[i][1]``).
+
+    Raises:
+        ConfigError: a sample is not ``(input, class index)``.
+    """
+    if isinstance(dataset, Subset):
+        return targets_of(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return _as_labels(dataset.tensors[1], type(dataset).__name__)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return _as_labels(targets, type(dataset).__name__)
+    labels = []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if not isinstance(sample, (tuple, list)) or len(sample) < 2:
+            raise ConfigError(
+                f"{type(dataset).__name__} sample {i} is a {type(sample).__name__}; labels "
+                "come from (input, class index) samples: pass `labels` explicitly."
+            )
+        labels.append(sample[1])
+    return _as_labels(labels, type(dataset).__name__)
+
+
+def _as_labels(values: Any, where: str) -> np.ndarray:
+    array = np.asarray(values.numpy() if isinstance(values, Tensor) else values)
+    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) and (array >= 0).all()):
+        raise ConfigError(
+            f"{where}: labels must be class indices >= 0, one per sample; got an array of "
+            f"dtype {array.dtype} and shape {array.shape}."
+        )
+    return array.astype(np.int64)
+
+
+class ClientDatasets(ClientDataModule):
+    """One map-style Dataset per client (train, optionally val/test) as a federation's data.
+
+    Args:
+        train: client ``k``'s training Dataset at index ``k``; samples ``(input, class)``.
+        test: per-client test Datasets (``None``: no client test data).
+        val: per-client validation Datasets (``None``: none).
+        batch_size: local training batch size.
+        collate_fn: the training DataLoader's ``collate_fn`` (and how evaluation splits are
+            collated); default torch's ``default_collate``.
+        drop_last: drop each local epoch's last, incomplete batch.
+        num_workers: DataLoader worker processes (they persist for the fit).
+        num_classes: classes; default ``1 +`` the largest label seen.
+
+    Raises:
+        ValueError: no clients, a client without training samples, per-client lists of
+            different lengths, or samples without class labels (named).
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> clients = [TensorDataset(torch.randn(8, 4), torch.arange(8) % 2) for _ in range(3)]
+        >>> dm = ClientDatasets(train=clients, test=clients, batch_size=4)
+        >>> dm.setup("fit"); dm.num_clients, dm.num_classes, dm.num_train.tolist()
+        (3, 2, [8, 8, 8])
+    """
+
+    @arguments(batch_size=Int(ge=1), drop_last=Flag(), num_workers=Int(ge=0))
+    def __init__(
+        self,
+        train: Sequence[Dataset],
+        test: Sequence[Dataset] | None = None,
+        val: Sequence[Dataset] | None = None,
+        batch_size: int = 32,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        train = list(train)
+        if not train:
+            raise ConfigError("`ClientDatasets.train` must hold one Dataset per client; got none.")
+        for name, datasets in (("test", test), ("val", val)):
+            if datasets is not None and len(datasets) != len(train):
+                raise ConfigError(
+                    f"`ClientDatasets.{name}` must hold one Dataset per client ({len(train)}, "
+                    f"like `train`); got {len(datasets)}."
+                )
+        for k, ds in enumerate(train):
+            if len(ds) == 0:
+                raise ConfigError(f"`ClientDatasets.train[{k}]` (client {k}) has no samples.")
+        self.train_sets, self.test_sets, self.val_sets = train, test, val
+        self.num_clients, self.batch_size = len(train), batch_size
+        self.collate_fn = collate_fn or default_collate
+        self.drop_last, self.num_workers = drop_last, num_workers
+        self.given_num_classes = num_classes
+        self.client_names: list[Hashable] = list(range(len(train)))
+        self.pool: DatasetPool | None = None
+
+    @classmethod
+    def from_client_ids(
+        cls,
+        dataset: Dataset,
+        client_ids: Sequence[Hashable],
+        test_fraction: float = 0.2,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        **options: Any,
+    ) -> ClientDatasets:
+        """A natural partition: client ``k`` holds the samples whose id is the ``k``-th
+        smallest distinct id (``client_names`` maps back), split by a seeded shuffle into
+        test/val/train (the same rule as :class:`~pl_federated.data.FederatedDataModule`).
+        ``options``: the constructor's."""
+        ids = np.asarray(client_ids)
+        if len(ids) != len(dataset):
+            raise ConfigError(
+                f"`client_ids` must name one client per sample ({len(dataset)}); got {len(ids)}."
+            )
+        names, owner = np.unique(ids, return_inverse=True)
+        indices = [np.flatnonzero(owner == k) for k in range(len(names))]
+        dm = cls._split(dataset, indices, test_fraction, val_fraction, seed, **options)
+        dm.client_names = names.tolist()
+        return dm
+
+    @classmethod
+    def partitioned(
+        cls,
+        dataset: Dataset,
+        num_clients: int,
+        partition: Partitioner | None = None,
+        labels: Sequence[int] | None = None,
+        test_fraction: float = 0.2,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        **options: Any,
+    ) -> ClientDatasets:
+        """``dataset`` split over ``num_clients`` by ``partition`` (default
+        ``Dirichlet(alpha=0.5)``) on ``labels`` (default: :func:`targets_of`), each client's
+        share split into test/val/train. ``options``: the constructor's."""
+        y = _as_labels(labels, "labels") if labels is not None else targets_of(dataset)
+        split = (partition or Dirichlet(alpha=0.5))(y, num_clients, seed=seed)
+        return cls._split(dataset, split.indices, test_fraction, val_fraction, seed, **options)
+
+    @classmethod
+    def _split(
+        cls,
+        dataset: Dataset,
+        indices: list[np.ndarray],
+        test_fraction: float,
+        val_fraction: float,
+        seed: int,
+        **options: Any,
+    ) -> ClientDatasets:
+        if not 0 <= test_fraction < 1 or not 0 <= val_fraction < 1:
+            raise ConfigError(
+                f"`test_fraction` and `val_fraction` must be in [0, 1); got {test_fraction!r} "
+                f"and {val_fraction!r}."
+            )
+        rng = np.random.default_rng(seed + 1)
+        parts: dict[str, list[Dataset]] = {"train": [], "val": [], "test": []}
+        for idx in indices:
+            test, val, train = held_out_split(rng.permutation(idx), test_fraction, val_fraction)
+            for name, part in (("train", train), ("val", val), ("test", test)):
+                parts[name].append(Subset(dataset, part.tolist()))
+        return cls(parts["train"], parts["test"], parts["val"], **options)
+
+    # --------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        """Read the labels, collate the evaluation splits, build the training DataLoader
+        (idempotent); every error surfaces here, before training."""
+        if self.pool is not None:
+            return
+        train_labels = [targets_of(ds) for ds in self.train_sets]
+        first = self.collate_fn([self.train_sets[0][0]])
+        if not isinstance(first, (tuple, list)) or not isinstance(first[0], Tensor):
+            raise ConfigError(
+                "ClientDatasets evaluates classifiers on (input, class index) samples; "
+                f"client 0's first sample collates to a {type(first).__name__}."
+            )
+        empty = first[0][:0]
+        self.test_x, self.test_y = self._collate_all(self.test_sets, empty, "test")
+        self.val_x, self.val_y = self._collate_all(self.val_sets, empty, "val")
+        seen = [int(y.max()) for y in train_labels if len(y)]
+        seen += [int(y.max()) for y in self.test_y + self.val_y if len(y)]
+        self.num_classes = self.given_num_classes or 1 + max(seen)
+        if max(seen) >= self.num_classes:
+            raise ConfigError(
+                f"`ClientDatasets.num_classes` is {self.num_classes} but a label is {max(seen)}."
+            )
+        self.split = Partition(
+            [np.arange(len(y)) for y in train_labels],
+            label_counts(np.concatenate(train_labels), _offsets(train_labels), self.num_classes),
+        )
+        self.num_train = torch.tensor([len(ds) for ds in self.train_sets])
+        self.num_val = torch.tensor([len(y) for y in self.val_y])
+        self.num_test = torch.tensor([len(y) for y in self.test_y])
+        self.pool = DatasetPool(
+            self.train_sets, self.batch_size, self.collate_fn, self.drop_last, self.num_workers
+        )
+
+    def _collate_all(
+        self, datasets: Sequence[Dataset] | None, empty: Tensor, split: str
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        xs, ys = [], []
+        for k in range(self.num_clients):
+            ds = datasets[k] if datasets is not None else None
+            if ds is None or len(ds) == 0:
+                xs.append(empty.clone())
+                ys.append(torch.empty(0, dtype=torch.long))
+                continue
+            x, y = self.collate_fn([ds[i] for i in range(len(ds))])[:2]
+            ys.append(torch.as_tensor(_as_labels(y, f"client {k}'s {split} split")))
+            xs.append(x)
+        return xs, ys
+
+    def client_batches(self, client: int) -> LoaderBatches:
+        """``client``'s training batches from the shared DataLoader."""
+        if self.pool is None:
+            self.setup("fit")
+        return self.pool.client(client)
+
+
+def _offsets(labels: list[np.ndarray]) -> list[np.ndarray]:
+    """Each client's positions in the concatenation of ``labels``."""
+    starts = np.cumsum([0] + [len(y) for y in labels])
+    return [np.arange(starts[k], starts[k + 1]) for k in range(len(labels))]
