@@ -30,7 +30,6 @@ from pl_federated.engine.transport import StateTransport
 from pl_federated.engine.workers import StoreNamespaces, Workers, check_client_module
 from pl_federated.loops import round_loop
 from pl_federated.loops.optimization import Stepper
-from pl_federated.loops.vectorized import check_vectorizable
 from pl_federated.store import SHARED_ROLE, ClientStore
 
 
@@ -43,11 +42,8 @@ class FederatedModule(pl.LightningModule):
     :class:`~pl_federated.callbacks.FederatedCallback` s passed to the Trainer; if none of them
     aggregates, :class:`~pl_federated.callbacks.FedAvg` is used.
 
-    The client module stays ordinary: ``training_step(batch, batch_idx)`` returns the loss (or a
-    dict with ``loss`` and optionally ``logits``/``features``), ``forward(x)`` returns logits,
-    ``configure_optimizers`` returns one optimizer (LR schedulers allowed: see
-    :mod:`pl_federated.loops.lr_schedules`). Its ``self.log`` calls are collected and
-    logged as per-round means under ``client/<name>``.
+    The client module stays ordinary; what it may do and which of its hooks run when:
+    ``docs/clients.md``.
 
     Evaluation (every ``eval_every_n_rounds`` rounds and at the last round):
     ``global/*`` (the new server model) and ``personal/*`` (every client's evaluated model;
@@ -73,11 +69,8 @@ class FederatedModule(pl.LightningModule):
             stored float state (half the memory for many stateful clients, at that precision).
         store_path: memory-map the per-client state to files under this folder (CPU store).
         vectorize_clients: train the clients of a slot (``clients_per_step``) with equal
-            sample counts at once with ``torch.vmap`` (see :mod:`pl_federated.loops.vectorized`):
-            for many small clients. Needs a model without data-dependent Python control flow,
-            an element-wise optimizer, only the shared role, and callbacks that do not act
-            inside a client's update; dropout draws differ from sequential training and the
-            client's own ``self.log`` calls are not collected.
+            sample counts at once with ``torch.vmap``, for many small clients; what it needs
+            and refuses: :mod:`pl_federated.loops.vectorized`.
         gradient_clip_val: clip every local step's gradients of each role at this value
             (after unscaling; Lightning's ``Trainer(gradient_clip_val)`` does not apply to the
             manual optimization a federation runs). ``None``: no clipping.
@@ -201,11 +194,6 @@ class FederatedModule(pl.LightningModule):
     @property
     def shared_worker(self) -> pl.LightningModule:
         """The worker of the shared role (the user's module); ``client`` elsewhere is an id."""
-        return self.workers[SHARED_ROLE]
-
-    @property
-    def client(self) -> pl.LightningModule:
-        """The constructor's ``client`` argument: :attr:`shared_worker` (kept for old code)."""
         return self.workers[SHARED_ROLE]
 
     @property
@@ -403,13 +391,7 @@ class FederatedModule(pl.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """The workers' optimizers, built once and reset per client (registered with Lightning
         so the precision plugin scales/unscales them and ``global_step`` counts local steps)."""
-        config = self.config
-        return self.stepper.configure(
-            self.workers,
-            config.persist_optimizer,
-            config.gradient_clip_val,
-            config.gradient_clip_algorithm,
-        )
+        return self.stepper.configure(self.workers, self.config)
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -418,14 +400,7 @@ class FederatedModule(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        self.server_state = {k: v.to(self.device) for k, v in self.server_state.items()}
-        self.stepper.start(self.trainer)
-        if self.vectorize_clients:
-            check_vectorizable(self)
-        self.evaluator.check_data_fits()  # a model/data mismatch fails before round 0
-        self.evaluator.warn_if_nothing_to_evaluate(self.eval_every_n_rounds)
-        if self.trainer.ckpt_path is not None:  # resumed: complete logs from round 0
-            self.round_logger.replay(self.trainer)
+        round_loop.start_fit(self)
 
     @override
     def on_train_epoch_start(self) -> None:

@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
+from pl_federated.engine.config import FederationConfig
 from pl_federated.loops.client_hooks import ClientHooks
 from pl_federated.loops.lr_schedules import (
     LocalSchedule,
@@ -87,14 +88,11 @@ class Stepper:
         self.direct = False
 
     def configure(
-        self,
-        workers: Mapping[str, pl.LightningModule],
-        persist_optimizer: bool = False,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str = "norm",
+        self, workers: Mapping[str, pl.LightningModule], config: FederationConfig
     ) -> list[torch.optim.Optimizer]:
         """Build every role's optimizer (and LR schedules, see
-        :mod:`~pl_federated.loops.lr_schedules`) from its worker's ``configure_optimizers``.
+        :mod:`~pl_federated.loops.lr_schedules`) from its worker's ``configure_optimizers``;
+        ``config``'s ``persist_optimizer`` and gradient clipping settings apply.
 
         Raises:
             ConfigError: not one optimizer, or schedulers with ``persist_optimizer`` (a
@@ -104,7 +102,7 @@ class Stepper:
         for role, worker in workers.items():
             where = f"client role {role!r}"
             opt, configs = parse_configure_optimizers(worker.configure_optimizers(), where)
-            if configs and persist_optimizer:
+            if configs and config.persist_optimizer:
                 raise ConfigError(
                     f"{where}: LR schedulers with `persist_optimizer: true` are not supported "
                     "(a client's schedule restarts every round); drop one of them."
@@ -112,7 +110,7 @@ class Stepper:
             self.optimizers[role] = opt
             self.schedules[role] = local_schedule(opt, configs)
         self.roles_by_optimizer = {id(opt): role for role, opt in self.optimizers.items()}
-        self.hooks = ClientHooks(workers, gradient_clip_val, gradient_clip_algorithm)
+        self.hooks = ClientHooks(workers, config.gradient_clip_val, config.gradient_clip_algorithm)
         return list(self.optimizers.values())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

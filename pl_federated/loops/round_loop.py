@@ -15,7 +15,7 @@ from typing import Any
 
 from pl_federated.engine.round_state import RoundState, merge_round_states
 from pl_federated.loops.local_update import train_client
-from pl_federated.loops.vectorized import group_by_samples, train_group
+from pl_federated.loops.vectorized import check_vectorizable, group_by_samples, train_group
 from pl_federated.store import SHARED_ROLE, all_finite
 
 
@@ -43,6 +43,20 @@ def is_eval_round(round: int, every: int, max_rounds: int | None) -> bool:
         return False
     last = max_rounds is not None and round == max_rounds - 1
     return last or (round + 1) % every == 0
+
+
+def start_fit(fed: Any) -> None:
+    """Before round 0: the server state on the device, the step path chosen, and what would
+    fail mid-round checked now (vectorizability, a model/data mismatch); a resumed fit
+    replays its logs from round 0."""
+    fed.server_state = {k: v.to(fed.device) for k, v in fed.server_state.items()}
+    fed.stepper.start(fed.trainer)
+    if fed.vectorize_clients:
+        check_vectorizable(fed)
+    fed.evaluator.check_data_fits()
+    fed.evaluator.warn_if_nothing_to_evaluate(fed.eval_every_n_rounds)
+    if fed.trainer.ckpt_path is not None:
+        fed.round_logger.replay(fed.trainer)
 
 
 def start_round(fed: Any) -> None:

@@ -13,6 +13,12 @@ Clients are grouped by their number of training samples, so every client of a gr
 same batch shapes at every step and the same number of steps: no padding, which would change
 BatchNorm's batch statistics and the mean loss a ``training_step`` returns. Clients of one
 slot (``clients_per_step``) with other sample counts form further groups.
+
+Needs (:func:`check_vectorizable` refuses the rest by name, before round 0): a model without
+data-dependent Python control flow, an element-wise optimizer without LR schedulers, only the
+shared role, in-memory tensor data, callbacks that do not act inside a client's update, and
+none of the client's own per-update hooks, gradient clipping or accumulation. Dropout draws
+differ from sequential training, and the client's own ``self.log`` calls are not collected.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def test_fedprox_zero_mu_is_fedavg_and_large_mu_stays_close(trainer_factory):
     base = run([FedAvg()])
     same = run([FedAvg(), FedProx(mu=0.0)])
     assert all(torch.equal(base[k], same[k]) for k in base)
-    init = federation().client.state_dict()
+    init = federation().shared_worker.state_dict()
     far = sum((base[k] - init[k]).norm() for k in base if "weight" in k)
     near = run([FedAvg(), FedProx(mu=10.0)])
     assert sum((near[k] - init[k]).norm() for k in near if "weight" in k) < far
