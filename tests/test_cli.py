@@ -52,7 +52,7 @@ def test_checkpoint_rebuilds_clients_from_config(tmp_path, monkeypatch):
     from pl_federated import FederatedModule
 
     restored = FederatedModule.load_from_checkpoint(ckpt)
-    assert type(restored.client).__name__ == "MLPClassifier"
+    assert type(restored.shared_worker).__name__ == "MLPClassifier"
     saved = torch.load(ckpt, weights_only=True)["federated"]["server_state"]
     assert all(torch.equal(restored.server_state[k], v) for k, v in saved.items())
 
@@ -213,7 +213,9 @@ def test_a_checkpoint_cannot_choose_paths_or_classes(tmp_path, monkeypatch):
     torch.save(saved, ckpt)
     with pytest.warns(UserWarning, match="checkpoint's hyperparameters set `model.store_path`"):
         test = cli_main(["test", *quick, f"--ckpt_path={ckpt}"])
-    assert test.model.store_path is None and type(test.model.client).__name__ == "MLPClassifier"
+    assert (
+        test.model.store_path is None and type(test.model.shared_worker).__name__ == "MLPClassifier"
+    )
     assert test.model.local_epochs == 3
     assert not (tmp_path / "chosen_by_the_checkpoint").exists()
 

@@ -6,7 +6,9 @@ Three ways in:
 * ``ClientDatasets.from_client_ids(dataset, client_ids)``: one Dataset and each sample's client
   (a natural partition: FEMNIST writers, speakers, hospitals);
 * ``ClientDatasets.partitioned(dataset, num_clients, partition)``: any map-style Dataset (e.g. a
-  torchvision dataset) split by a :class:`~pl_federated.data.Partitioner` over its labels.
+  torchvision dataset) split by a :class:`~pl_federated.data.Partitioner` over its labels;
+* ``ClientDatasets.from_leaf(root)`` and ``ClientDatasets.from_table(path, client_column,
+  label_column)``: LEAF JSON files and CSV/Parquet tables (:mod:`pl_federated.data.natural`).
 
 Training streams each client's batches through one ``DataLoader`` (``collate_fn``,
 ``drop_last``, ``num_workers``; see :mod:`pl_federated.data.batches`), in the seeded order the
@@ -18,6 +20,7 @@ test/val Dataset is collated once at ``setup`` into ``(x, y)``, so its samples m
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 from pl_federated.data.batches import DatasetPool, LoaderBatches
 from pl_federated.data.client_data import ClientDataModule
+from pl_federated.data.natural import as_labels, default_encode, read_leaf, read_table, targets_of
 from pl_federated.data.partition import (
     Dirichlet,
     Partition,
@@ -35,42 +39,6 @@ from pl_federated.data.partition import (
     label_counts,
 )
 from pl_federated.validation import ConfigError, Flag, Int, arguments
-
-
-def targets_of(dataset: Dataset) -> np.ndarray:
-    """Each sample's class index: ``dataset.targets`` (torchvision) or a TensorDataset's
-    second tensor, through ``Subset``s; else read sample by sample (``dataset[i][1]``).
-
-    Raises:
-        ConfigError: a sample is not ``(input, class index)``.
-    """
-    if isinstance(dataset, Subset):
-        return targets_of(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
-        return _as_labels(dataset.tensors[1], type(dataset).__name__)
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return _as_labels(targets, type(dataset).__name__)
-    labels = []
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        if not isinstance(sample, (tuple, list)) or len(sample) < 2:
-            raise ConfigError(
-                f"{type(dataset).__name__} sample {i} is a {type(sample).__name__}; labels "
-                "come from (input, class index) samples: pass `labels` explicitly."
-            )
-        labels.append(sample[1])
-    return _as_labels(labels, type(dataset).__name__)
-
-
-def _as_labels(values: Any, where: str) -> np.ndarray:
-    array = np.asarray(values.numpy() if isinstance(values, Tensor) else values)
-    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) and (array >= 0).all()):
-        raise ConfigError(
-            f"{where}: labels must be class indices >= 0, one per sample; got an array of "
-            f"dtype {array.dtype} and shape {array.shape}."
-        )
-    return array.astype(np.int64)
 
 
 class ClientDatasets(ClientDataModule):
@@ -130,6 +98,7 @@ class ClientDatasets(ClientDataModule):
         self.drop_last, self.num_workers = drop_last, num_workers
         self.given_num_classes = num_classes
         self.client_names: list[Hashable] = list(range(len(train)))
+        self.label_names: list[str] | None = None
         self.pool: DatasetPool | None = None
 
     @classmethod
@@ -172,9 +141,75 @@ class ClientDatasets(ClientDataModule):
         """``dataset`` split over ``num_clients`` by ``partition`` (default
         ``Dirichlet(alpha=0.5)``) on ``labels`` (default: :func:`targets_of`), each client's
         share split into test/val/train. ``options``: the constructor's."""
-        y = _as_labels(labels, "labels") if labels is not None else targets_of(dataset)
+        y = as_labels(labels, "labels") if labels is not None else targets_of(dataset)
         split = (partition or Dirichlet(alpha=0.5))(y, num_clients, seed=seed)
         return cls._split(dataset, split.indices, test_fraction, val_fraction, seed, **options)
+
+    @classmethod
+    def from_leaf(
+        cls,
+        root: str | Path,
+        encode_x: Callable[[Any], Tensor] = default_encode,
+        encode_y: Callable[[Any], Tensor] = default_encode,
+        input_shape: Sequence[int] | None = None,
+        test_fraction: float = 0.2,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        **options: Any,
+    ) -> ClientDatasets:
+        """LEAF JSON files a user has downloaded (see :func:`~pl_federated.data.natural.
+        read_leaf`), one client per user, ordered by user id (``client_names``). With LEAF's
+        ``root/train`` and ``root/test`` folders their split is kept (``val_fraction`` is
+        held out of each user's train data); else every user of ``root`` is split by
+        ``test_fraction``/``val_fraction``. ``input_shape`` reshapes each ``x`` (FEMNIST:
+        ``(1, 28, 28)``). ``options``: the constructor's.
+
+        Raises:
+            ConfigError: no LEAF files, or test users without training data (named).
+        """
+        root = Path(root)
+        presplit = (root / "train").is_dir() and (root / "test").is_dir()
+        train = read_leaf(root / "train" if presplit else root, encode_x, encode_y)
+        test = read_leaf(root / "test", encode_x, encode_y) if presplit else {}
+        if set(test) - set(train):
+            raise ConfigError(
+                f"{root}/test has users with no training data: "
+                f"{sorted(set(test) - set(train))[:5]}."
+            )
+        names = sorted(train)
+        pooled, indices = _pool([train[user] for user in names], input_shape)
+        if not presplit:
+            dm = cls._split(pooled, indices, test_fraction, val_fraction, seed, **options)
+        else:
+            empty = tuple(t[:0] for t in train[names[0]])
+            test_pool, test_indices = _pool([test.get(u, empty) for u in names], input_shape)
+            tests = [Subset(test_pool, idx.tolist()) for idx in test_indices]
+            dm = cls._split(pooled, indices, 0.0, val_fraction, seed, tests, **options)
+        dm.client_names = list(names)
+        return dm
+
+    @classmethod
+    def from_table(
+        cls,
+        path: str | Path,
+        client_column: str,
+        label_column: str,
+        feature_columns: Sequence[str] | None = None,
+        test_fraction: float = 0.2,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        **options: Any,
+    ) -> ClientDatasets:
+        """A CSV or Parquet table with one row per sample (see :func:`~pl_federated.data.
+        natural.read_table`): one client per distinct ``client_column`` value, split as in
+        :meth:`from_client_ids`; ``label_names`` maps class indices back to the labels.
+        ``options``: the constructor's."""
+        owners, x, y, label_names = read_table(path, client_column, label_column, feature_columns)
+        dm = cls.from_client_ids(
+            TensorDataset(x, y), owners, test_fraction, val_fraction, seed, **options
+        )
+        dm.label_names = label_names
+        return dm
 
     @classmethod
     def _split(
@@ -184,8 +219,11 @@ class ClientDatasets(ClientDataModule):
         test_fraction: float,
         val_fraction: float,
         seed: int,
+        tests: list[Dataset] | None = None,
         **options: Any,
     ) -> ClientDatasets:
+        """Each client's ``indices`` of ``dataset`` split by a seeded shuffle into
+        test/val/train Subsets (``tests``: the clients' test sets, given)."""
         if not 0 <= test_fraction < 1 or not 0 <= val_fraction < 1:
             raise ConfigError(
                 f"`test_fraction` and `val_fraction` must be in [0, 1); got {test_fraction!r} "
@@ -197,7 +235,7 @@ class ClientDatasets(ClientDataModule):
             test, val, train = held_out_split(rng.permutation(idx), test_fraction, val_fraction)
             for name, part in (("train", train), ("val", val), ("test", test)):
                 parts[name].append(Subset(dataset, part.tolist()))
-        return cls(parts["train"], parts["test"], parts["val"], **options)
+        return cls(parts["train"], tests or parts["test"], parts["val"], **options)
 
     # --------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
@@ -244,7 +282,7 @@ class ClientDatasets(ClientDataModule):
                 ys.append(torch.empty(0, dtype=torch.long))
                 continue
             x, y = self.collate_fn([ds[i] for i in range(len(ds))])[:2]
-            ys.append(torch.as_tensor(_as_labels(y, f"client {k}'s {split} split")))
+            ys.append(torch.as_tensor(as_labels(y, f"client {k}'s {split} split")))
             xs.append(x)
         return xs, ys
 
@@ -259,3 +297,16 @@ def _offsets(labels: list[np.ndarray]) -> list[np.ndarray]:
     """Each client's positions in the concatenation of ``labels``."""
     starts = np.cumsum([0] + [len(y) for y in labels])
     return [np.arange(starts[k], starts[k + 1]) for k in range(len(labels))]
+
+
+def _pool(
+    clients: list[tuple[Tensor, Tensor]], input_shape: Sequence[int] | None
+) -> tuple[TensorDataset, list[np.ndarray]]:
+    """Clients' ``(x, y)`` concatenated into one TensorDataset (each ``x`` reshaped to
+    ``input_shape`` if given) and each client's indices in it."""
+    x = torch.cat([x for x, _ in clients])
+    if input_shape is not None:
+        x = x.reshape(len(x), *input_shape)
+    starts = np.cumsum([0] + [len(y) for _, y in clients])
+    indices = [np.arange(starts[k], starts[k + 1]) for k in range(len(clients))]
+    return TensorDataset(x, torch.cat([y for _, y in clients])), indices

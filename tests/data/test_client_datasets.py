@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from pl_federated import ClientDatasets, FederatedDataModule
 from pl_federated.callbacks import FedAvg, FedProto
-from pl_federated.data import IID, Dirichlet
+from pl_federated.data import IID, Dirichlet, natural
 from pl_federated.data import client_datasets as module
 from pl_federated.models import MLPClassifier
 from pl_federated.validation import ConfigError
@@ -134,7 +134,7 @@ def test_labels_come_from_targets_through_subsets():
             return self.y.tolist()
 
     ds = WithTargets(torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2]))
-    np.testing.assert_array_equal(module.targets_of(Subset(ds, [5, 1])), [2, 1])
+    np.testing.assert_array_equal(natural.targets_of(Subset(ds, [5, 1])), [2, 1])
 
 
 @pytest.mark.parametrize(
