@@ -13,6 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.callbacks.step_outputs import step_output
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import Choice, ConfigError, Real, arguments
@@ -186,10 +187,8 @@ def det_loss_term(
     """The KL term DET adds to ``role``'s loss in ``stage`` (None when it adds nothing)."""
     if stage is None or role not in (DEPUTY, PERSONAL):
         return None
-    student = outputs[role].get("logits")
-    other = outputs[PERSONAL if role == DEPUTY else DEPUTY].get("logits")
-    if student is None or other is None:
-        raise ValueError("DET needs the client's `training_step` to return 'logits'.")
+    student = step_output(outputs[role], "logits", "DET")
+    other = step_output(outputs[PERSONAL if role == DEPUTY else DEPUTY], "logits", "DET")
     deputy_learns = stage in (Stage.RECOVER, Stage.EXCHANGE)
     personal_learns = stage in (Stage.EXCHANGE, Stage.SUBLIMATE)
     if (role == DEPUTY and deputy_learns) or (role == PERSONAL and personal_learns):

@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.callbacks.step_outputs import batch_labels, step_output
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE, float_keys
 from pl_federated.validation import Real, arguments
@@ -102,10 +103,8 @@ class FederatedDistillation(FederatedCallback):
     ) -> Tensor | None:
         if role != SHARED_ROLE:
             return None
-        logits = outputs[role].get("logits")
-        if logits is None:
-            raise ValueError("FederatedDistillation needs `training_step` to return 'logits'.")
-        _, y = batch
+        logits = step_output(outputs[role], "logits", "FederatedDistillation")
+        y = batch_labels(batch, outputs[role], "FederatedDistillation")
         sums, n = class_logit_table(logits, y, self._num_classes)
         self._sums += sums
         self._n += n

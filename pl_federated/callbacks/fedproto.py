@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.callbacks.step_outputs import batch_labels, step_output
 from pl_federated.losses import prototype_regularizer
 from pl_federated.prototypes import PrototypeBank
 from pl_federated.store import SHARED_ROLE
@@ -78,10 +79,8 @@ class FedProto(FederatedCallback):
     ) -> Tensor | None:
         if role != SHARED_ROLE or self._global is None or self.lam == 0:
             return None
-        features = outputs[role].get("features")
-        if features is None:
-            raise ValueError("FedProto needs `training_step` to return 'features'.")
-        _, y = batch
+        features = step_output(outputs[role], "features", "FedProto")
+        y = batch_labels(batch, outputs[role], "FedProto")
         return self.lam * prototype_regularizer(features, y, self._global, self._present)
 
     def _features(self, fed: FederatedModule, x: Tensor) -> Tensor:

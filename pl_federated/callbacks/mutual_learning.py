@@ -10,6 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.callbacks.step_outputs import step_output
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import Real, arguments
@@ -80,10 +81,10 @@ class MutualLearning(FederatedCallback):
     ) -> Tensor | None:
         if role not in (PERSONAL, SHARED_ROLE) or self._weight(role) == 1.0:
             return None
-        teacher = outputs[SHARED_ROLE if role == PERSONAL else PERSONAL].get("logits")
-        student = outputs[role].get("logits")
-        if student is None or teacher is None:
-            raise ValueError("MutualLearning needs `training_step` to return 'logits'.")
+        teacher = step_output(
+            outputs[SHARED_ROLE if role == PERSONAL else PERSONAL], "logits", "MutualLearning"
+        )
+        student = step_output(outputs[role], "logits", "MutualLearning")
         return (1.0 - self._weight(role)) * kl_div(student, teacher, self.temperature)
 
     @override

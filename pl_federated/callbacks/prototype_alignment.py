@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.callbacks.step_outputs import batch_labels, step_output
 from pl_federated.losses import cpa_loss, prototype_weights
 from pl_federated.prototypes import PrototypeBank
 from pl_federated.store import SHARED_ROLE
@@ -90,10 +91,8 @@ class ConjointPrototypeAlignment(FederatedCallback):
     def supervised_loss(
         self, fed: FederatedModule, client: int, role: str, batch: Any, output: Mapping[str, Any]
     ) -> Tensor | None:
-        logits = output.get("logits")
-        if logits is None:
-            raise ValueError("CPA needs the client's `training_step` to return 'logits'.")
-        _, y = batch
+        logits = step_output(output, "logits", "CPA")
+        y = batch_labels(batch, output, "CPA")
         if role == SHARED_ROLE and output.get("features") is not None:
             self.bank.accumulate(output["features"], y)
         weights = self._gamma(fed, client, y)

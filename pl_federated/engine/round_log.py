@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torchmetrics import Metric
 
 from pl_federated.store import SHARED_ROLE
 
@@ -25,14 +26,23 @@ PROGRESS_BAR_METRICS = ("global/acc", "personal/acc_mean")
 
 
 class LogRouter:
-    """Replaces a client's ``self.log``: values are summed here and averaged per round."""
+    """Replaces a client's ``self.log``: values are summed here and averaged per round.
+
+    A logged torchmetrics ``Metric`` (``self.log("acc", self.acc)``, as in Lightning) keeps
+    its own state: at the round's end its ``compute()`` over everything it was updated with
+    that round (every client's batches) is the round's value, and it is reset.
+    """
 
     def __init__(self, prefix: str = "client/") -> None:
         self.prefix = prefix
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.metrics: dict[str, Metric] = {}
 
     def __call__(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(value, Metric):
+            self.metrics[name] = value
+            return
         value = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
         if name in self.sums:
             self.sums[name] = self.sums[name] + value.to(self.sums[name].device)
@@ -49,7 +59,15 @@ class LogRouter:
         module.log = self
         module.log_dict = self.log_dict
 
+    def settle_metrics(self) -> None:
+        """The logged Metrics' round values into the sums (one value each); reset them."""
+        for name, metric in self.metrics.items():
+            self.sums[name], self.counts[name] = metric.compute().detach().float().clone(), 1
+            metric.reset()
+        self.metrics = {}
+
     def pop_means(self) -> dict[str, Tensor]:
+        self.settle_metrics()
         means = {f"{self.prefix}{k}": (v / self.counts[k]).cpu() for k, v in self.sums.items()}
         self.sums, self.counts = {}, {}
         return means
@@ -95,7 +113,10 @@ class RoundLogger:
         return means
 
     def client_log_sums(self) -> tuple[dict[tuple[str, str], Tensor], dict[tuple[str, str], int]]:
-        """This rank's client logs: ``(role, name) -> sum`` and ``(role, name) -> count``."""
+        """This rank's client logs: ``(role, name) -> sum`` and ``(role, name) -> count``
+        (a logged Metric: its round value, count 1, so ranks' values are averaged)."""
+        for router in self.routers.values():
+            router.settle_metrics()
         sums = {(r, n): v for r, router in self.routers.items() for n, v in router.sums.items()}
         counts = {(r, n): c for r, router in self.routers.items() for n, c in router.counts.items()}
         return sums, counts

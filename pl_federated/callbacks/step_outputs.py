@@ -1,0 +1,69 @@
+"""What callbacks read from a client's training step: one interface, one error.
+
+A client's ``training_step`` returns the loss, or a dict with ``loss`` and, for the callbacks
+that need them, any of :data:`STEP_OUTPUT_KEYS`:
+
+* ``logits`` ``[B, C]``: class scores (distillation, DET, mutual learning, CPA);
+* ``features`` ``[B, D]``: the representation the head sees (FedProto, CPA's prototypes);
+* ``labels`` ``[B]``: class indices; by default the batch's second item when the batch is an
+  ``(input, label)`` pair, so only clients with other batches (a dict, a custom object)
+  return them.
+
+A callback asks with :func:`step_output` / :func:`batch_labels`; a missing entry fails at the
+first batch with one message naming the callback, the key and what the client returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from pl_federated.validation import ConfigError
+
+STEP_OUTPUT_KEYS = {
+    "loss": "the training loss",
+    "logits": "class scores [batch, classes]",
+    "features": "the representation the head sees [batch, dim]",
+    "labels": "class indices [batch]",
+}
+"""The keys of a ``training_step`` output dict callbacks read, and what each holds."""
+
+
+def step_output(output: Mapping[str, Any], key: str, who: str) -> Tensor:
+    """``output[key]`` of a client's ``training_step`` result, for callback ``who``.
+
+    Raises:
+        ConfigError: the client did not return it.
+    """
+    value = output.get(key)
+    if value is None:
+        raise ConfigError(
+            f"{who} needs the client's `training_step` to return a dict with {key!r} "
+            f"({STEP_OUTPUT_KEYS[key]}); it returned {sorted(output)}."
+        )
+    return value
+
+
+def batch_labels(batch: Any, output: Mapping[str, Any], who: str) -> Tensor:
+    """The class labels of ``batch``: the output's ``labels``, else the batch's second item
+    when the batch is an ``(input, label)`` pair of tensors.
+
+    Raises:
+        ConfigError: neither (e.g. a dict batch without ``labels`` in the output).
+    """
+    labels = output.get("labels")
+    if labels is not None:
+        return labels
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) >= 2
+        and isinstance(batch[1], Tensor)
+        and not batch[1].is_floating_point()
+    ):
+        return batch[1]
+    raise ConfigError(
+        f"{who} needs class labels: return them as 'labels' in the client's `training_step` "
+        f"dict, or train on (input, label) batches; got a {type(batch).__name__} batch."
+    )

@@ -1,0 +1,148 @@
+"""Task-agnostic scores: a client module's own ``validation_step``/``test_step`` over a split.
+
+For any task (regression, language modelling, segmentation, ...) the metrics are what the
+client's own evaluation hook logs. :class:`TaskMetrics` runs that hook of a worker over a
+client's batches (eval mode, no grad, the precision plugin's autocast, the client's transfer
+hooks) and reduces each logged name to one value per client:
+
+* a tensor or number: the mean over batches weighted by each batch's size (for per-batch
+  means, e.g. MSE or accuracy, exactly the mean over the client's samples);
+* a torchmetrics ``Metric`` (``self.log("mse", self.val_mse)``): its ``compute()`` over the
+  client's batches, then reset (as Lightning does at the end of an epoch). Use separate Metric
+  objects for training and evaluation, as Lightning's docs ask.
+
+:func:`pooled` combines per-client values into one, weighted by the clients' sample counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+from torchmetrics import Metric
+
+from pl_federated.data.batches import move_batch
+from pl_federated.validation import ConfigError
+
+EVAL_HOOKS = {"validation_step", "test_step"}
+"""The client hooks task metrics may run."""
+
+
+class _Collector:
+    """Stands in for a worker's ``log``/``log_dict`` while its evaluation hook runs."""
+
+    def __init__(self) -> None:
+        self.weight = 1
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, int] = {}
+        self.metrics: dict[str, Metric] = {}
+
+    def __call__(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(value, Metric):
+            self.metrics[name] = value
+            return
+        value = float(value.detach().float()) if isinstance(value, Tensor) else float(value)
+        self.sums[name] = self.sums.get(name, 0.0) + value * self.weight
+        self.weights[name] = self.weights.get(name, 0) + self.weight
+
+    def log_dict(self, dictionary: Mapping[str, Any], *args: Any, **kwargs: Any) -> None:
+        for name, value in dictionary.items():
+            self(name, value)
+
+    def values(self) -> dict[str, float]:
+        out = {name: total / self.weights[name] for name, total in self.sums.items()}
+        for name, metric in self.metrics.items():
+            out[name] = float(metric.compute())
+            metric.reset()
+        return out
+
+
+class TaskMetrics:
+    """Runs a worker's evaluation hook over batches and reduces what it logs.
+
+    Args:
+        device: returns the device batches move to.
+        trainer: returns the attached Trainer (its precision plugin's autocast), or ``None``.
+        hook: ``"validation_step"`` (fit-time evaluation, ``validate``) or ``"test_step"``.
+    """
+
+    def __init__(
+        self,
+        device: Callable[[], torch.device],
+        trainer: Callable[[], pl.Trainer | None],
+        hook: str = "validation_step",
+    ) -> None:
+        self.device, self.trainer, self.hook = device, trainer, hook
+
+    @staticmethod
+    def check(worker: pl.LightningModule, hook: str = "validation_step") -> None:
+        """Refuse a client that has no ``hook`` of its own.
+
+        Raises:
+            ConfigError: the hook is not overridden.
+        """
+        if not is_overridden(hook, worker, pl.LightningModule):
+            raise ConfigError(
+                f"The data has no class labels, so {type(worker).__name__}'s own `{hook}` is "
+                f"what evaluates it (what it logs is reported); it has none: define `{hook}` "
+                "(or give the data class labels for accuracy/F1)."
+            )
+
+    @torch.no_grad()
+    def run(
+        self, worker: pl.LightningModule, batches: Iterable[Any], hook: str | None = None
+    ) -> tuple[dict[str, float], int]:
+        """``{name: value}`` of what ``worker``'s hook logged over ``batches``, and the
+        number of samples."""
+        hook = hook or self.hook
+        if hook not in EVAL_HOOKS:
+            raise ConfigError(f"Evaluation hook {hook!r}; choose one of {sorted(EVAL_HOOKS)}.")
+        collector, samples = _Collector(), 0
+        saved = worker.__dict__.get("log"), worker.__dict__.get("log_dict")
+        worker.log, worker.log_dict = collector, collector.log_dict
+        was_training = worker.training
+        worker.eval()
+        trainer = self.trainer()
+        ctx = trainer.precision_plugin.forward_context if trainer is not None else nullcontext
+        step = getattr(worker, hook)
+        try:
+            with ctx():
+                for i, batch in enumerate(batches):
+                    collector.weight = extract_batch_size(batch)
+                    samples += collector.weight
+                    step(move_batch(worker, batch, self.device()), i)
+        finally:
+            _restore(worker, "log", saved[0])
+            _restore(worker, "log_dict", saved[1])
+            worker.train(was_training)
+        return collector.values(), samples
+
+
+def _restore(module: Any, name: str, value: Any) -> None:
+    if value is None:
+        module.__dict__.pop(name, None)
+    else:
+        module.__dict__[name] = value
+
+
+def pooled(per_client: Mapping[int, Mapping[str, float]], sizes: Mapping[int, int]) -> dict:
+    """Each name's mean over clients, weighted by their sample counts ``sizes``.
+
+    Example:
+        >>> pooled({0: {"mse": 1.0}, 1: {"mse": 4.0}}, {0: 3, 1: 1})
+        {'mse': 1.75}
+    """
+    names = sorted({name for values in per_client.values() for name in values})
+    out = {}
+    for name in names:
+        has = [k for k, values in per_client.items() if name in values and sizes.get(k, 0)]
+        total = sum(sizes[k] for k in has)
+        if total:
+            out[name] = sum(per_client[k][name] * sizes[k] for k in has) / total
+    return out
