@@ -22,10 +22,11 @@ from pl_federated.engine import checkpoint as engine_checkpoint
 from pl_federated.engine.collectives import Collectives
 from pl_federated.engine.config import FederationConfig
 from pl_federated.engine.dispatch import HookDispatch
-from pl_federated.engine.evaluation import Evaluator, StageEvaluation
+from pl_federated.engine.evaluation import Evaluator
 from pl_federated.engine.round_log import RoundLogger
 from pl_federated.engine.schedule import ClientSchedule, ClientSlots, SeedStreams, num_selected
 from pl_federated.engine.setup import FitSettings, setup_stage
+from pl_federated.engine.stage_evaluation import StageEvaluation
 from pl_federated.engine.transport import StateTransport
 from pl_federated.engine.workers import StoreNamespaces, Workers, check_client_module
 from pl_federated.loops import round_loop

@@ -16,14 +16,13 @@ from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.callbacks.step_outputs import step_output
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE
-from pl_federated.validation import Choice, ConfigError, Real, arguments
+from pl_federated.validation import Choice, ConfigError, Real, Text, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 DEPUTY = SHARED_ROLE  # uploaded, overwritten by the server state
 PERSONAL = "personal"  # never leaves the client
-_METRICS = ("f1", "acc")
 _SPLITS = ("val", "train")
 
 
@@ -77,7 +76,9 @@ class DeputyEnhancedTransfer(FederatedCallback):
         l2: Exchange/Sublimate threshold (reference 0.9); ``l1 < l2``.
         temperature: KL temperature T (reference 1).
         kl_weight: weight w of the KL terms.
-        metric: ``"f1"`` (macro-F1, reference) or ``"acc"``.
+        metric: ``"f1"`` (macro-F1, reference) or ``"acc"``; or, for any task, a name the
+            client's ``validation_step`` logs: a score in [0, 1], higher is better (``l1``,
+            ``l2`` are thresholds on it), e.g. a task accuracy or R^2.
         split: ``"val"`` (needs ``data.val_fraction`` > 0) or ``"train"``.
 
     Raises:
@@ -91,7 +92,7 @@ class DeputyEnhancedTransfer(FederatedCallback):
         l2=Real(gt=0, le=1),
         temperature=Real(gt=0),
         kl_weight=Real(ge=0),
-        metric=Choice(_METRICS),
+        metric=Text(),
         split=Choice(_SPLITS),
     )
     def __init__(

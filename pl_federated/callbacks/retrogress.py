@@ -13,14 +13,13 @@ from typing_extensions import override
 from pl_federated.callbacks.base import FederatedCallback
 from pl_federated.outputs import run_dir
 from pl_federated.store import SHARED_ROLE
-from pl_federated.validation import Choice, ConfigError, Flag, arguments
+from pl_federated.validation import Choice, ConfigError, Flag, Text, arguments
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from pl_federated.module import FederatedModule
 
-_METRICS = ("f1", "acc")
 _SPLITS = ("val", "test", "train")
 LEGEND_UP_TO = 20
 """Clients named in the retrogress legend; more are drawn thin, with their mean."""
@@ -39,7 +38,10 @@ class RetrogressMonitor(FederatedCallback):
     end of fit and logged as an image to a WandbLogger.
 
     Args:
-        metric: ``"f1"`` (macro-F1) or ``"acc"``.
+        metric: ``"f1"`` (macro-F1) or ``"acc"``; or, for any task, a name the client's
+            ``validation_step`` logs (e.g. ``"mse"``).
+        higher_is_better: the metric's direction: a retrogress is a drop of a score
+            (``True``) or a rise of a loss such as MSE (``False``).
         split: the clients' split to measure on: ``"val"`` (default), ``"test"`` or ``"train"``.
         per_epoch: also record the per-local-epoch curve.
         plot: write/log the curve figure at the end of fit (needs ``per_epoch``).
@@ -47,11 +49,19 @@ class RetrogressMonitor(FederatedCallback):
 
     supports_distributed = True  # the curve is round state; on_round_end gathers the drops
 
-    @arguments(metric=Choice(_METRICS), split=Choice(_SPLITS), per_epoch=Flag(), plot=Flag())
+    @arguments(
+        metric=Text(), split=Choice(_SPLITS), per_epoch=Flag(), plot=Flag(), higher_is_better=Flag()
+    )
     def __init__(
-        self, metric: str = "f1", split: str = "val", per_epoch: bool = False, plot: bool = True
+        self,
+        metric: str = "f1",
+        split: str = "val",
+        per_epoch: bool = False,
+        plot: bool = True,
+        higher_is_better: bool = True,
     ) -> None:
         self.metric, self.split, self.per_epoch, self.plot = metric, split, per_epoch, plot
+        self.higher_is_better = higher_is_better
         self.curve: list[tuple[int, int, int, float]] = []  # (round, client, epoch, metric)
         self.history: list[tuple[int, int, float, float]] = []  # (round, client, before, after)
         # this round's: the score of each client this rank trained right before receipt, its
@@ -101,7 +111,10 @@ class RetrogressMonitor(FederatedCallback):
         self.history += sorted(history, key=lambda h: h[1])
         self.curve += sorted(self.round_curve, key=lambda c: (c[1], c[2]))
         if history:
-            drops = {client: before - after for _, client, before, after in sorted(history)}
+            sign = 1.0 if self.higher_is_better else -1.0  # a loss that rises is a retrogress
+            drops = {
+                client: sign * (before - after) for _, client, before, after in sorted(history)
+            }
             values = torch.tensor(list(drops.values()))
             metrics = {"retrogress/mean": values.mean(), "retrogress/max": values.max()}
             metrics.update({f"retrogress/client_{k}": v for k, v in drops.items()})

@@ -102,7 +102,12 @@ class FederatedSummary(Callback):
     def on_fit_start(self, trainer: pl.Trainer, fed: pl.LightningModule) -> None:
         log_dir = run_dir(trainer)  # a broadcast: every rank asks, then only rank 0 writes
         dm = trainer.datamodule
-        if not (trainer.is_global_zero and self.images and log_dir and hasattr(dm, "split")):
+        if not (
+            trainer.is_global_zero
+            and self.images
+            and log_dir
+            and getattr(dm, "split", None) is not None
+        ):
             return
         from pl_federated.data.report import PartitionReport
 

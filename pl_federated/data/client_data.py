@@ -14,7 +14,8 @@ per-client Datasets).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -48,6 +49,8 @@ class ClientDataModule(pl.LightningDataModule):
     val_y: list[Tensor]
     global_test_x: Tensor = torch.empty(0)
     global_test_y: Tensor = torch.empty(0, dtype=torch.long)
+    has_class_labels: bool = True
+    """Whether every sample has a class index (else only task metrics can evaluate)."""
 
     def client_batches(self, client: int) -> TensorBatches | LoaderBatches:
         """``client``'s training batches (in the order the engine asks for)."""
@@ -68,6 +71,13 @@ class ClientDataModule(pl.LightningDataModule):
                 "`vectorize_clients`."
             )
         return batches.x, batches.y
+
+    def client_eval_batches(self, client: int, split: str, batch_size: int) -> Iterator[Any]:
+        """``client``'s ``split`` in order, in batches of ``batch_size`` (evaluation: what
+        its ``validation_step``/``test_step`` receives)."""
+        x, y = self.client_split(client, split)
+        for start in range(0, len(y), batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
 
     def client_test(self, client: int) -> tuple[Tensor, Tensor]:
         return self.test_x[client], self.test_y[client]

@@ -12,21 +12,23 @@ Three ways in:
 
 Training streams each client's batches through one ``DataLoader`` (``collate_fn``,
 ``drop_last``, ``num_workers``; see :mod:`pl_federated.data.batches`), in the seeded order the
-in-memory path uses. Evaluation still scores classifiers on in-memory tensors: each client's
-test/val Dataset is collated once at ``setup`` into ``(x, y)``, so its samples must be
-``(input, class index)`` pairs.
+in-memory path uses. Samples may be anything the ``collate_fn`` batches. When they are
+``(input, class index)`` pairs (``has_class_labels``), each client's test/val Dataset is
+also collated once at ``setup`` into ``(x, y)`` tensors for accuracy/F1; otherwise the
+client's own ``validation_step`` evaluates (see :mod:`pl_federated.engine.task_metrics`) on
+batches of the Datasets (:meth:`ClientDatasets.client_eval_batches`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from pl_federated.data.batches import DatasetPool, LoaderBatches
 from pl_federated.data.client_data import ClientDataModule
@@ -45,7 +47,7 @@ class ClientDatasets(ClientDataModule):
     """One map-style Dataset per client (train, optionally val/test) as a federation's data.
 
     Args:
-        train: client ``k``'s training Dataset at index ``k``; samples ``(input, class)``.
+        train: client ``k``'s training Dataset at index ``k``.
         test: per-client test Datasets (``None``: no client test data).
         val: per-client validation Datasets (``None``: none).
         batch_size: local training batch size.
@@ -56,8 +58,8 @@ class ClientDatasets(ClientDataModule):
         num_classes: classes; default ``1 +`` the largest label seen.
 
     Raises:
-        ValueError: no clients, a client without training samples, per-client lists of
-            different lengths, or samples without class labels (named).
+        ValueError: no clients, a client without training samples, or per-client lists of
+            different lengths (named).
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -239,18 +241,43 @@ class ClientDatasets(ClientDataModule):
 
     # --------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
-        """Read the labels, collate the evaluation splits, build the training DataLoader
-        (idempotent); every error surfaces here, before training."""
+        """Read the labels, collate the evaluation splits of a classification task, build the
+        training DataLoader (idempotent); every error surfaces here, before training."""
         if self.pool is not None:
             return
-        train_labels = [targets_of(ds) for ds in self.train_sets]
+        train_labels = self._class_labels()
+        self.has_class_labels = train_labels is not None
+        sizes = {
+            split: [len(ds) if ds is not None else 0 for ds in (sets or [None] * self.num_clients)]
+            for split, sets in (("val", self.val_sets), ("test", self.test_sets))
+        }
+        if train_labels is not None:
+            self._setup_classification(train_labels)
+        else:  # any other task: evaluated by the client's own hooks on the Datasets
+            self.num_classes = self.given_num_classes or 0
+            self.split = None
+            empty = [torch.empty(0)] * self.num_clients
+            self.test_x, self.test_y, self.val_x, self.val_y = empty, empty, empty, empty
+        self.num_train = torch.tensor([len(ds) for ds in self.train_sets])
+        self.num_val = torch.tensor(sizes["val"])
+        self.num_test = torch.tensor(sizes["test"])
+        self.pool = DatasetPool(
+            self.train_sets, self.batch_size, self.collate_fn, self.drop_last, self.num_workers
+        )
+
+    def _class_labels(self) -> list[np.ndarray] | None:
+        """Each client's training labels when the samples are ``(input tensor, class
+        index)`` pairs, else ``None``."""
         first = self.collate_fn([self.train_sets[0][0]])
         if not isinstance(first, (tuple, list)) or not isinstance(first[0], Tensor):
-            raise ConfigError(
-                "ClientDatasets evaluates classifiers on (input, class index) samples; "
-                f"client 0's first sample collates to a {type(first).__name__}."
-            )
-        empty = first[0][:0]
+            return None
+        try:
+            return [targets_of(ds) for ds in self.train_sets]
+        except ConfigError:
+            return None
+
+    def _setup_classification(self, train_labels: list[np.ndarray]) -> None:
+        empty = self.collate_fn([self.train_sets[0][0]])[0][:0]
         self.test_x, self.test_y = self._collate_all(self.test_sets, empty, "test")
         self.val_x, self.val_y = self._collate_all(self.val_sets, empty, "val")
         seen = [int(y.max()) for y in train_labels if len(y)]
@@ -264,12 +291,17 @@ class ClientDatasets(ClientDataModule):
             [np.arange(len(y)) for y in train_labels],
             label_counts(np.concatenate(train_labels), _offsets(train_labels), self.num_classes),
         )
-        self.num_train = torch.tensor([len(ds) for ds in self.train_sets])
-        self.num_val = torch.tensor([len(y) for y in self.val_y])
-        self.num_test = torch.tensor([len(y) for y in self.test_y])
-        self.pool = DatasetPool(
-            self.train_sets, self.batch_size, self.collate_fn, self.drop_last, self.num_workers
-        )
+
+    def client_eval_batches(self, client: int, split: str, batch_size: int) -> Iterator[Any]:
+        """``client``'s ``split`` Dataset in order through a DataLoader (``collate_fn``)."""
+        sets = {"train": self.train_sets, "val": self.val_sets, "test": self.test_sets}
+        if split not in sets:
+            raise ConfigError(f"Unknown split {split!r}; choose one of {sorted(sets)}.")
+        datasets = sets[split]
+        if datasets is None or datasets[client] is None or not len(datasets[client]):
+            return iter(())
+        loader = DataLoader(datasets[client], batch_size=batch_size, collate_fn=self.collate_fn)
+        return iter(loader)
 
     def _collate_all(
         self, datasets: Sequence[Dataset] | None, empty: Tensor, split: str

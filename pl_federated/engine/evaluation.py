@@ -1,5 +1,6 @@
 """Evaluation: the server model on every client (``global/*``), each client's own model
-after its update (``personal/*``), the per-client table, and ``trainer.test``/``validate``.
+after its update (``personal/*``) and the per-client table (``trainer.test``/``validate``:
+:mod:`~pl_federated.engine.stage_evaluation`).
 
 Every ``eval_every_n_rounds`` rounds and at the last round:
 
@@ -15,7 +16,9 @@ Every ``eval_every_n_rounds`` rounds and at the last round:
 
 Classifiers are scored by accuracy and macro-F1 (torchmetrics) of the argmax of the logits;
 forward passes run in eval mode, in batches of ``eval_batch_size``, under the precision
-plugin's autocast.
+plugin's autocast. Data without class labels (``has_class_labels`` false) is scored in task
+mode: by what the client's own ``validation_step`` logs (``global/<name>``,
+``personal/<name>_mean``; :mod:`~pl_federated.engine.task_metrics`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from pl_federated.engine.task_metrics import (
+    TaskMetrics,
+    task_global,
+    task_personal_metrics,
+    task_scores,
+    task_server_model_scores,
+)
 from pl_federated.engine.workers import Workers
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import ConfigError
@@ -80,13 +90,24 @@ class Evaluator:
         self.num_classes = 0
         self.num_clients = 0
         self.client_num_samples = torch.zeros(0, dtype=torch.long)
+        self.task: TaskMetrics | None = None
 
     def bind(self, datamodule: Any) -> None:
-        """Evaluate on ``datamodule``'s clients (called at setup)."""
+        """Evaluate on ``datamodule``'s clients (called at setup): by accuracy/F1 when its
+        samples have class labels, else by what the client's ``validation_step`` logs
+        (task mode, :mod:`~pl_federated.engine.task_metrics`).
+
+        Raises:
+            ConfigError: task mode and a client module without ``validation_step``.
+        """
         self.datamodule = datamodule
         self.num_classes = datamodule.num_classes
         self.num_clients = datamodule.num_clients
         self.client_num_samples = datamodule.num_train.clone()
+        self.task = None
+        if not getattr(datamodule, "has_class_labels", True):
+            TaskMetrics.check(self.workers.shared)
+            self.task = TaskMetrics(self._device, self._trainer)
 
     def check_data_fits(self) -> None:
         """One evaluation forward of every role's worker on two training samples, before any
@@ -98,7 +119,7 @@ class Evaluator:
         """
         dm = self.datamodule
         client = next((c for c in range(self.num_clients) if int(dm.num_train[c])), None)
-        if client is None:
+        if client is None or self.task is not None:  # task mode: no logits to check
             return
         batch = dm.client_batches(client).head(2)
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -167,22 +188,43 @@ class Evaluator:
     def score(self, role: str, client: int, split: str, metric: str = "f1") -> float:
         """``role``'s macro-F1 (``"f1"``) or accuracy (``"acc"``) on ``client``'s ``split``.
 
+        In task mode (or for any other ``metric``): the value ``role``'s own
+        ``validation_step`` logs under the name ``metric``.
+
         Raises:
-            ValueError: the client has no data in ``split``.
+            ValueError: the client has no data in ``split``, or the metric is not logged.
         """
-        x, y = self.datamodule.client_split(client, split)
-        if not len(y):
+        sizes = {"train": self.datamodule.num_train, "val": self.datamodule.num_val}
+        if not int(sizes.get(split, self.datamodule.num_test)[client]):
             raise ValueError(
                 f"Client {client} has no '{split}' data; set `data.{split}_fraction` > 0 or "
                 "choose another split."
             )
+        if self.task is not None or metric not in ("acc", "f1"):
+            return self._task_value(role, client, split, metric)
+        x, y = self.datamodule.client_split(client, split)
         preds = self.predict_classes(self.workers[role], x)
         acc, f1 = self.acc_f1(preds, y.to(preds.device))
         return f1 if metric == "f1" else acc
 
-    def personal(self, client: int) -> tuple[float, float] | None:
-        """``client``'s evaluated role on its test split: ``(acc, f1)``, ``None`` without
-        test data."""
+    def _task_value(self, role: str, client: int, split: str, metric: str) -> float:
+        if self.task is None:
+            self.task = TaskMetrics(self._device, self._trainer)
+        values, _ = task_scores(self, role, client, split)
+        if metric not in values:
+            raise ConfigError(
+                f"Metric {metric!r}: the client's `validation_step` logged {sorted(values)} on "
+                f"client {client}'s {split} split; choose one of them."
+            )
+        return values[metric]
+
+    def personal(self, client: int) -> tuple[float, float] | dict[str, float] | None:
+        """``client``'s evaluated role on its test split: ``(acc, f1)`` (task mode: what its
+        ``validation_step`` logs), ``None`` without test data."""
+        if self.task is not None:
+            if not int(self.datamodule.num_test[client]):
+                return None
+            return task_scores(self, self.workers.evaluated_role(client), client, "test")[0]
         xt, yt = self.datamodule.client_test(client)
         if not len(yt):
             return None
@@ -207,7 +249,11 @@ class Evaluator:
 
     def evaluate_global(self, server_state: Mapping[str, Tensor]) -> dict[str, float]:
         """The server model on the pooled test data (or the held-out global test set) and on
-        each client's test split."""
+        each client's test split (task mode: :func:`~pl_federated.engine.task_metrics.
+        task_global`)."""
+        if self.task is not None:
+            self.workers.load(SHARED_ROLE, server_state)
+            return task_global(self)
         dm = self.datamodule
         x, y, owner = dm.pooled_test()
         if not len(y):
@@ -241,6 +287,8 @@ class Evaluator:
         """``(acc, f1)`` of the new server model on each client's test split (from this
         round's :meth:`evaluate_global`), for the clients not in ``skip``: what a client with
         no model of its own holds after aggregation, the model it starts its next round from."""
+        if self.task is not None:
+            return task_server_model_scores(self, skip)
         acc, f1 = self.client_metrics.get("global_acc"), self.client_metrics.get("global_f1")
         if acc is None:
             return {}
@@ -254,6 +302,8 @@ class Evaluator:
         """``personal/*`` over ``{client: (acc, f1)}``, recorded per client too."""
         if not personal:
             return {}
+        if self.task is not None:
+            return task_personal_metrics(self, personal)
         clients = sorted(personal)  # the same order on any number of ranks
         acc = torch.tensor([personal[k][0] for k in clients])
         f1 = torch.tensor([personal[k][1] for k in clients])
@@ -271,89 +321,12 @@ class Evaluator:
 
     def client_table(self) -> tuple[list[str], list[list[Any]]]:
         """Per-client table (latest evaluated values): client, samples, accuracies, F1s."""
-        names = [
-            n
-            for n in ("global_acc", "global_f1", "personal_acc", "personal_f1")
-            if n in self.client_metrics
-        ]
+        known = ("global_acc", "global_f1", "personal_acc", "personal_f1")
+        names = [n for n in known if n in self.client_metrics]
+        names += sorted(n for n in self.client_metrics if n not in known)  # task metrics
         rows = [
             [k, int(self.client_num_samples[k])]
             + [round(float(self.client_metrics[n][k]), 4) for n in names]
             for k in range(self.num_clients)
         ]
         return ["client", "samples", *names], rows
-
-
-class StageEvaluation:
-    """``trainer.test``/``validate``: the server model (``<stage>/acc``, ``/f1``,
-    ``/acc_client_mean``) and every client's own model held in the checkpoint
-    (``<stage>/personal_acc``, ``/personal_f1``, ``/personal_acc_client_mean``; for clients that
-    keep one, see :meth:`Workers.holds_own_model`) on each client's split, one step per client,
-    pooled at the epoch end.
-
-    Args:
-        evaluator: the evaluator whose workers and metrics are used.
-        log: the LightningModule's ``log``.
-        download: loads a client's own models into the workers (``StateTransport.download``).
-        has_global_model: whether the server state is a model to score (not for LocalOnly).
-    """
-
-    def __init__(
-        self,
-        evaluator: Evaluator,
-        log: Callable[..., None],
-        download: Callable[[int], None],
-        has_global_model: bool = True,
-    ) -> None:
-        self.evaluator = evaluator
-        self.log = log
-        self.download = download
-        self.has_global_model = has_global_model
-        self.preds: dict[str, list[Tensor]] = {"": [], "personal_": []}
-        self.targets: dict[str, list[Tensor]] = {"": [], "personal_": []}
-        self.server_state: Mapping[str, Tensor] = {}
-        self.shared_is_server = False
-        self.warned = False
-
-    def start(self, server_state: Mapping[str, Tensor]) -> None:
-        self.server_state = server_state
-        self.evaluator.workers.load(SHARED_ROLE, server_state)
-        self.shared_is_server = True
-        self.preds = {"": [], "personal_": []}
-        self.targets = {"": [], "personal_": []}
-
-    def step(self, client: int, stage: str) -> None:
-        ev, dm = self.evaluator, self.evaluator.datamodule
-        split = "val" if stage == "val" and int(dm.num_val.sum()) > 0 else "test"
-        if stage == "val" and split == "test" and not self.warned:
-            self.warned = True
-            rank_zero_warn(
-                "`validate`: the datamodule has no validation split (`val_fraction`=0), so the "
-                "clients' test splits are evaluated; `val/*` are test numbers."
-            )
-        x, y = dm.client_split(client, split)
-        if not len(y):
-            return
-        if self.has_global_model:
-            if not self.shared_is_server:  # a client's own model was loaded since
-                ev.workers.load(SHARED_ROLE, self.server_state)
-                self.shared_is_server = True
-            self._score(stage, "", ev.workers.shared, x, y)
-        if ev.workers.holds_own_model(client):
-            self.download(client)
-            self.shared_is_server = False
-            self._score(stage, "personal_", ev.workers[ev.workers.evaluated_role(client)], x, y)
-
-    def _score(self, stage: str, kind: str, worker: nn.Module, x: Tensor, y: Tensor) -> None:
-        ev = self.evaluator
-        preds = ev.predict_classes(worker, x).cpu()
-        self.preds[kind].append(preds)
-        self.targets[kind].append(y)
-        acc, _ = ev.acc_f1(preds, y)
-        self.log(f"{stage}/{kind}acc_client_mean", acc, on_epoch=True, batch_size=1)
-
-    def end(self, stage: str, log_dict: Callable[..., None]) -> None:
-        for kind, preds in self.preds.items():
-            if preds:
-                acc, f1 = self.evaluator.acc_f1(torch.cat(preds), torch.cat(self.targets[kind]))
-                log_dict({f"{stage}/{kind}acc": acc, f"{stage}/{kind}f1": f1}, on_epoch=True)

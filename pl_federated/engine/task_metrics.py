@@ -146,3 +146,62 @@ def pooled(per_client: Mapping[int, Mapping[str, float]], sizes: Mapping[int, in
         if total:
             out[name] = sum(per_client[k][name] * sizes[k] for k in has) / total
     return out
+
+
+# ------------------------------------------------------------------ the evaluator's task mode
+def task_scores(ev: Any, role: str, client: int, split: str) -> tuple[dict[str, float], int]:
+    """What ``role``'s worker logs over ``client``'s ``split`` (an evaluator ``ev`` in task
+    mode: its datamodule, workers, batch size and :class:`TaskMetrics`)."""
+    batches = ev.datamodule.client_eval_batches(client, split, ev.batch_size)
+    return ev.task.run(ev.workers[role], batches)
+
+
+def task_global(ev: Any) -> dict[str, float]:
+    """The shared worker (holding the server model) on every client's test split:
+    ``global/<name>`` (sample-weighted over clients) and ``global/<name>_client_mean``;
+    per client in ``ev.client_metrics["global_<name>"]``."""
+    per_client, sizes = {}, {}
+    for k in range(ev.num_clients):
+        if int(ev.datamodule.num_test[k]):
+            per_client[k], sizes[k] = task_scores(ev, "model", k, "test")
+    if not per_client:
+        return {}
+    metrics = {}
+    for name, value in pooled(per_client, sizes).items():
+        column = torch.full((ev.num_clients,), float("nan"))
+        for k, values in per_client.items():
+            column[k] = values.get(name, float("nan"))
+        ev.client_metrics[f"global_{name}"] = column
+        metrics[f"global/{name}"] = value
+        metrics[f"global/{name}_client_mean"] = column.nanmean().item()
+    return metrics
+
+
+def task_server_model_scores(ev: Any, skip: Mapping[int, Any]) -> dict[int, dict[str, float]]:
+    """This round's server-model values of the clients not in ``skip`` (see
+    ``Evaluator.server_model_scores``)."""
+    names = [n[len("global_") :] for n in ev.client_metrics if n.startswith("global_")]
+    out = {}
+    for k in range(ev.num_clients):
+        values = {n: float(ev.client_metrics[f"global_{n}"][k]) for n in names}
+        values = {n: v for n, v in values.items() if v == v}
+        if k not in skip and values:
+            out[k] = values
+    return out
+
+
+def task_personal_metrics(ev: Any, personal: Mapping[int, Mapping[str, float]]) -> dict:
+    """``personal/<name>_mean`` over clients (unweighted, like ``personal/acc_mean``); per
+    client in ``ev.client_metrics["personal_<name>"]``."""
+    names = sorted({name for values in personal.values() for name in values})
+    metrics = {}
+    for name in names:
+        column = ev.client_metrics.setdefault(
+            f"personal_{name}", torch.full((ev.num_clients,), float("nan"))
+        )
+        for k, values in personal.items():
+            if name in values:
+                column[k] = values[name]
+        present = torch.tensor([v[name] for v in personal.values() if name in v])
+        metrics[f"personal/{name}_mean"] = present.mean().item()
+    return metrics

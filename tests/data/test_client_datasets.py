@@ -153,10 +153,14 @@ def test_bad_input_is_one_clear_error(build, message):
         build(ds)
 
 
-def test_float_labels_are_refused_by_name_at_setup():
-    ds = TensorDataset(torch.randn(4, 2), torch.randn(4))
-    with pytest.raises(ConfigError, match="labels must be class indices"):
-        ClientDatasets([ds]).setup("fit")
+def test_float_targets_pass_through_untouched():
+    """Regression data: no class labels, so no accuracy; targets stay float."""
+    y = torch.randn(4)
+    dm = ClientDatasets([TensorDataset(torch.randn(4, 2), y)], batch_size=4)
+    dm.setup("fit")
+    assert not dm.has_class_labels and dm.split is None
+    ((_, yb),) = list(dm.client_batches(0).batches(torch.arange(4), 1))
+    assert yb.dtype == torch.float32 and torch.equal(yb, y)
 
 
 def test_what_needs_in_memory_tensors_says_so(trainer_factory):
