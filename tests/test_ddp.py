@@ -70,18 +70,19 @@ def _last_store(root: Path) -> dict:
     "algo",
     [
         # slow: what faster variants cover too (FedAvg's sums: fedbn; per-client roles: the
-        # PFA + DET runs; gathered uploads: krum; round-state gathers: fd, fedmd, kd3a; a
-        # server optimizer on FedAvg's sums: fedadam; CPA's gathered prototypes: pfa_det_cpa)
+        # PFA + DET runs; gathered uploads: krum; round-state gathers: fedmd, kd3a (fd too); a
+        # server optimizer on FedAvg's sums: fedadam; CPA's gathered prototypes: pfa_det_cpa;
+        # gathered local steps: scaffold (fednova too))
         pytest.param("fedavg_prox", marks=pytest.mark.slow),
         "fedbn",
         pytest.param("fedadam", marks=pytest.mark.slow),
-        "fednova",
+        pytest.param("fednova", marks=pytest.mark.slow),
         "krum",
         "scaffold",
         "pfa_det",
         pytest.param("pfa_det_cpa", marks=pytest.mark.slow),
         pytest.param("mutual", marks=pytest.mark.slow),
-        "fd",
+        pytest.param("fd", marks=pytest.mark.slow),
         "fedmd",
         pytest.param("fedproto", marks=pytest.mark.slow),
         "kd3a",
