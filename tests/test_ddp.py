@@ -70,7 +70,7 @@ def _last_store(root: Path) -> dict:
     "algo",
     [
         # slow: what faster variants cover too (FedAvg's sums: fedbn; per-client roles: the
-        # PFA + DET runs; gathered uploads: krum; round-state gathers: fedmd, kd3a (fd too); a
+        # PFA + DET runs; gathered uploads: krum; round-state gathers: fedmd (fd, kd3a too); a
         # server optimizer on FedAvg's sums: fedadam; CPA's gathered prototypes: pfa_det_cpa;
         # gathered local steps: scaffold (fednova too))
         pytest.param("fedavg_prox", marks=pytest.mark.slow),
@@ -85,7 +85,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("fd", marks=pytest.mark.slow),
         "fedmd",
         pytest.param("fedproto", marks=pytest.mark.slow),
-        "kd3a",
+        pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
     ],
 )

@@ -175,6 +175,7 @@ def test_the_console_script_reports_a_bad_setting_in_one_line():
     )
 
 
+@pytest.mark.slow  # two console-script processes; the one-line report is tested fast
 def test_a_setup_check_is_one_line_and_the_debug_variable_shows_the_traceback(tmp_path):
     import os
 

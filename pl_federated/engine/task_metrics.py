@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -79,6 +80,7 @@ class TaskMetrics:
         hook: str = "validation_step",
     ) -> None:
         self.device, self.trainer, self.hook = device, trainer, hook
+        self.warned = False  # "logged nothing" is said once
 
     @staticmethod
     def check(worker: pl.LightningModule, hook: str = "validation_step") -> None:
@@ -166,6 +168,12 @@ def task_global(ev: Any) -> dict[str, float]:
             per_client[k], sizes[k] = task_scores(ev, "model", k, "test")
     if not per_client:
         return {}
+    if not any(per_client.values()) and not ev.task.warned:
+        ev.task.warned = True
+        rank_zero_warn(
+            f"The client's `{ev.task.hook}` logged nothing, so there are no global/personal "
+            "metrics: log what should be reported with `self.log(name, value)` in it."
+        )
     metrics = {}
     for name, value in pooled(per_client, sizes).items():
         column = torch.full((ev.num_clients,), float("nan"))

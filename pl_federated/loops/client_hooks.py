@@ -27,7 +27,8 @@ state_dict (parameters and buffers) is exchanged per client. A tensor the module
 plain attribute (an RNN's hidden state, a running statistic) would silently carry from one
 client to the next. A client module may define ``on_client_start(self, client)`` (not a
 Lightning hook): called before every client's update, after its state is loaded, to reset
-such state. Without it, the first update that reassigns such an attribute warns, naming it.
+such state. Without it, an attribute that the fit's second client update reassigns (the
+first may fill a cache, such as an attention mask, which then stays) is warned about, by name.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class ClientHooks:
             for role, worker in self.workers.items()
             if callable(getattr(worker, "on_client_start", None))
         }
-        self._watch: dict[str, dict[str, int]] | None = None  # attribute ids, first update
+        self._watch: dict[str, dict[str, tuple[int, ...]]] | None = None  # the 2nd update's
+        self._updates = 0
 
     def any_overridden(self, role: str) -> list[str]:
         """The hooks ``role``'s worker overrides, in :data:`CLIENT_HOOKS` order."""
@@ -89,18 +91,20 @@ class ClientHooks:
         return own + (["on_client_start"] if role in self.resets else [])
 
     def client_start(self, roles: Iterable[str], client: int) -> None:
-        """``on_client_start(client)`` of the workers that define it; on the fit's first
-        update, note the others' tensor attributes outside the state_dict."""
+        """``on_client_start(client)`` of the workers that define it; on the fit's second
+        update (the first may fill caches, e.g. an attention mask), note the others' tensor
+        attributes outside the state_dict."""
         for role in roles:
             if role in self.resets:
                 self.resets[role].on_client_start(client)
-        if self._watch is None:
+        self._updates += 1
+        if self._updates == 2 and self._watch is None:
             self._watch = {
                 role: stray_tensors(self.workers[role]) for role in roles if role not in self.resets
             }
 
     def client_end(self) -> None:
-        """After the fit's first update: warn (once) about tensor attributes it reassigned
+        """After the fit's second update: warn (once) about tensor attributes it reassigned
         outside the state_dict of a worker without ``on_client_start``."""
         if not self._watch:
             return
