@@ -141,10 +141,17 @@ class ClientDatasets(ClientDataModule):
         **options: Any,
     ) -> ClientDatasets:
         """``dataset`` split over ``num_clients`` by ``partition`` (default
-        ``Dirichlet(alpha=0.5)``) on ``labels`` (default: :func:`targets_of`), each client's
-        share split into test/val/train. ``options``: the constructor's."""
-        y = as_labels(labels, "labels") if labels is not None else targets_of(dataset)
-        split = (partition or Dirichlet(alpha=0.5))(y, num_clients, seed=seed)
+        ``Dirichlet(alpha=0.5)``) on ``labels`` (default: :func:`targets_of`; not read for a
+        partition that does not need them, such as ``IID``, so any targets work), each
+        client's share split into test/val/train. ``options``: the constructor's."""
+        partition = partition or Dirichlet(alpha=0.5)
+        if labels is not None:
+            y = as_labels(labels, "labels")
+        elif partition.needs_labels:
+            y = targets_of(dataset)
+        else:  # a label-free split (IID, QuantitySkew): any targets, e.g. regression
+            y = np.zeros(len(dataset), dtype=np.int64)
+        split = partition(y, num_clients, seed=seed)
         return cls._split(dataset, split.indices, test_fraction, val_fraction, seed, **options)
 
     @classmethod

@@ -49,7 +49,8 @@ def load_npz(path: str | Path) -> Loaded:
             i = int(fractional[0]) if len(fractional) else 0
             raise ConfigError(
                 f"{path}: `labels` must be integer class indices; sample {i} has label "
-                f"{labels[i]!r} ({labels.dtype})."
+                f"{labels[i]!r} ({labels.dtype}). For regression or other targets use "
+                "ClientDatasets.partitioned(TensorDataset(x, y), num_clients, IID())."
             )
     x = torch.from_numpy(np.ascontiguousarray(images))
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()

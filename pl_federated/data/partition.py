@@ -55,6 +55,10 @@ class Partitioner(ABC):
             ``ValueError`` that says why it cannot.
     """
 
+    needs_labels = True
+    """Whether the split depends on the class labels (IID and QuantitySkew do not: they also
+    split data without labels, e.g. regression targets)."""
+
     @arguments(min_size=Int(ge=1))
     def __init__(self, min_size: int = 10) -> None:
         self.min_size = min_size
@@ -106,6 +110,8 @@ class Partitioner(ABC):
 
 class IID(Partitioner):
     """Uniformly random, equal-size clients (sizes differ by at most one)."""
+
+    needs_labels = False
 
     def split(self, labels, num_clients, rng, domains=None):
         return np.array_split(rng.permutation(len(labels)), num_clients)
@@ -299,6 +305,8 @@ class Pathological(Partitioner):
 class QuantitySkew(Partitioner):
     """Client sizes ~ Dirichlet(alpha) (NIID-Bench ``iid-diff-quantity``), labels IID. A draw
     leaving a client under ``min_size`` is redrawn, at most ``max_tries`` times."""
+
+    needs_labels = False
 
     @arguments(alpha=Real(gt=0), min_size=Int(ge=1), max_tries=Int(ge=1))
     def __init__(self, alpha: float = 0.5, min_size: int = 10, max_tries: int = 100) -> None:

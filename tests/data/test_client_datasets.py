@@ -171,3 +171,18 @@ def test_what_needs_in_memory_tensors_says_so(trainer_factory):
     with pytest.raises(ConfigError, match="`vectorize_clients` stacks in-memory"):
         fed = federation(vectorize_clients=True, clients_per_step=2)
         trainer_factory(rounds=1).fit(fed, dm)
+
+
+def test_a_label_free_partition_splits_regression_data():
+    """IID needs no labels: float targets are split as they are (Dirichlet would read them
+    and refuse, naming why)."""
+    x, y = torch.randn(40, 3), torch.randn(40)
+    dm = ClientDatasets.partitioned(TensorDataset(x, y), 4, IID(min_size=5), test_fraction=0.2)
+    dm.setup("fit")
+    assert not dm.has_class_labels and dm.num_train.tolist() == [8, 8, 8, 8]
+    got = torch.cat(
+        [dm.train_sets[k][:][1] for k in range(4)] + [dm.test_sets[k][:][1] for k in range(4)]
+    )
+    assert torch.equal(got.sort().values, y.sort().values)  # every target, untouched
+    with pytest.raises(ConfigError, match="labels must be class indices"):
+        ClientDatasets.partitioned(TensorDataset(x, y), 4, Dirichlet(0.5, min_size=5))
