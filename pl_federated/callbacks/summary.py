@@ -118,10 +118,21 @@ class FederatedSummary(Callback):
         report.to_csv(os.path.join(log_dir, "partition.csv"))
         self._log_image(trainer, "partition/heatmap", path)
 
-    def round_table(self, history: Sequence[dict[str, float]]) -> tuple[list[str], list[list]]:
-        """One row per round: :data:`ROUND_COLUMNS`, then the algorithms' own round metrics
-        (``det/*``, ``retrogress/mean``, ``fedmd/*``, ...; per-client ones left out)."""
+    def round_table(
+        self, history: Sequence[dict[str, float]], task_metrics: bool = False
+    ) -> tuple[list[str], list[list]]:
+        """One row per round: :data:`ROUND_COLUMNS` (with ``task_metrics``, a task's own
+        ``global/<name>``/``personal/<name>_mean`` first, e.g. ``global/mse``), then the
+        algorithms' own round metrics (``det/*``, ``retrogress/mean``, ``fedmd/*``, ...;
+        per-client ones left out)."""
         present = [(k, name) for k, name in ROUND_COLUMNS if any(k in h for h in history)]
+        if task_metrics:
+            known = {k for k, _ in ROUND_COLUMNS}
+            keys = {k for h in history for k in h if k.startswith(("global/", "personal/"))}
+            task = sorted(k for k in keys - known if not k.endswith("_client_mean"))
+            present[1:1] = [
+                (k, k.replace("personal/", "pers_").replace("global/", "global_")) for k in task
+            ]
         present += [(k, k) for k in algorithm_metrics(history)]
         rows = [[h.get(k, float("nan")) for k, _ in present] for h in history]
         counts = {i for i, (k, _) in enumerate(present) if k in ("round", "round/excluded_clients")}
@@ -140,7 +151,9 @@ class FederatedSummary(Callback):
         if not getattr(fed, "history", None):
             return
         tables = {
-            "rounds": self.round_table(fed.history),
+            "rounds": self.round_table(
+                fed.history, not getattr(trainer.datamodule, "has_class_labels", True)
+            ),
             "clients": fed.client_table(),
         }
         if self.print_tables:
@@ -155,7 +168,7 @@ class FederatedSummary(Callback):
             if isinstance(logger, WandbLogger):
                 columns, rows = tables["clients"]
                 logger.log_table(key="clients", columns=columns, data=rows)
-        if self.images and log_dir and fed.client_metrics:
+        if self.images and log_dir and {"global_acc", "personal_acc"} & set(fed.client_metrics):
             figure = client_accuracy_figure(fed.client_metrics, fed.num_clients)
             path = save(figure, os.path.join(log_dir, "client_accuracy.png"))
             self._log_image(trainer, "clients/accuracy", str(path))

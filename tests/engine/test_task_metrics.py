@@ -197,3 +197,25 @@ def test_metric_names_are_free_text_but_not_empty():
     assert DeputyEnhancedTransfer(metric="acc").metric == "acc"
     with pytest.raises(ConfigError, match="non-empty string"):
         RetrogressMonitor(metric="")
+
+
+def test_the_summary_tables_show_the_tasks_metrics(trainer_factory, tmp_path, capsys):
+    from pl_federated.callbacks import FederatedSummary
+
+    torch.manual_seed(0)
+    fed = federation(Regressor(), local_epochs=1)
+    summary = FederatedSummary(images=False)
+    trainer_factory(rounds=2, callbacks=[FedAvg(), summary]).fit(fed, _regression_clients())
+    out = capsys.readouterr().out
+    rounds = out[out.index("rounds") : out.index("clients")]
+    header = rounds.splitlines()[1].split()
+    assert header[:5] == ["round", "global_mae", "global_mse", "pers_mae_mean", "pers_mse_mean"]
+    clients = out[out.index("clients") :].splitlines()[1].split()
+    assert clients == [
+        "client",
+        "samples",
+        "global_mae",
+        "global_mse",
+        "personal_mae",
+        "personal_mse",
+    ]
