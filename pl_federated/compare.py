@@ -138,13 +138,15 @@ def mean_std(values: Sequence[float]) -> str:
 
 def comparison_table(
     results: dict[str, dict[int, list[dict[str, float]]]],
+    table_columns: Sequence[tuple[str, str]] = TABLE_COLUMNS,
 ) -> tuple[list[str], list[list[str]]]:
-    """One row per config: seeds and :data:`TABLE_COLUMNS` as mean ± std over seeds."""
-    columns = ["config", "seeds", *(heading for _, heading in TABLE_COLUMNS)]
+    """One row per config: seeds and ``table_columns`` (``rounds.csv`` column, heading;
+    default :data:`TABLE_COLUMNS`) as mean ± std over seeds."""
+    columns = ["config", "seeds", *(heading for _, heading in table_columns)]
     rows = []
     for name, by_seed in results.items():
         cells = [
-            mean_std([last_evaluated(r, key) for r in by_seed.values()]) for key, _ in TABLE_COLUMNS
+            mean_std([last_evaluated(r, key) for r in by_seed.values()]) for key, _ in table_columns
         ]
         rows.append([name, str(len(by_seed)), *cells])
     return columns, rows
@@ -203,6 +205,13 @@ def parse_args(args: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
     parser.add_argument("--out", type=Path, default=Path("outputs/compare"), help="output folder")
     parser.add_argument("--metric", default="pers_acc_mean", help="rounds.csv column to plot")
+    parser.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        help="rounds.csv columns to tabulate (default: personal acc, worst client, global acc); "
+        "e.g. global_mse pers_mse_mean for a task's own metrics",
+    )
     return parser.parse_known_args(list(args))
 
 
@@ -233,7 +242,8 @@ def compare_main(
             rounds = stored_result(run)
             print(f"compare: {run.name} seed {seed}: " + ("done, reused" if rounds else "running"))
             results.setdefault(run.name, {})[seed] = rounds or execute(run, fit)
-    columns, rows = comparison_table(results)
+    chosen = [(c, c) for c in known.columns] if known.columns else TABLE_COLUMNS
+    columns, rows = comparison_table(results, chosen)
     known.out.mkdir(parents=True, exist_ok=True)
     with (known.out / "compare.csv").open("w", newline="") as f:
         csv.writer(f).writerows([columns, *rows])

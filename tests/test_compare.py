@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from pl_federated.cli import cli_main
-from pl_federated.compare import compare_main, curve, last_evaluated, mean_std
+from pl_federated.compare import compare_main, comparison_table, curve, last_evaluated, mean_std
 from pl_federated.validation import ConfigError
 
 BASE = """\
@@ -41,6 +41,16 @@ def test_mean_std_last_evaluated_and_curve_by_hand():
     xs, means, stds = curve(by_seed, "a")
     assert xs == [0, 2] and means == pytest.approx([0.2, 0.4])
     assert stds == pytest.approx([statistics.stdev([0.1, 0.3])] * 2)
+
+
+def test_the_table_takes_any_rounds_csv_columns():
+    """A task's own metrics (e.g. global_mse) tabulate like the default accuracy columns."""
+    results = {
+        "fedavg": {0: [{"round": 1, "global_mse": 0.5}], 1: [{"round": 1, "global_mse": 0.7}]}
+    }
+    columns, rows = comparison_table(results, [("global_mse", "global_mse")])
+    assert columns == ["config", "seeds", "global_mse"]
+    assert rows == [["fedavg", "2", "0.6000 ± 0.1414"]]
 
 
 def test_compare_two_configs_three_seeds_one_partition_then_reuse(tmp_path, monkeypatch):
