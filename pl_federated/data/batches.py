@@ -41,6 +41,8 @@ class TensorBatches:
         y: targets, one row per sample.
         batch_size: samples per batch.
         transform: applied to each input of a batch as it is drawn (augmentation).
+        drop_last: the plan leaves out a local epoch's last, incomplete batch
+            (:func:`batches_per_epoch`).
     """
 
     def __init__(
@@ -49,9 +51,10 @@ class TensorBatches:
         y: Tensor,
         batch_size: int,
         transform: Callable[[Tensor], Tensor] | None = None,
+        drop_last: bool = False,
     ) -> None:
         self.x, self.y, self.batch_size, self.transform = x, y, batch_size, transform
-        self.drop_last = False
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
         return len(self.y)

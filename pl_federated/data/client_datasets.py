@@ -134,18 +134,21 @@ class ClientDatasets(ClientDataModule):
         dataset: Dataset,
         num_clients: int,
         partition: Partitioner | None = None,
-        labels: Sequence[int] | None = None,
+        labels: Sequence[int] | Callable[[Any], int] | None = None,
         test_fraction: float = 0.2,
         val_fraction: float = 0.0,
         seed: int = 0,
         **options: Any,
     ) -> ClientDatasets:
         """``dataset`` split over ``num_clients`` by ``partition`` (default
-        ``Dirichlet(alpha=0.5)``) on ``labels`` (default: :func:`targets_of`; not read for a
+        ``Dirichlet(alpha=0.5)``) on ``labels`` (one per sample, or a function of a sample,
+        e.g. a speaker's accent for a label skew; default: :func:`targets_of`; not read for a
         partition that does not need them, such as ``IID``, so any targets work), each
         client's share split into test/val/train. ``options``: the constructor's."""
         partition = partition or Dirichlet(alpha=0.5)
-        if labels is not None:
+        if callable(labels):  # a label function of a sample
+            y = as_labels([labels(dataset[i]) for i in range(len(dataset))], "labels(sample)")
+        elif labels is not None:
             y = as_labels(labels, "labels")
         elif partition.needs_labels:
             y = targets_of(dataset)

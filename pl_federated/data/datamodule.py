@@ -53,6 +53,8 @@ class FederatedDataModule(ClientDataModule):
         train_transform: a module applied to each training sample of a batch when it is
             drawn (e.g. a ``torchvision.transforms.v2.Compose`` of random augmentations);
             evaluation data is never transformed.
+        drop_last: drop each local epoch's last, incomplete batch (e.g. for BatchNorm, which
+            fails on a batch of one).
 
     Raises:
         ValueError: unknown dataset, bad fractions or sizes, or a partition that cannot give
@@ -71,6 +73,7 @@ class FederatedDataModule(ClientDataModule):
         global_test_fraction=Real(ge=0, lt=1),
         stratified=Flag(),
         normalize=Choice(("none", "global", "per_domain")),
+        drop_last=Flag(),
     )
     def __init__(
         self,
@@ -89,6 +92,7 @@ class FederatedDataModule(ClientDataModule):
         stratified: bool = False,
         normalize: str = "none",
         train_transform: torch.nn.Module | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if test_fraction + val_fraction >= 1.0:
@@ -116,6 +120,7 @@ class FederatedDataModule(ClientDataModule):
         self.stratified = stratified
         self.normalize = normalize
         self.train_transform = train_transform
+        self.drop_last = drop_last
         self._prepared = False
 
     # --------------------------------------------------------------- setup
@@ -278,5 +283,9 @@ class FederatedDataModule(ClientDataModule):
         """``client``'s training tensors, batched by index slices (``train_transform`` applied
         as batches are drawn)."""
         return TensorBatches(
-            self.train_x[client], self.train_y[client], self.batch_size, self.train_transform
+            self.train_x[client],
+            self.train_y[client],
+            self.batch_size,
+            self.train_transform,
+            self.drop_last,
         )

@@ -74,7 +74,7 @@ def training_batches(fed: Any, client: int) -> TensorBatches | LoaderBatches:
         with dispatch.profile(cb, "train_data"):
             replaced = cb.train_data(fed, client, x, y)
         x, y = (x, y) if replaced is None else replaced
-    return TensorBatches(x, y, source.batch_size, source.transform)
+    return TensorBatches(x, y, source.batch_size, source.transform, source.drop_last)
 
 
 def steps_at(count: int, accumulate: int) -> list[bool]:

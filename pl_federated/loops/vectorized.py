@@ -190,7 +190,8 @@ def train_group(fed: Any, clients: list[int]) -> None:
 
     data = [fed.datamodule.client_train(c) for c in clients]
     n, bs = len(data[0][1]), fed.datamodule.batch_size
-    lengths = local_epoch_lengths(batches_per_epoch(n, bs), fed.local_epochs, fed.local_steps)
+    per_epoch = batches_per_epoch(n, bs, fed.datamodule.client_batches(clients[0]).drop_last)
+    lengths = local_epoch_lengths(per_epoch, fed.local_epochs, fed.local_steps)
     x = torch.stack([d[0] for d in data])
     y = torch.stack([d[1] for d in data])
     gens = [fed.streams.generator("batches", fed.current_round, c) for c in clients]

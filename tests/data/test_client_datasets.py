@@ -186,3 +186,34 @@ def test_a_label_free_partition_splits_regression_data():
     assert torch.equal(got.sort().values, y.sort().values)  # every target, untouched
     with pytest.raises(ConfigError, match="labels must be class indices"):
         ClientDatasets.partitioned(TensorDataset(x, y), 4, Dirichlet(0.5, min_size=5))
+
+
+def test_a_partition_over_a_label_function():
+    """Dict samples partitioned Pathological-style by a function of each sample."""
+    from pl_federated.data import Pathological
+
+    class Utterances(Dataset):
+        def __len__(self):
+            return 60
+
+        def __getitem__(self, i):
+            return {"audio": torch.full((4,), float(i)), "accent": i % 3}
+
+    dm = ClientDatasets.partitioned(
+        Utterances(), 3, Pathological(classes_per_client=1, min_size=5),
+        labels=lambda s: s["accent"], test_fraction=0.0,
+    )  # fmt: skip
+    for k in range(3):
+        accents = {Utterances()[i]["accent"] for i in dm.train_sets[k].indices}
+        assert len(accents) == 1  # one accent per client
+
+
+def test_drop_last_on_the_tensor_path(trainer_factory):
+    dm = FederatedDataModule(
+        "digits", num_clients=2, partition=IID(), batch_size=30, max_train_samples=64,
+        drop_last=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    fed = federation(MLPClassifier())
+    trainer_factory(rounds=1, callbacks=[FedAvg()]).fit(fed, dm)
+    assert fed.trainer.global_step == 2 * 2  # 64 samples: two batches of 30, the 4 dropped
