@@ -37,14 +37,17 @@ class FedPer(FedAvg):
         super().__init__(over=over, weighting=weighting)
         self.personal_keys = tuple(personal_keys)
 
+    keys_argument = "personal_keys"
+    """The constructor argument that names the local layers (in error messages)."""
+
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
         names = list(fed.shared_worker.state_dict())
         for prefix in self.personal_keys:
             if not any(n == prefix or n.startswith(prefix + ".") for n in names):
                 raise ConfigError(
-                    f"`FedPer.personal_keys` entry {prefix!r} matches no state entry; "
-                    f"entries: {names}."
+                    f"`{type(self).__name__}.{self.keys_argument}` entry {prefix!r} matches no "
+                    f"state entry; entries: {names}."
                 )
         fed.add_local_keys(
             n for n in names for p in self.personal_keys if n == p or n.startswith(p + ".")
