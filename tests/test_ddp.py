@@ -75,6 +75,7 @@ def _last_store(root: Path) -> dict:
         # gathered local steps: scaffold (fednova too))
         pytest.param("fedavg_prox", marks=pytest.mark.slow),
         "fedbn",
+        "datasets",  # ClientDatasets: every rank's DataLoader over its own clients
         pytest.param("fedadam", marks=pytest.mark.slow),
         pytest.param("fednova", marks=pytest.mark.slow),
         "krum",

@@ -16,8 +16,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import TensorDataset
 
-from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated import ClientDatasets, FederatedDataModule, FederatedModule
 from pl_federated.callbacks import (
     KD3A,
     SCAFFOLD,
@@ -56,6 +57,8 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fedavg_prox":
         client = MLPClassifier(hidden=(32,), lr=0.05, momentum=0.9)
         return client, [FedAvg(), FedProx(mu=0.01)], dict(local_steps=3)
+    if algo == "datasets":  # FedAvg on ClientDatasets (the DataLoader path), see run()
+        return MLPClassifier(hidden=(32,), lr=0.05, momentum=0.9), [FedAvg()], dict(local_steps=3)
     if algo == "fedbn":
         client = CNNClassifier(image_size=8, channels=(4, 8), hidden=16, batch_norm=True, lr=0.05)
         return client, [FedBN()], dict(local_steps=3)
@@ -134,6 +137,13 @@ def run(
     data = FederatedDataModule(
         "digits", num_clients=5, partition=Dirichlet(0.5, min_size=20), max_train_samples=40
     )
+    if algo == "datasets":  # the same clients as per-client TensorDatasets
+        data.setup("fit")
+        data = ClientDatasets(
+            [TensorDataset(*data.client_train(k)) for k in range(data.num_clients)],
+            [TensorDataset(*data.client_test(k)) for k in range(data.num_clients)],
+            batch_size=data.batch_size,
+        )
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
         max_epochs=rounds,
