@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from pl_federated.data.batches import TensorBatches
 from pl_federated.engine.task_metrics import (
     TaskMetrics,
     task_global,
@@ -202,10 +203,19 @@ class Evaluator:
             )
         if self.task is not None or metric not in ("acc", "f1"):
             return self._task_value(role, client, split, metric)
-        x, y = self.datamodule.client_split(client, split)
+        x, y = self._split_tensors(client, split)
         preds = self.predict_classes(self.workers[role], x)
         acc, f1 = self.acc_f1(preds, y.to(preds.device))
         return f1 if metric == "f1" else acc
+
+    def _split_tensors(self, client: int, split: str) -> tuple[Tensor, Tensor]:
+        """``client``'s ``split`` as ``(x, y)``; a training split streamed from a Dataset is
+        collated from its evaluation batches."""
+        dm = self.datamodule
+        if split == "train" and not isinstance(dm.client_batches(client), TensorBatches):
+            batches = list(dm.client_eval_batches(client, "train", self.batch_size))
+            return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        return dm.client_split(client, split)
 
     def _task_value(self, role: str, client: int, split: str, metric: str) -> float:
         if self.task is None:

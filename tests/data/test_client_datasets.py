@@ -217,3 +217,19 @@ def test_drop_last_on_the_tensor_path(trainer_factory):
     fed = federation(MLPClassifier())
     trainer_factory(rounds=1, callbacks=[FedAvg()]).fit(fed, dm)
     assert fed.trainer.global_step == 2 * 2  # 64 samples: two batches of 30, the 4 dropped
+
+
+def test_scores_on_a_streamed_training_split(trainer_factory):
+    """Retrogress on the train split of Dataset clients: their training data is collated
+    from evaluation batches (the tensor path's numbers, exactly)."""
+    from pl_federated.callbacks import RetrogressMonitor
+
+    tensors = _digits()
+    runs = {}
+    for name, dm in (("tensor", tensors), ("datasets", _as_datasets(tensors))):
+        torch.manual_seed(0)
+        monitor = RetrogressMonitor(split="train", plot=False)
+        fed = federation(MLPClassifier(lr=0.05, momentum=0.9), local_steps=2)
+        trainer_factory(rounds=2, callbacks=[FedAvg(), monitor]).fit(fed, dm)
+        runs[name] = monitor.history
+    assert runs["datasets"] == runs["tensor"]
