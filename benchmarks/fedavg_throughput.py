@@ -116,7 +116,9 @@ def evaluate(model, dm) -> float:
     return acc
 
 
-def make_federation(w: Workload, clients_per_step: int, vectorize: bool = False) -> FederatedModule:
+def make_federation(
+    w: Workload, clients_per_step: int | str, vectorize: bool = False
+) -> FederatedModule:
     """The FedAvg federation every pl_federated variant times (evaluation off)."""
     return FederatedModule(
         make_client(w),
@@ -129,7 +131,7 @@ def make_federation(w: Workload, clients_per_step: int, vectorize: bool = False)
 
 
 def run_pl_federated(
-    w: Workload, dm: FederatedDataModule, clients_per_step: int, vectorize: bool = False
+    w: Workload, dm: FederatedDataModule, clients_per_step: int | str, vectorize: bool = False
 ) -> tuple[float, float]:
     fed = make_federation(w, clients_per_step, vectorize)
     t0 = time.perf_counter()
@@ -246,7 +248,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workload", choices=["silo", "device", "both"], default="both")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per variant; best time is kept")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per variant (alternated); best time is kept"
+    )
     parser.add_argument("--skip-trainer-per-client", action="store_true")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--ddp-child", action="store_true", help=argparse.SUPPRESS)
@@ -290,6 +294,7 @@ def main() -> None:
         per_step = 1 if name == "silo" else w.clients_per_round
         variants = [
             ("lean loop (b)", run_lean_loop, ()),
+            ("pl_federated, default settings (clients_per_step auto)", run_pl_federated, ("auto",)),
             ("pl_federated, clients_per_step=1 (a)", run_pl_federated, (1,)),
         ]
         if per_step > 1:
@@ -305,10 +310,11 @@ def main() -> None:
             variants.append((label, run_ddp, (per_step,)))
         if not args.skip_trainer_per_client:
             variants.append(("Trainer per client (c)", run_trainer_per_client, ()))
-        results = {}
-        for label, fn, extra in variants:
-            runs = [fn(w, dm, *extra) for _ in range(args.repeat)]
-            results[label] = (min(r[0] for r in runs), runs[-1][1])
+        runs: dict[str, list] = {label: [] for label, _, _ in variants}
+        for _ in range(args.repeat):  # variants alternate: A B C A B C ...
+            for label, fn, extra in variants:
+                runs[label].append(fn(w, dm, *extra))
+        results = {label: (min(r[0] for r in rs), rs[-1][1]) for label, rs in runs.items()}
         base = results["lean loop (b)"][0]
         for label, (sec, acc) in results.items():
             print(

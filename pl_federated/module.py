@@ -59,8 +59,10 @@ class FederatedModule(pl.LightningModule):
         seed: seeds client selection, batch order and client-side randomness per round.
         persist_optimizer: keep each client's optimizer state between rounds (default: a fresh
             optimizer state every round, as most papers do).
-        clients_per_step: clients trained in one Lightning step; larger values amortize
-            Lightning's per-step cost when local updates are tiny.
+        clients_per_step: clients trained in one Lightning step; ``"auto"`` (default): at
+            most 10 steps per round and process, which amortizes Lightning's per-step cost when
+            local updates are tiny. Each client's update, and so every number, is the same
+            for any value; only the progress bar and Lightning's step counter see it.
         eval_every_n_rounds: evaluation interval in rounds (0 disables; the last round always
             evaluates unless 0).
         eval_batch_size: batch size of evaluation forward passes.
@@ -106,7 +108,7 @@ class FederatedModule(pl.LightningModule):
         local_steps: int | None = None,
         seed: int = 0,
         persist_optimizer: bool = False,
-        clients_per_step: int = 1,
+        clients_per_step: int | str = "auto",
         eval_every_n_rounds: int = 1,
         eval_batch_size: int = 1024,
         store_device: str = "cpu",
@@ -143,7 +145,7 @@ class FederatedModule(pl.LightningModule):
         live = functools.partial(functools.partial, getattr)
         self.schedule = ClientSchedule(
             self.streams,
-            clients_per_step,
+            1 if clients_per_step == "auto" else clients_per_step,  # "auto": set at setup
             num_clients=live(self, "num_clients"),
             num_selected=live(self, "num_selected"),
             rank_and_world=self._live_rank_and_world,

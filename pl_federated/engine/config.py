@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ FEDERATION_RULES = {
     "local_steps": Int(ge=1, optional=True),
     "seed": Int(ge=0),
     "persist_optimizer": Flag(),
-    "clients_per_step": Int(ge=1),
+    "clients_per_step": AnyOf((Int(ge=1), Choice(("auto",)))),
     "eval_every_n_rounds": Int(ge=0),
     "eval_batch_size": Int(ge=1),
     "store_device": Choice(("cpu", "model")),
@@ -31,6 +32,10 @@ FEDERATION_RULES = {
     "accumulate_grad_batches": Int(ge=1),
 }
 """What each setting allows (checked as ``FederatedModule.<field>``)."""
+
+AUTO_SLOTS_PER_ROUND = 10
+"""``clients_per_step: auto`` groups a round's clients into at most this many Lightning steps
+per process (the progress bar still moves within a round)."""
 
 
 @dataclass
@@ -48,7 +53,7 @@ class FederationConfig:
     local_steps: int | None = None
     seed: int = 0
     persist_optimizer: bool = False
-    clients_per_step: int = 1
+    clients_per_step: int | str = "auto"
     eval_every_n_rounds: int = 1
     eval_batch_size: int = 1024
     store_device: str = "cpu"
@@ -63,6 +68,20 @@ class FederationConfig:
         check("FederatedModule", FEDERATION_RULES, vars(self))
         if self.store_path is not None and self.store_device != "cpu":
             raise ConfigError("`store_path` (a memory-mapped store) needs `store_device: cpu`.")
+
+    def steps_clients(self, num_selected: int, world_size: int) -> int:
+        """Clients per Lightning step: the setting, or for ``"auto"`` enough that a round has
+        at most :data:`AUTO_SLOTS_PER_ROUND` steps per process (Lightning's per-step cost is
+        then amortized; each client's update and the numbers do not depend on it).
+
+        Example:
+            >>> FederationConfig().steps_clients(50, 1), FederationConfig().steps_clients(8, 1)
+            (5, 1)
+        """
+        if self.clients_per_step != "auto":
+            return int(self.clients_per_step)
+        per_rank = math.ceil(num_selected / world_size)
+        return max(1, math.ceil(per_rank / AUTO_SLOTS_PER_ROUND))
 
     def check_clients(self, num_clients: int) -> None:
         """Check the settings against the datamodule's ``num_clients``.

@@ -66,9 +66,10 @@ def setup_stage(fed: Any, stage: str) -> None:
     dm.setup(stage)
     fed.config.check_clients(dm.num_clients)
     fed.num_clients = dm.num_clients
+    fed.schedule.clients_per_step = fed.config.steps_clients(fed.num_selected, fed.world_size)
     if stage == "fit":
         use_atomic_checkpoints(trainer.strategy)  # a kill never half-writes one
-        slots = math.ceil(fed.num_selected / (fed.clients_per_step * fed.world_size))
+        slots = math.ceil(fed.num_selected / (fed.schedule.clients_per_step * fed.world_size))
         fed.fit_settings.apply(trainer, slots)
     fed.evaluator.bind(dm)
     if fed.store is None:

@@ -78,3 +78,26 @@ def test_slots_pad_every_rank_to_the_busiest():
     assert schedule(0, 2, flat, phases).phase_starts() == {2: 1}
     assert schedule(0, 1, flat, phases).phase_starts() == {2: 1}  # [0, 2], [4, 1] | [3, 6]
     assert len(ClientSlots(schedule(0, 2, flat, phases))) == len(flat)  # a safe bound
+
+
+def test_auto_clients_per_step_changes_only_the_step_count(trainer_factory):
+    """24 clients a round: "auto" trains them in 10 steps or fewer (3 per step, 8 steps);
+    every number equals one client per step."""
+    from helpers import digits, federation
+
+    from pl_federated.callbacks import FedAvg
+
+    runs = {}
+    for setting in (1, "auto"):
+        fed = federation(local_steps=2, clients_per_step=setting)
+        trainer = trainer_factory(rounds=2, callbacks=[FedAvg()])
+        trainer.fit(fed, digits(num_clients=24, alpha=5.0, max_train_samples=20))
+        runs[setting] = (fed, trainer)
+    (one, t1), (auto, t_auto) = runs[1], runs["auto"]
+    assert auto.schedule.clients_per_step == 3 and t_auto.num_training_batches == 8
+    assert t1.num_training_batches == 24 and t1.global_step == t_auto.global_step
+    for name, value in one.server_state.items():
+        assert torch.equal(auto.server_state[name], value), name
+    drop = lambda h: [{k: v for k, v in r.items() if k != "round/seconds"} for r in h]  # noqa: E731
+    assert drop(auto.history) == drop(one.history)
+    assert auto.client_table() == one.client_table()
