@@ -104,9 +104,14 @@ class FederatedCallback(Callback):
     round-level hooks run on every rank. A callback that is correct there (it keeps per-client
     state only, or reduces what it accumulates across ranks) sets ``supports_distributed =
     True``; the module refuses the others in a multi-process run.
+
+    A callback that reads whole training splits as tensors (``fed.datamodule.client_train``)
+    sets ``needs_tensor_data = True`` (as does implementing ``train_data``): with a datamodule
+    that streams Datasets (``ClientDatasets``) the fit is refused before round 0, naming it.
     """
 
     supports_distributed: bool = False
+    needs_tensor_data: bool = False
 
     def add_round_state(self, name: str, default: Any, reduce: str = "sum") -> None:
         """Declare a per-round accumulator ``self.<name>``: the engine resets it to a copy of

@@ -52,6 +52,8 @@ class FedProto(FederatedCallback):
         self.add_round_state("uploads", {}, reduce="gather")
         self.add_round_state("proto_acc", {}, reduce="gather")
 
+    needs_tensor_data = True  # prototypes from each client's whole training split
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         if not callable(getattr(fed.shared_worker, "forward_features", None)):

@@ -13,10 +13,12 @@ import time
 import warnings
 from typing import Any
 
+from pl_federated.data.batches import TensorBatches
 from pl_federated.engine.round_state import RoundState, merge_round_states
 from pl_federated.loops.local_update import train_client
 from pl_federated.loops.vectorized import check_vectorizable, group_by_samples, train_group
 from pl_federated.store import SHARED_ROLE, all_finite
+from pl_federated.validation import ConfigError
 
 
 def engine_round_state() -> RoundState:
@@ -50,6 +52,7 @@ def start_fit(fed: Any) -> None:
     fail mid-round checked now (vectorizability, a model/data mismatch); a resumed fit
     replays its logs from round 0."""
     fed.server_state = {k: v.to(fed.device) for k, v in fed.server_state.items()}
+    check_tensor_data(fed)
     fed.stepper.start(fed.trainer)
     if fed.vectorize_clients:
         check_vectorizable(fed)
@@ -57,6 +60,26 @@ def start_fit(fed: Any) -> None:
     fed.evaluator.warn_if_nothing_to_evaluate(fed.eval_every_n_rounds)
     if fed.trainer.ckpt_path is not None:
         fed.round_logger.replay(fed.trainer)
+
+
+def check_tensor_data(fed: Any) -> None:
+    """Refuse callbacks that need in-memory training tensors when the data streams from
+    Datasets (before round 0, not at the first client).
+
+    Raises:
+        ConfigError: naming the callbacks and the datamodule.
+    """
+    dispatch = fed.dispatch
+    names = [type(cb).__name__ for cb in dispatch.callbacks if cb.needs_tensor_data]
+    names += [type(cb).__name__ for cb in dispatch.implementing("train_data")]
+    if not names or not fed.num_clients:
+        return
+    if not isinstance(fed.datamodule.client_batches(0), TensorBatches):
+        raise ConfigError(
+            f"{sorted(set(names))} read whole training splits as in-memory tensors; "
+            f"{type(fed.datamodule).__name__} streams each client's Dataset. Use a "
+            "FederatedDataModule, or drop them."
+        )
 
 
 def start_round(fed: Any) -> None:

@@ -165,9 +165,17 @@ def test_float_targets_pass_through_untouched():
 
 def test_what_needs_in_memory_tensors_says_so(trainer_factory):
     dm = _as_datasets(_digits())
-    with pytest.raises(ConfigError, match="streams each client's training data"):
+
+    class Recording(FedAvg):
+        started = False
+
+        def on_round_start(self, trainer, fed, server_round):
+            Recording.started = True
+
+    with pytest.raises(ConfigError, match=r"\['FedProto'\] read whole training splits"):
         torch.manual_seed(0)
-        trainer_factory(rounds=1, callbacks=[FedProto()]).fit(federation(), dm)
+        trainer_factory(rounds=1, callbacks=[FedProto(), Recording()]).fit(federation(), dm)
+    assert not Recording.started  # refused before round 0
     with pytest.raises(ConfigError, match="`vectorize_clients` stacks in-memory"):
         fed = federation(vectorize_clients=True, clients_per_step=2)
         trainer_factory(rounds=1).fit(fed, dm)
