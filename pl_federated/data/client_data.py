@@ -14,6 +14,7 @@ per-client Datasets).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -25,7 +26,7 @@ from pl_federated.data.batches import LoaderBatches, TensorBatches
 from pl_federated.validation import ConfigError
 
 
-class ClientDataModule(pl.LightningDataModule):
+class ClientDataModule(pl.LightningDataModule, ABC):
     """The per-client data access the engine uses; subclasses fill it in ``setup``.
 
     Attributes (set by ``setup``):
@@ -52,9 +53,9 @@ class ClientDataModule(pl.LightningDataModule):
     has_class_labels: bool = True
     """Whether every sample has a class index (else only task metrics can evaluate)."""
 
+    @abstractmethod
     def client_batches(self, client: int) -> TensorBatches | LoaderBatches:
         """``client``'s training batches (in the order the engine asks for)."""
-        raise NotImplementedError
 
     def client_train(self, client: int) -> tuple[Tensor, Tensor]:
         """``client``'s training split as tensors: only where it is held in memory.
