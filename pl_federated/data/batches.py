@@ -161,11 +161,22 @@ def batches_per_epoch(num_samples: int, batch_size: int, drop_last: bool = False
     return math.ceil(num_samples / batch_size)
 
 
-def move_batch(worker: pl.LightningModule, batch: Any, device: torch.device) -> Any:
+def overrides_transfer_hooks(worker: pl.LightningModule) -> bool:
+    """Whether ``worker`` overrides one of :data:`TRANSFER_HOOKS` (decide once per update,
+    not per batch)."""
+    return any(is_overridden(h, worker, pl.LightningModule) for h in TRANSFER_HOOKS)
+
+
+def move_batch(
+    worker: pl.LightningModule, batch: Any, device: torch.device, own_hooks: bool | None = None
+) -> Any:
     """``batch`` on ``device`` the way Lightning's loops move it: through ``worker``'s own
-    transfer hooks when it overrides one (see :data:`TRANSFER_HOOKS`), else
-    ``move_data_to_device`` (any nesting of tensors in tuples, lists, dicts, dataclasses)."""
-    if not any(is_overridden(h, worker, pl.LightningModule) for h in TRANSFER_HOOKS):
+    transfer hooks when it overrides one (``own_hooks``; ``None``: check, see
+    :func:`overrides_transfer_hooks`), else ``move_data_to_device`` (any nesting of tensors
+    in tuples, lists, dicts, dataclasses)."""
+    if own_hooks is None:
+        own_hooks = overrides_transfer_hooks(worker)
+    if not own_hooks:
         if (
             isinstance(batch, tuple)
             and len(batch) == 2

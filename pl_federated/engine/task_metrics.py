@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torchmetrics import Metric
 
-from pl_federated.data.batches import move_batch
+from pl_federated.data.batches import move_batch, overrides_transfer_hooks
 from pl_federated.validation import ConfigError
 
 EVAL_HOOKS = {"validation_step", "test_step"}
@@ -113,12 +113,13 @@ class TaskMetrics:
         trainer = self.trainer()
         ctx = trainer.precision_plugin.forward_context if trainer is not None else nullcontext
         step = getattr(worker, hook)
+        own_transfer = overrides_transfer_hooks(worker)
         try:
             with ctx():
                 for i, batch in enumerate(batches):
                     collector.weight = extract_batch_size(batch)
                     samples += collector.weight
-                    step(move_batch(worker, batch, self.device()), i)
+                    step(move_batch(worker, batch, self.device(), own_transfer), i)
         finally:
             _restore(worker, "log", saved[0])
             _restore(worker, "log_dict", saved[1])

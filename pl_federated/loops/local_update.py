@@ -29,7 +29,13 @@ import torch
 from torch import Tensor
 
 from pl_federated.callbacks.aggregator import Upload
-from pl_federated.data.batches import LoaderBatches, TensorBatches, batches_per_epoch, move_batch
+from pl_federated.data.batches import (
+    LoaderBatches,
+    TensorBatches,
+    batches_per_epoch,
+    move_batch,
+    overrides_transfer_hooks,
+)
 from pl_federated.store import SHARED_ROLE, all_finite
 
 
@@ -145,6 +151,7 @@ def train_client(fed: Any, client: int) -> None:
     dispatch.call("on_client_start", fed.trainer, fed, client)
     device, workers = fed.device, fed.workers
     shared = workers[SHARED_ROLE]  # its transfer hooks move the batch
+    own_transfer = overrides_transfer_hooks(shared)
     sup = next(iter(dispatch.implementing("supervised_loss")), None)
     weighters = dispatch.implementing("supervised_weight")
     adders = dispatch.implementing("client_loss")
@@ -164,7 +171,7 @@ def train_client(fed: Any, client: int) -> None:
         pending = False  # gradients accumulated since the last optimizer step
         plan = zip(source.batches(perm, count), steps_at(count, accumulate), strict=True)
         for i, (cpu_batch, step_after) in enumerate(plan):
-            batch = move_batch(shared, cpu_batch, device)
+            batch = move_batch(shared, cpu_batch, device, own_transfer)
             if -1 in hooks.call("on_train_batch_start", roles, batch, i):
                 break  # Lightning's meaning: skip the rest of this (local) epoch
             outs = {role: as_output(workers[role].training_step(batch, i)) for role in roles}
