@@ -376,6 +376,19 @@ class FederatedModule(pl.LightningModule):
         """``role``'s macro-F1 (``"f1"``) or accuracy (``"acc"``) on ``client``'s ``split``."""
         return self.evaluator.score(role, client, split, metric)
 
+    def evaluate_module(
+        self, module: nn.Module, client: int, split: str = "test"
+    ) -> dict[str, float] | None:
+        """Score any ``module`` with the client's batch format (e.g. a fine-tuned copy of a
+        worker) on ``client``'s ``split``: ``acc``/``f1``, in task mode what its
+        ``validation_step`` logs; ``None`` without data there."""
+        return self.evaluator.module_scores(module, client, split)
+
+    def record_client_metric(self, name: str, values: Mapping[int, float]) -> None:
+        """Put per-client ``values`` in :attr:`client_metrics` column ``name`` (NaN for the
+        other clients), so the client table shows them."""
+        self.evaluator.record(name, values)
+
     def client_table(self) -> tuple[list[str], list[list[Any]]]:
         """Per-client table (latest evaluated values): client, samples, accuracies, F1s."""
         return self.evaluator.client_table()

@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from pl_federated.callbacks.fedavg import FedAvg
-from pl_federated.validation import ConfigError, Items, Text, arguments
+from pl_federated.callbacks.layers import check_prefixes, matches
+from pl_federated.validation import Items, Text, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -43,12 +44,6 @@ class FedPer(FedAvg):
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
         names = list(fed.shared_worker.state_dict())
-        for prefix in self.personal_keys:
-            if not any(n == prefix or n.startswith(prefix + ".") for n in names):
-                raise ConfigError(
-                    f"`{type(self).__name__}.{self.keys_argument}` entry {prefix!r} matches no "
-                    f"state entry; entries: {names}."
-                )
-        fed.add_local_keys(
-            n for n in names for p in self.personal_keys if n == p or n.startswith(p + ".")
-        )
+        where = f"{type(self).__name__}.{self.keys_argument}"
+        check_prefixes(where, self.personal_keys, names, "state entries")
+        fed.add_local_keys(n for n in names if matches(n, self.personal_keys))

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from pl_federated.callbacks.fedper import FedPer
+from pl_federated.callbacks.layers import matches, set_trainable
 from pl_federated.validation import Int, Items, Text, arguments
 
 if TYPE_CHECKING:
@@ -40,9 +41,6 @@ class FedRep(FedPer):
         super().__init__(personal_keys, over=over, weighting=weighting)
         self.head_epochs = head_epochs
 
-    def _is_head(self, name: str) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in self.personal_keys)
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         super().on_fit_start(trainer, fed)
@@ -58,12 +56,11 @@ class FedRep(FedPer):
     ) -> None:
         head_phase = epoch < self.head_epochs
         for name, p in fed.shared_worker.named_parameters():
-            p.requires_grad_(self._is_head(name) == head_phase)
+            p.requires_grad_(matches(name, self.personal_keys) == head_phase)
 
     @override
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        for p in fed.shared_worker.parameters():
-            p.requires_grad_(True)
+        set_trainable(fed.shared_worker, None, True)
 
     @override
     def on_client_failed(

@@ -67,3 +67,19 @@ def batch_labels(batch: Any, output: Mapping[str, Any], who: str) -> Tensor:
         f"{who} needs class labels: return them as 'labels' in the client's `training_step` "
         f"dict, or train on (input, label) batches; got a {type(batch).__name__} batch."
     )
+
+
+def as_output(out: Any) -> Mapping[str, Any]:
+    """A client's ``training_step`` result as a mapping with at least ``loss``.
+
+    Raises:
+        TypeError: neither a tensor nor a mapping with ``loss``.
+    """
+    if isinstance(out, Tensor):
+        return {"loss": out}
+    if isinstance(out, Mapping) and "loss" in out:
+        return out
+    raise TypeError(
+        "A client's `training_step` must return the loss tensor or a dict with key 'loss'; got "
+        f"{type(out).__name__}."
+    )

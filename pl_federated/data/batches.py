@@ -187,3 +187,42 @@ def move_batch(
     batch = worker.on_before_batch_transfer(batch, 0)
     batch = worker.transfer_batch_to_device(batch, device, 0)
     return worker.on_after_batch_transfer(batch, 0)
+
+
+def local_epoch_lengths(
+    per_epoch: int, local_epochs: int, local_steps: int | None, accumulate: int = 1
+) -> list[int]:
+    """Batches in each local epoch of ``per_epoch`` batches: ``local_epochs`` full passes,
+    or passes until ``local_steps`` optimizer steps are taken; no batches without data.
+
+    With ``accumulate`` > 1 an optimizer step takes ``accumulate`` batches, and, as in
+    Lightning, a local epoch's last (shorter) group steps too; groups never span epochs.
+
+    Example:
+        >>> local_epoch_lengths(3, 2, None), local_epoch_lengths(3, 1, 5)
+        ([3, 3], [3, 2])
+        >>> local_epoch_lengths(5, 1, 4, accumulate=2)  # 5 batches = 3 steps, then 1 more
+        [5, 2]
+    """
+    if not per_epoch:
+        return []
+    if local_steps is None:
+        return [per_epoch] * local_epochs
+    steps_per_epoch = math.ceil(per_epoch / accumulate)
+    lengths, remaining = [], local_steps
+    while remaining > 0:
+        steps = min(steps_per_epoch, remaining)
+        lengths.append(per_epoch if steps == steps_per_epoch else steps * accumulate)
+        remaining -= steps
+    return lengths
+
+
+def steps_at(count: int, accumulate: int) -> list[bool]:
+    """For each of a local epoch's ``count`` batches: does an optimizer step follow it
+    (every ``accumulate``-th batch and the epoch's last)?
+
+    Example:
+        >>> steps_at(5, 2)
+        [False, True, False, True, True]
+    """
+    return [(i + 1) % accumulate == 0 or i == count - 1 for i in range(count)]

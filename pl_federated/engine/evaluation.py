@@ -228,6 +228,21 @@ class Evaluator:
             )
         return values[metric]
 
+    def module_scores(self, module: nn.Module, client: int, split: str) -> dict[str, float] | None:
+        """Any ``module`` with the client's batch format (e.g. a fine-tuned copy of a worker)
+        on ``client``'s ``split``: ``{"acc": ..., "f1": ...}``, in task mode what its
+        ``validation_step`` logs; ``None`` when the client has no data in ``split``."""
+        sizes = {"train": self.datamodule.num_train, "val": self.datamodule.num_val}
+        if not int(sizes.get(split, self.datamodule.num_test)[client]):
+            return None
+        if self.task is not None:
+            batches = self.datamodule.client_eval_batches(client, split, self.batch_size)
+            return self.task.run(module, batches)[0]
+        x, y = self._split_tensors(client, split)
+        preds = self.predict_classes(module, x)
+        acc, f1 = self.acc_f1(preds, y.to(preds.device))
+        return {"acc": acc, "f1": f1}
+
     def personal(self, client: int) -> tuple[float, float] | dict[str, float] | None:
         """``client``'s evaluated role on its test split: ``(acc, f1)`` (task mode: what its
         ``validation_step`` logs), ``None`` without test data."""
@@ -317,17 +332,21 @@ class Evaluator:
         clients = sorted(personal)  # the same order on any number of ranks
         acc = torch.tensor([personal[k][0] for k in clients])
         f1 = torch.tensor([personal[k][1] for k in clients])
-        for name in ("personal_acc", "personal_f1"):
-            if name not in self.client_metrics:
-                self.client_metrics[name] = torch.full((self.num_clients,), float("nan"))
-        for k, (a, f) in personal.items():
-            self.client_metrics["personal_acc"][k] = a
-            self.client_metrics["personal_f1"][k] = f
+        self.record("personal_acc", {k: a for k, (a, _) in personal.items()})
+        self.record("personal_f1", {k: f for k, (_, f) in personal.items()})
         return {
             "personal/acc_mean": acc.mean().item(),
             "personal/acc_min": acc.min().item(),
             "personal/f1_mean": f1.mean().item(),
         }
+
+    def record(self, name: str, values: Mapping[int, float]) -> None:
+        """Set ``client_metrics[name][k]`` for each client ``k`` in ``values`` (a new column
+        starts as NaN for every client; an existing one keeps its other clients' values)."""
+        if name not in self.client_metrics:
+            self.client_metrics[name] = torch.full((self.num_clients,), float("nan"))
+        for k, value in values.items():
+            self.client_metrics[name][k] = value
 
     def client_table(self) -> tuple[list[str], list[list[Any]]]:
         """Per-client table (latest evaluated values): client, samples, accuracies, F1s."""

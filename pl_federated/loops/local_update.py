@@ -2,9 +2,9 @@
 
 The update: seed the client's randomness, download its state, reset its optimizers, run
 the client module's and the callbacks' ``on_client_start``, then the batch plan
-(:func:`local_epoch_lengths`: ``local_epochs`` passes or ``local_steps`` optimizer steps, in a
-seeded order) with one step of every trained role per batch (per ``accumulate_grad_batches``
-batches);
+(:func:`~pl_federated.data.batches.local_epoch_lengths`: ``local_epochs`` passes or
+``local_steps`` optimizer steps, in a seeded order) with one step of every trained role per
+batch (per ``accumulate_grad_batches`` batches);
 the upload: ``on_client_end``, keep the local state, apply the ``transform_upload`` hooks,
 hand a finite upload to the aggregator (or exclude the client), and on evaluation rounds score
 the client's personal model.
@@ -20,7 +20,6 @@ in ``transform_upload`` keeps its state and is only excluded from aggregation.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -29,42 +28,17 @@ import torch
 from torch import Tensor
 
 from pl_federated.callbacks.aggregator import Upload
+from pl_federated.callbacks.step_outputs import as_output
 from pl_federated.data.batches import (
     LoaderBatches,
     TensorBatches,
     batches_per_epoch,
+    local_epoch_lengths,
     move_batch,
     overrides_transfer_hooks,
+    steps_at,
 )
 from pl_federated.store import SHARED_ROLE, all_finite
-
-
-def local_epoch_lengths(
-    per_epoch: int, local_epochs: int, local_steps: int | None, accumulate: int = 1
-) -> list[int]:
-    """Batches in each local epoch of ``per_epoch`` batches: ``local_epochs`` full passes,
-    or passes until ``local_steps`` optimizer steps are taken; no batches without data.
-
-    With ``accumulate`` > 1 an optimizer step takes ``accumulate`` batches, and, as in
-    Lightning, a local epoch's last (shorter) group steps too; groups never span epochs.
-
-    Example:
-        >>> local_epoch_lengths(3, 2, None), local_epoch_lengths(3, 1, 5)
-        ([3, 3], [3, 2])
-        >>> local_epoch_lengths(5, 1, 4, accumulate=2)  # 5 batches = 3 steps, then 1 more
-        [5, 2]
-    """
-    if not per_epoch:
-        return []
-    if local_steps is None:
-        return [per_epoch] * local_epochs
-    steps_per_epoch = math.ceil(per_epoch / accumulate)
-    lengths, remaining = [], local_steps
-    while remaining > 0:
-        steps = min(steps_per_epoch, remaining)
-        lengths.append(per_epoch if steps == steps_per_epoch else steps * accumulate)
-        remaining -= steps
-    return lengths
 
 
 def training_batches(fed: Any, client: int) -> TensorBatches | LoaderBatches:
@@ -81,33 +55,6 @@ def training_batches(fed: Any, client: int) -> TensorBatches | LoaderBatches:
             replaced = cb.train_data(fed, client, x, y)
         x, y = (x, y) if replaced is None else replaced
     return TensorBatches(x, y, source.batch_size, source.transform, source.drop_last)
-
-
-def steps_at(count: int, accumulate: int) -> list[bool]:
-    """For each of a local epoch's ``count`` batches: does an optimizer step follow it
-    (every ``accumulate``-th batch and the epoch's last)?
-
-    Example:
-        >>> steps_at(5, 2)
-        [False, True, False, True, True]
-    """
-    return [(i + 1) % accumulate == 0 or i == count - 1 for i in range(count)]
-
-
-def as_output(out: Any) -> Mapping[str, Any]:
-    """A client's ``training_step`` result as a mapping with at least ``loss``.
-
-    Raises:
-        TypeError: neither a tensor nor a mapping with ``loss``.
-    """
-    if isinstance(out, Tensor):
-        return {"loss": out}
-    if isinstance(out, Mapping) and "loss" in out:
-        return out
-    raise TypeError(
-        "A client's `training_step` must return the loss tensor or a dict with key 'loss'; got "
-        f"{type(out).__name__}."
-    )
 
 
 def seed_client_randomness(fed: Any, client: int) -> None:

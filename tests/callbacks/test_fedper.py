@@ -21,7 +21,7 @@ def test_fedper_keeps_the_head_local(trainer_factory):
     body = "features.1.weight"
     expected = sum(n[k] * spy.after[k][body].double() for k in range(3)) / n.sum()
     torch.testing.assert_close(fed.server_state[body].double(), expected, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="matches no state entry"):
+    with pytest.raises(ValueError, match="matches none of the client model's state entries"):
         trainer_factory(callbacks=[FedPer(personal_keys=["classifier"])]).fit(
             federation(), digits(num_clients=3)
         )

@@ -118,3 +118,20 @@ def dm(**kwargs):
     return FederatedDataModule(
         "digits", num_clients=3, partition=Dirichlet(0.5, min_size=30), **kwargs
     )
+
+
+def without_timing(history):
+    """History rows without ``round/seconds`` (the one value a rerun may change)."""
+    return [{k: v for k, v in row.items() if k != "round/seconds"} for row in history]
+
+
+def assert_resume_equal(fit, tmp_path, rounds=3):
+    """A fit resumed from its checkpoint after round ``rounds - 2`` logs what the
+    uninterrupted one does; ``fit(rounds, root, ckpt_path)`` checkpoints every round into
+    ``root`` and returns the module. Returns ``(straight, resumed)`` for further checks."""
+    straight = fit(rounds, tmp_path / "a", None)
+    fit(rounds - 1, tmp_path / "b", None)
+    ckpt = next((tmp_path / "b").glob(f"epoch={rounds - 2}-*.ckpt"))
+    resumed = fit(rounds, tmp_path / "c", ckpt)
+    assert without_timing(resumed.history) == without_timing(straight.history)
+    return straight, resumed

@@ -150,8 +150,7 @@ def test_the_batch_plan_examples_hold():
 def test_accumulated_plans_count_optimizer_steps(
     samples, batch, epochs, steps, accumulate, expected
 ):
-    from pl_federated.data.batches import batches_per_epoch
-    from pl_federated.loops.local_update import local_epoch_lengths, steps_at
+    from pl_federated.data.batches import batches_per_epoch, local_epoch_lengths, steps_at
 
     lengths = local_epoch_lengths(batches_per_epoch(samples, batch), epochs, steps, accumulate)
     assert lengths == expected

@@ -1,0 +1,220 @@
+"""Evaluation after fine-tuning (Wang et al., 2019, "Federated Evaluation of On-device
+Personalization", arXiv:1910.10252): every client adapts the model it receives on its own
+training split before its test split scores it, reported next to the model as received."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+from pl_federated.callbacks.base import FederatedCallback
+from pl_federated.callbacks.layers import check_prefixes, matches, set_trainable
+from pl_federated.callbacks.step_outputs import as_output
+from pl_federated.data.batches import (
+    batches_per_epoch,
+    local_epoch_lengths,
+    move_batch,
+    overrides_transfer_hooks,
+)
+from pl_federated.store import SHARED_ROLE
+from pl_federated.validation import Choice, ConfigError, Int, Items, Real, Text, arguments
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
+
+STREAM = "fine_tune"  # batch order and dropout of the fine-tuning steps, per round and client
+PREFIX = "finetuned"
+
+
+def fine_tune(
+    module: nn.Module,
+    batches: Any,
+    optimizer: torch.optim.Optimizer,
+    lengths: Sequence[int],
+    generator: torch.Generator,
+    device: torch.device,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+) -> int:
+    """Train ``module`` in place on ``batches`` (a client's ``client_batches``): local epoch
+    ``e`` takes ``lengths[e]`` batches in a fresh order drawn from ``generator``, one step of
+    ``optimizer`` on the module's own ``training_step`` loss per batch. Returns the steps.
+
+    ``scaler`` (16-bit mixed precision) is the fine-tuning's own ``GradScaler``, so the
+    Trainer's scaler, and with it the training that follows, is untouched.
+    """
+    module.train()
+    own_transfer = overrides_transfer_hooks(module)
+    steps = 0
+    for count in lengths:
+        perm = torch.randperm(len(batches), generator=generator)
+        for i, cpu_batch in enumerate(batches.batches(perm, count)):
+            batch = move_batch(module, cpu_batch, device, own_transfer)
+            with forward_context():
+                loss = as_output(module.training_step(batch, i))["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            steps += 1
+    return steps
+
+
+class FineTuneEvaluation(FederatedCallback):
+    """At evaluation rounds, every client with test data fine-tunes a copy of the model it
+    receives (the new server model, or its own ``S_k``, with its own local keys) on its
+    training split, and the copy is scored on its test split. Training is not affected: the
+    copy is a separate module, its optimizer is fresh, its randomness is its own seed stream.
+
+    Logs ``finetuned/acc_mean``, ``finetuned/acc_min``, ``finetuned/f1_mean`` and, for the
+    same clients without fine-tuning, ``finetuned/acc_mean_before`` and
+    ``finetuned/f1_mean_before`` (task mode: ``finetuned/<name>_mean`` for what the client's
+    ``validation_step`` logs); per client ``finetuned_acc``/``finetuned_f1`` in the client
+    table. Any aggregator (FedAvg + fine-tuning is the classic baseline; FedBABU, Per-FedAvg).
+
+    Args:
+        epochs: fine-tuning epochs over the client's training split.
+        steps: instead, this many optimizer steps (batches, cycling through the split).
+        frozen: state-entry prefixes kept fixed (e.g. ``[features]``: only the head adapts);
+            default none, the whole model.
+        lr: the fine-tuning learning rate; default the client optimizer's. The optimizer is
+            a fresh one of the client's class with its constructor settings.
+        at: ``"eval_rounds"`` (every evaluation round) or ``"last_round"``.
+
+    Raises:
+        ConfigError: a ``frozen`` prefix that matches no parameter, or nothing left to tune.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[FineTuneEvaluation(epochs=2)])  # doctest: +SKIP
+    """
+
+    @arguments(
+        epochs=Int(ge=1),
+        steps=Int(ge=1, optional=True),
+        frozen=Items(Text(), min_len=0),
+        lr=Real(gt=0, optional=True),
+        at=Choice(("eval_rounds", "last_round")),
+    )
+    def __init__(
+        self,
+        epochs: int = 1,
+        steps: int | None = None,
+        frozen: Sequence[str] = (),
+        lr: float | None = None,
+        at: str = "eval_rounds",
+    ) -> None:
+        self.epochs, self.steps, self.lr, self.at = epochs, steps, lr, at
+        self.frozen = tuple(frozen)
+        self._copy: nn.Module | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
+        fed.register_rng_stream(STREAM, 6)
+        names = [n for n, _ in fed.shared_worker.named_parameters()]
+        check_prefixes("FineTuneEvaluation.frozen", self.frozen, names, "parameters")
+        if all(matches(n, self.frozen) for n in names):
+            raise ConfigError(
+                f"`FineTuneEvaluation.frozen`={list(self.frozen)} freezes every parameter: "
+                "nothing is fine-tuned."
+            )
+
+    def tuned_copy(self, fed: FederatedModule) -> nn.Module:
+        """The module fine-tuned per client: a copy of the shared worker (made once, on the
+        model's device), its frozen parameters with ``requires_grad=False``."""
+        if self._copy is None:
+            worker = fed.shared_worker
+            memo = {id(fed.trainer): fed.trainer}  # share, never copy, the Trainer it refers to
+            self._copy = copy.deepcopy(worker, memo).to(fed.device)
+            set_trainable(self._copy, self.frozen, False)
+        return self._copy
+
+    def _optimizer(self, fed: FederatedModule, module: nn.Module) -> torch.optim.Optimizer:
+        client_opt = fed.optimizer(SHARED_ROLE)
+        settings = dict(client_opt.defaults)
+        if self.lr is not None:
+            settings["lr"] = self.lr
+        return type(client_opt)([p for p in module.parameters() if p.requires_grad], **settings)
+
+    def evaluate_client(
+        self, trainer: pl.Trainer, fed: FederatedModule, client: int
+    ) -> tuple[dict[str, float], dict[str, float]] | None:
+        """``client``'s scores before and after fine-tuning the model it receives, or
+        ``None`` without test data."""
+        module = self.tuned_copy(fed)
+        module.load_state_dict(fed.received_state(client))
+        before = fed.evaluate_module(module, client)
+        if before is None:
+            return None
+        batches = fed.datamodule.client_batches(client)
+        per_epoch = batches_per_epoch(len(batches), batches.batch_size, batches.drop_last)
+        lengths = local_epoch_lengths(per_epoch, self.epochs, self.steps)
+        if not lengths:
+            return before, before
+        generator = fed.rng(STREAM, fed.current_round, client)
+        device = fed.device
+        scaler = torch.amp.GradScaler(device.type) if trainer.precision == "16-mixed" else None
+        forked = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked), torch.enable_grad():
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            torch.default_generator.manual_seed(seed)  # its dropout; restored afterwards
+            if device.type == "cuda":
+                torch.cuda.manual_seed(seed)
+            fine_tune(
+                module,
+                batches,
+                self._optimizer(fed, module),
+                lengths,
+                generator,
+                device,
+                trainer.precision_plugin.forward_context,
+                scaler,
+            )
+        return before, fed.evaluate_module(module, client)
+
+    @override
+    def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
+        last = trainer.max_epochs is not None and server_round == trainer.max_epochs - 1
+        if not fed.is_eval_round or (self.at == "last_round" and not last):
+            return
+        before, after = {}, {}
+        for client in range(fed.num_clients):
+            scores = self.evaluate_client(trainer, fed, client)
+            if scores is not None:
+                before[client], after[client] = scores
+        if not after:
+            return
+        fed.log_round(summarize(before, after))
+        for name in after[next(iter(after))]:
+            fed.record_client_metric(f"{PREFIX}_{name}", {k: v[name] for k, v in after.items()})
+
+
+def summarize(
+    before: dict[int, dict[str, float]], after: dict[int, dict[str, float]]
+) -> dict[str, float]:
+    """The round's ``finetuned/*`` values: each metric's client mean after fine-tuning and
+    before it, and the worst client's accuracy.
+
+    Example:
+        >>> summarize({0: {"acc": 0.5}, 1: {"acc": 0.25}}, {0: {"acc": 1.0}, 1: {"acc": 0.5}})
+        {'finetuned/acc_mean': 0.75, 'finetuned/acc_mean_before': 0.375, 'finetuned/acc_min': 0.5}
+    """
+    metrics = {}
+    for name in after[next(iter(after))]:
+        values = torch.tensor([v[name] for v in after.values()], dtype=torch.float64)
+        start = torch.tensor([v[name] for v in before.values()], dtype=torch.float64)
+        metrics[f"{PREFIX}/{name}_mean"] = values.mean().item()
+        metrics[f"{PREFIX}/{name}_mean_before"] = start.mean().item()
+        if name == "acc":
+            metrics[f"{PREFIX}/acc_min"] = values.min().item()
+    return metrics
