@@ -30,6 +30,7 @@ from pl_federated.callbacks import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedBABU,
     FedBN,
     FederatedDistillation,
     FedNova,
@@ -37,6 +38,7 @@ from pl_federated.callbacks import (
     FedProto,
     FedProx,
     FedRep,
+    FineTuneEvaluation,
     LGFedAvg,
     LocalOnly,
     MutualLearning,
@@ -49,6 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "local": ("Local-only", lambda: [LocalOnly()]),
     "fedavg": ("FedAvg", lambda: [FedAvg()]),
+    "fedavg_ft": (
+        "FedAvg + fine-tuning (1 epoch)",
+        lambda: [FedAvg(), FineTuneEvaluation(epochs=1, at="last_round")],
+    ),
     "fedavgm": ("FedAvgM", lambda: [FedAvgM()]),
     "fedadam": ("FedAdam (server lr 0.03)", lambda: [FedAdam(server_lr=0.03)]),
     "fedprox": ("FedProx (mu 0.01)", lambda: [FedAvg(), FedProx(mu=0.01)]),
@@ -62,6 +68,10 @@ METHODS = {
     "fedper": ("FedPer", lambda: [FedPer()]),
     "lg_fedavg": ("LG-FedAvg", lambda: [LGFedAvg()]),
     "fedrep": ("FedRep", lambda: [FedRep(head_epochs=1)]),
+    "fedbabu": (
+        "FedBABU (fine-tuned 2 epochs)",
+        lambda: [FedBABU(), FineTuneEvaluation(epochs=2, at="last_round")],
+    ),
     "ditto": ("Ditto (lambda 0.1)", lambda: [FedAvg(), Ditto(lam=0.1)]),
     "fml": ("FML", lambda: [FedAvg(), MutualLearning()]),
     "fd": ("FD", lambda: [LocalOnly(), FederatedDistillation()]),
@@ -111,10 +121,12 @@ def run(setting: str, method: str, seed: int) -> dict[str, float]:
         **spec["module"],
     )
     last = fed.history[-1]
-    acc = fed.client_metrics["personal_acc"]
+    # a fine-tuning method's personalized model is the fine-tuned one (FineTuneEvaluation)
+    tuned = "finetuned/acc_mean" in last
+    acc = fed.client_metrics["finetuned_acc" if tuned else "personal_acc"]
     return {
-        "pf1": last["personal/f1_mean"],
-        "pacc": last["personal/acc_mean"],
+        "pf1": last["finetuned/f1_mean" if tuned else "personal/f1_mean"],
+        "pacc": last["finetuned/acc_mean" if tuned else "personal/acc_mean"],
         "worst": float(acc[~acc.isnan()].min()),
         "gacc": last.get("global/acc", float("nan")),  # absent: no global model
         "seconds": time.perf_counter() - start,
