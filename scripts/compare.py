@@ -24,6 +24,7 @@ from common import DATA, cnn, digit_domains, fit, stat
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import (
+    APFL,
     SCAFFOLD,
     DeputyEnhancedTransfer,
     Ditto,
@@ -73,6 +74,7 @@ METHODS = {
         lambda: [FedBABU(), FineTuneEvaluation(epochs=2, at="last_round")],
     ),
     "ditto": ("Ditto (lambda 0.1)", lambda: [FedAvg(), Ditto(lam=0.1)]),
+    "apfl": ("APFL (alpha 0.5, learned)", lambda: [FedAvg(), APFL()]),
     "fml": ("FML", lambda: [FedAvg(), MutualLearning()]),
     "fd": ("FD", lambda: [LocalOnly(), FederatedDistillation()]),
     "fedproto": ("FedProto", lambda: [LocalOnly(), FedProto()]),

@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 _MODULES = {
+    "APFL": "pl_federated.callbacks.apfl",
     "Aggregator": "pl_federated.callbacks.aggregator",
     "BufferedAggregator": "pl_federated.callbacks.robust",
     "ConjointPrototypeAlignment": "pl_federated.callbacks.prototype_alignment",
@@ -49,6 +50,7 @@ _MODULES = {
 """Public name -> the module that defines it."""
 
 __all__ = [
+    "APFL",
     "Aggregator",
     "BufferedAggregator",
     "ConjointPrototypeAlignment",
