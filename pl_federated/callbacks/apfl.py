@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
-from pl_federated.callbacks.step_outputs import as_output
+from pl_federated.callbacks.step_outputs import training_step_with
 from pl_federated.validation import Flag, Real, arguments
 
 if TYPE_CHECKING:
@@ -22,18 +21,6 @@ if TYPE_CHECKING:
 
 PERSONAL = "personal"  # evaluated: the mixture v_bar after the client's update
 ROLE = "apfl"  # per client: the personal model v itself and alpha, persisted in the store
-
-
-class _TrainingStep(nn.Module):
-    """Calls ``module.training_step`` as its forward, so ``functional_call`` can run the
-    client's own step with substituted parameters (the mixture)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch: Any, batch_idx: int) -> Any:
-        return self.module.training_step(batch, batch_idx)
 
 
 def mix(v: Mapping[str, Tensor], w: Mapping[str, Tensor], alpha: Tensor) -> dict[str, Tensor]:
@@ -91,7 +78,6 @@ class APFL(FederatedCallback):
             alpha = self.alpha
         self._alpha = torch.tensor(alpha, device=fed.device, requires_grad=self.adaptive)
         self._lr = self.alpha_lr or float(fed.optimizer(PERSONAL).defaults["lr"])
-        self._step = _TrainingStep(personal)
         self._v = dict(personal.named_parameters())
         self._w = dict(fed.shared_worker.named_parameters())
 
@@ -111,8 +97,9 @@ class APFL(FederatedCallback):
             return None
         self._step_alpha()
         w = {n: p.detach() for n, p in self._w.items()}
-        mixed = {f"module.{n}": t for n, t in mix(self._v, w, self._alpha).items()}
-        return as_output(functional_call(self._step, mixed, (batch, 0)))["loss"]
+        return training_step_with(fed.workers[PERSONAL], mix(self._v, w, self._alpha), batch)[
+            "loss"
+        ]
 
     @override
     @torch.no_grad()

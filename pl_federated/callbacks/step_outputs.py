@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from pl_federated.validation import ConfigError
 
@@ -83,3 +84,25 @@ def as_output(out: Any) -> Mapping[str, Any]:
         "A client's `training_step` must return the loss tensor or a dict with key 'loss'; got "
         f"{type(out).__name__}."
     )
+
+
+class _TrainingStep(nn.Module):
+    """Calls ``module.training_step`` as its forward, so ``functional_call`` can run it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: Any, batch_idx: int) -> Any:
+        return self.module.training_step(batch, batch_idx)
+
+
+def training_step_with(
+    module: nn.Module, params: Mapping[str, Tensor], batch: Any, batch_idx: int = 0
+) -> Mapping[str, Any]:
+    """``module``'s own ``training_step`` output on ``batch`` with ``params`` (named as in
+    ``named_parameters``) in place of those parameters, differentiable with respect to
+    ``params`` (``torch.func.functional_call``): the loss of a mixture or interpolation of
+    models (APFL, FedALA) in the client's own terms, whatever its task."""
+    substituted = {f"module.{name}": t for name, t in params.items()}
+    return as_output(functional_call(_TrainingStep(module), substituted, (batch, batch_idx)))
