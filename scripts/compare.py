@@ -44,6 +44,7 @@ from pl_federated.callbacks import (
     LGFedAvg,
     LocalOnly,
     MutualLearning,
+    PFedMe,
     ProgressiveFourierAggregation,
 )
 from pl_federated.data import Dirichlet
@@ -77,6 +78,7 @@ METHODS = {
     "ditto": ("Ditto (lambda 0.1)", lambda: [FedAvg(), Ditto(lam=0.1)]),
     "apfl": ("APFL (alpha 0.5, learned)", lambda: [FedAvg(), APFL()]),
     "fedala": ("FedALA", lambda: [FedAvg(), FedALA()]),
+    "pfedme": ("pFedMe (lambda 15, K 5)", lambda: [PFedMe(personal_lr=0.05)]),
     "fml": ("FML", lambda: [FedAvg(), MutualLearning()]),
     "fd": ("FD", lambda: [LocalOnly(), FederatedDistillation()]),
     "fedproto": ("FedProto", lambda: [LocalOnly(), FedProto()]),
@@ -86,8 +88,8 @@ METHODS = {
 }
 # FedBN needs BatchNorm (the MLP has none); the digit-domain CNN has no momentum anyway
 NOT_APPLICABLE = {"mnist_dirichlet": {"fedbn"}, "digit_domains": {"scaffold_sgd"}}
-# SCAFFOLD's control-variate correction assumes plain SGD local steps
-CLIENT_OPTIONS = {"scaffold_sgd": {"momentum": 0.0}}
+# SCAFFOLD's control-variate correction and pFedMe's update assume plain SGD local steps
+CLIENT_OPTIONS = {"scaffold_sgd": {"momentum": 0.0}, "pfedme": {"momentum": 0.0}}
 SETTINGS = {
     "digit_domains": dict(
         data=lambda seed: digit_domains(seed, max_train_samples=150, val_fraction=0.1),
