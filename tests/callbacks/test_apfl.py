@@ -4,36 +4,15 @@ against a hand-computed reference."""
 import pytest
 import torch
 from helpers import TrainedStateSpy as Spy
-from helpers import assert_resume_equal, federation
+from helpers import assert_resume_equal, federation, linear_client, linear_grads, two_iid_clients
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.nn import functional as F
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import APFL, FedAvg
 from pl_federated.callbacks.apfl import mix
-from pl_federated.data import IID
 from pl_federated.models import MLPClassifier
 from pl_federated.validation import ConfigError
 
 LR = 0.5
-
-
-def _data():
-    return FederatedDataModule(
-        "digits", num_clients=2, partition=IID(), batch_size=4096, max_train_samples=30
-    )
-
-
-def _linear():
-    torch.manual_seed(0)
-    return MLPClassifier(hidden=(), lr=LR)
-
-
-def _grads(params, x, y):
-    """The full-batch cross-entropy gradient of the linear model ``params``, by name."""
-    params = {k: t.detach().clone().requires_grad_() for k, t in params.items()}
-    loss = F.cross_entropy(x.flatten(1) @ params["head.weight"].T + params["head.bias"], y)
-    return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
 
 
 def _reference(x, y, start, alpha, steps, alpha_lr=LR):
@@ -41,8 +20,8 @@ def _reference(x, y, start, alpha, steps, alpha_lr=LR):
     w = {k: t.clone() for k, t in start.items()}
     v = {k: t.clone() for k, t in start.items()}
     for _ in range(steps):
-        gw = _grads(w, x, y)
-        g = _grads({k: alpha * v[k] + (1 - alpha) * w[k] for k in v}, x, y)
+        gw = linear_grads(w, x, y)
+        g = linear_grads({k: alpha * v[k] + (1 - alpha) * w[k] for k in v}, x, y)
         grad_alpha = sum(((v[k] - w[k]) * g[k]).sum() for k in v)
         w = {k: w[k] - LR * gw[k] for k in w}
         v = {k: v[k] - LR * alpha * g[k] for k in v}
@@ -53,7 +32,7 @@ def _reference(x, y, start, alpha, steps, alpha_lr=LR):
 def test_one_round_by_hand(trainer_factory):
     """Two clients, three full-batch steps each: the upload is w, the store holds v and alpha,
     the kept personal model is alpha v + (1 - alpha) w."""
-    fed, dm, spy = federation(_linear(), local_steps=3), _data(), Spy()
+    fed, dm, spy = federation(linear_client(LR), local_steps=3), two_iid_clients(), Spy()
     start = {k: v.clone() for k, v in fed.shared_worker.state_dict().items()}
     trainer_factory(rounds=1, callbacks=[FedAvg(), APFL(alpha=0.5), spy]).fit(fed, dm)
     for k in range(2):
@@ -76,7 +55,7 @@ def test_one_round_by_hand(trainer_factory):
 def test_fixed_alpha_and_a_second_round_starts_from_v(trainer_factory):
     """With ``adaptive: false`` alpha stays; round 1 continues from the stored v (not from
     the kept mixture) and the received global model."""
-    fed, dm = federation(_linear(), local_steps=1), _data()
+    fed, dm = federation(linear_client(LR), local_steps=1), two_iid_clients()
     start = {k: v.clone() for k, v in fed.shared_worker.state_dict().items()}
     trainer_factory(rounds=2, callbacks=[FedAvg(), APFL(alpha=0.25, adaptive=False)]).fit(fed, dm)
     n = dm.num_train.double()
@@ -89,7 +68,7 @@ def test_fixed_alpha_and_a_second_round_starts_from_v(trainer_factory):
         x, y = dm.client_train(k)
         v1 = firsts[k][1]
         # round 1 by hand: w from the server, v from round 0, alpha fixed
-        g = _grads({name: 0.25 * v1[name] + 0.75 * server[name] for name in v1}, x, y)
+        g = linear_grads({name: 0.25 * v1[name] + 0.75 * server[name] for name in v1}, x, y)
         v2 = {name: v1[name] - LR * 0.25 * g[name] for name in v1}
         stored = fed.store.get("apfl", k)
         assert float(stored["alpha"]) == 0.25
@@ -111,7 +90,7 @@ def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
         ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
         callbacks = [FedAvg(), APFL(), ckpt]
         trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
-        trainer.fit(fed, _data(), ckpt_path=ckpt_path)
+        trainer.fit(fed, two_iid_clients(), ckpt_path=ckpt_path)
         return fed
 
     straight, resumed = assert_resume_equal(fit, tmp_path)

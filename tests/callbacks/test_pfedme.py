@@ -3,35 +3,15 @@ step, against a hand-computed reference."""
 
 import pytest
 import torch
-from helpers import assert_resume_equal, federation
+from helpers import assert_resume_equal, federation, linear_client, linear_grads, two_iid_clients
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.nn import functional as F
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import PFedMe
 from pl_federated.callbacks.pfedme import beta_mix
-from pl_federated.data import IID
 from pl_federated.models import MLPClassifier
 from pl_federated.validation import ConfigError
 
 LR, PERSONAL_LR, LAM, K, BETA = 0.1, 0.05, 2.0, 3, 2.0
-
-
-def _data():
-    return FederatedDataModule(
-        "digits", num_clients=2, partition=IID(), batch_size=4096, max_train_samples=30
-    )
-
-
-def _linear():
-    torch.manual_seed(0)
-    return MLPClassifier(hidden=(), lr=LR)
-
-
-def _grad(params, x, y):
-    params = {k: t.detach().clone().requires_grad_() for k, t in params.items()}
-    loss = F.cross_entropy(x.flatten(1) @ params["head.weight"].T + params["head.bias"], y)
-    return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
 
 
 def _client_by_hand(x, y, start, steps):
@@ -40,14 +20,14 @@ def _client_by_hand(x, y, start, steps):
     theta = {k: t.clone() for k, t in start.items()}
     for _ in range(steps):
         for _ in range(K):
-            g = _grad(theta, x, y)
+            g = linear_grads(theta, x, y)
             theta = {k: theta[k] - PERSONAL_LR * (g[k] + LAM * (theta[k] - w[k])) for k in w}
         w = {k: w[k] - LR * LAM * (w[k] - theta[k]) for k in w}
     return w, theta
 
 
 def test_one_round_by_hand(trainer_factory):
-    fed, dm = federation(_linear(), local_steps=2), _data()
+    fed, dm = federation(linear_client(LR), local_steps=2), two_iid_clients()
     start = {k: v.clone() for k, v in fed.shared_worker.state_dict().items()}
     cb = PFedMe(lam=LAM, personal_lr=PERSONAL_LR, inner_steps=K, beta=BETA)
     trainer_factory(rounds=1, callbacks=[cb]).fit(fed, dm)
@@ -77,7 +57,7 @@ def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
         ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
         callbacks = [PFedMe(lam=LAM, inner_steps=2, beta=BETA), ckpt]
         trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
-        trainer.fit(fed, _data(), ckpt_path=ckpt_path)
+        trainer.fit(fed, two_iid_clients(), ckpt_path=ckpt_path)
         return fed
 
     straight, resumed = assert_resume_equal(fit, tmp_path)

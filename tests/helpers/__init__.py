@@ -135,3 +135,27 @@ def assert_resume_equal(fit, tmp_path, rounds=3):
     resumed = fit(rounds, tmp_path / "c", ckpt)
     assert without_timing(resumed.history) == without_timing(straight.history)
     return straight, resumed
+
+
+def two_iid_clients(max_train_samples=30):
+    """Two IID digits clients, each trained on one full batch per step."""
+    return FederatedDataModule(
+        "digits",
+        num_clients=2,
+        partition=IID(),
+        batch_size=4096,
+        max_train_samples=max_train_samples,
+    )
+
+
+def linear_client(lr):
+    """A seeded linear classifier (``head.weight``, ``head.bias``) on 8x8 digits."""
+    torch.manual_seed(0)
+    return MLPClassifier(hidden=(), lr=lr)
+
+
+def linear_grads(params, x, y):
+    """The full-batch cross-entropy gradient of the linear classifier ``params``, by name."""
+    params = {k: t.detach().clone().requires_grad_() for k, t in params.items()}
+    loss = F.cross_entropy(x.flatten(1) @ params["head.weight"].T + params["head.bias"], y)
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
