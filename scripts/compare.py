@@ -35,6 +35,7 @@ from pl_federated.callbacks import (
     FedBABU,
     FedBN,
     FederatedDistillation,
+    FedMeta,
     FedNova,
     FedPer,
     FedProto,
@@ -44,6 +45,7 @@ from pl_federated.callbacks import (
     LGFedAvg,
     LocalOnly,
     MutualLearning,
+    PerFedAvg,
     PFedMe,
     ProgressiveFourierAggregation,
 )
@@ -79,6 +81,22 @@ METHODS = {
     "apfl": ("APFL (alpha 0.5, learned)", lambda: [FedAvg(), APFL()]),
     "fedala": ("FedALA", lambda: [FedAvg(), FedALA()]),
     "pfedme": ("pFedMe (lambda 15, K 5)", lambda: [PFedMe(personal_lr=0.05)]),
+    "per_fedavg": (
+        "Per-FedAvg (FO, one adaptation step)",
+        lambda: [
+            FedAvg(),
+            PerFedAvg(alpha=0.01),
+            FineTuneEvaluation(steps=1, lr=0.01, at="last_round"),
+        ],
+    ),
+    "fedmeta": (
+        "FedMeta (MAML, 5 adaptation steps)",
+        lambda: [
+            FedAvg(),
+            FedMeta(inner_lr=0.01),
+            FineTuneEvaluation(steps=5, lr=0.01, at="last_round"),
+        ],
+    ),
     "fml": ("FML", lambda: [FedAvg(), MutualLearning()]),
     "fd": ("FD", lambda: [LocalOnly(), FederatedDistillation()]),
     "fedproto": ("FedProto", lambda: [LocalOnly(), FedProto()]),

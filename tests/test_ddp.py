@@ -85,6 +85,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("mutual", marks=pytest.mark.slow),
         pytest.param("fd", marks=pytest.mark.slow),
         "fedmd",
+        "meta_sgd",  # FedMeta's Meta-SGD rates, averaged over both ranks' clients
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
@@ -106,7 +107,13 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         assert store_one["written"]["personal"].sum() >= 4  # clients of both ranks
     if algo == "pfa_det_cpa":  # prototypes of both ranks' clients were averaged
         assert one["prototypes"][0] is not None and one["history"][-1]["cpa/global_classes"] > 0
-    if algo in ("fd", "fedmd", "fedproto", "kd3a"):  # server knowledge exists, was compared
+    if algo in (
+        "fd",
+        "fedmd",
+        "fedproto",
+        "kd3a",
+        "meta_sgd",
+    ):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
     if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks
         assert one["history"][-1]["kd3a/coverage"] > 0

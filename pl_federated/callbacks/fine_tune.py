@@ -89,7 +89,9 @@ class FineTuneEvaluation(FederatedCallback):
         frozen: state-entry prefixes kept fixed (e.g. ``[features]``: only the head adapts);
             default none, the whole model.
         lr: the fine-tuning learning rate; default the client optimizer's. The optimizer is
-            a fresh one of the client's class with its constructor settings.
+            a fresh one of the client's class with its constructor settings, unless a
+            callback provides one: ``fine_tune_optimizer(fed, params) -> Optimizer | None``
+            (FedMeta's Meta-SGD adapts with its learned per-parameter rates).
         at: ``"eval_rounds"`` (every evaluation round) or ``"last_round"``.
 
     Raises:
@@ -139,12 +141,20 @@ class FineTuneEvaluation(FederatedCallback):
             set_trainable(self._copy, self.frozen, False)
         return self._copy
 
-    def _optimizer(self, fed: FederatedModule, module: nn.Module) -> torch.optim.Optimizer:
+    def _optimizer(
+        self, trainer: pl.Trainer, fed: FederatedModule, module: nn.Module
+    ) -> torch.optim.Optimizer:
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        for cb in trainer.callbacks:  # an algorithm that learns how to adapt (Meta-SGD)
+            provide = getattr(cb, "fine_tune_optimizer", None)
+            chosen = provide(fed, params) if provide is not None else None
+            if chosen is not None:
+                return chosen
         client_opt = fed.optimizer(SHARED_ROLE)
         settings = dict(client_opt.defaults)
         if self.lr is not None:
             settings["lr"] = self.lr
-        return type(client_opt)([p for p in module.parameters() if p.requires_grad], **settings)
+        return type(client_opt)(list(params.values()), **settings)
 
     def evaluate_client(
         self, trainer: pl.Trainer, fed: FederatedModule, client: int
@@ -173,7 +183,7 @@ class FineTuneEvaluation(FederatedCallback):
             fine_tune(
                 module,
                 batches,
-                self._optimizer(fed, module),
+                self._optimizer(trainer, fed, module),
                 lengths,
                 generator,
                 device,

@@ -30,6 +30,7 @@ from pl_federated.callbacks import (
     FederatedCallback,
     FederatedDistillation,
     FedMD,
+    FedMeta,
     FedNova,
     FedProto,
     FedProx,
@@ -85,6 +86,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
             [KD3A(target_clients=[0, 3], gate_begin=0.1, gate_end=0.15)],
             dict(local_steps=3, clients_per_round=1.0),
         )
+    if algo == "meta_sgd":  # FedMeta's learned rates: server state summed over ranks
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedAvg(), FedMeta("meta_sgd", inner_lr=0.05)], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -177,6 +181,7 @@ def run(
                     getattr(cb, "consensus", None),  # FedMD's consensus
                     getattr(getattr(cb, "bank", None), "global_", None),  # FedProto / CPA
                     getattr(cb, "weights", None),  # KD3A's smoothed aggregation weights
+                    getattr(cb, "rates", None),  # FedMeta's Meta-SGD rates
                 )
                 if t is not None
             ],
