@@ -91,3 +91,11 @@ def prototype_regularizer(
     target = prototypes.to(features.device, torch.float32)[targets]
     mask = present.to(features.device)[targets].unsqueeze(1).float()
     return ((features - target).pow(2) * mask).sum() / features.numel()
+
+
+def balanced_softmax_loss(logits: Tensor, targets: Tensor, class_counts: Tensor) -> Tensor:
+    """Balanced softmax cross entropy (Ren et al., NeurIPS 2020; FedRoD's generic loss):
+    ``CE(logits + log n_c, y)`` with the client's class counts ``n_c``, so a model trained on
+    skewed labels estimates the balanced posterior. Classes the client lacks get ``-inf``."""
+    prior = class_counts.to(logits.device, logits.dtype).log()
+    return F.cross_entropy(logits + prior, targets)
