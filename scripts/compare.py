@@ -25,6 +25,7 @@ from common import DATA, cnn, digit_domains, fit, stat
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import (
     APFL,
+    L2GD,
     SCAFFOLD,
     DeputyEnhancedTransfer,
     Ditto,
@@ -99,6 +100,7 @@ METHODS = {
         ],
     ),
     "fedrod": ("FedRoD", lambda: [FedRoD(head_lr=0.05)]),
+    "l2gd": ("L2GD (lambda 1, p 0.2)", lambda: [L2GD(lam=1.0, p=0.2)]),
     "fml": ("FML", lambda: [FedAvg(), MutualLearning()]),
     "fd": ("FD", lambda: [LocalOnly(), FederatedDistillation()]),
     "fedproto": ("FedProto", lambda: [LocalOnly(), FedProto()]),
@@ -108,8 +110,10 @@ METHODS = {
 }
 # FedBN needs BatchNorm (the MLP has none); the digit-domain CNN has no momentum anyway
 NOT_APPLICABLE = {"mnist_dirichlet": {"fedbn"}, "digit_domains": {"scaffold_sgd"}}
-# SCAFFOLD's control-variate correction and pFedMe's update assume plain SGD local steps
-CLIENT_OPTIONS = {"scaffold_sgd": {"momentum": 0.0}, "pfedme": {"momentum": 0.0}}
+# SCAFFOLD's control-variate correction, pFedMe's and L2GD's updates assume plain SGD steps
+CLIENT_OPTIONS = {m: {"momentum": 0.0} for m in ("scaffold_sgd", "pfedme", "l2gd")}
+# L2GD averages every client's model at each averaging block
+MODULE_OPTIONS = {"l2gd": {"clients_per_round": 1.0}}
 SETTINGS = {
     "digit_domains": dict(
         data=lambda seed: digit_domains(seed, max_train_samples=150, val_fraction=0.1),
@@ -144,7 +148,7 @@ def run(setting: str, method: str, seed: int) -> dict[str, float]:
         METHODS[method][1](),
         spec["rounds"],
         seed,
-        **spec["module"],
+        **{**spec["module"], **MODULE_OPTIONS.get(method, {})},
     )
     last = fed.history[-1]
     # a fine-tuning method's personalized model is the fine-tuned one (FineTuneEvaluation)

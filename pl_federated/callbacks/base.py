@@ -33,6 +33,7 @@ HOOKS = (
     Hook("client_roles", "client", False),
     Hook("on_client_start", "client", True),
     Hook("train_data", "client", True),
+    Hook("local_step_count", "client", True),
     Hook("on_local_epoch_start", "client", True),
     Hook("supervised_loss", "batch", True),
     Hook("supervised_weight", "batch", True),
@@ -67,6 +68,7 @@ class FederatedCallback(Callback):
             client_roles(fed, k)                      # the roles k trains; before it loads
             on_client_start(trainer, fed, k)          # k's state loaded, optimizers reset
             train_data(fed, k, x, y)                  # may replace k's training data
+            local_step_count(fed, k)                  # may set this update's local steps
             for each local epoch e:
                 on_local_epoch_start(trainer, fed, k, e)
                 for every batch and trained role:
@@ -169,6 +171,13 @@ class FederatedCallback(Callback):
     ) -> tuple[Tensor, Tensor] | None:
         """Replace ``client``'s training data for this round (e.g. pseudo-labels for an
         unlabeled client), or ``None`` to keep it. Called after ``on_client_start``."""
+        return None
+
+    def local_step_count(self, fed: FederatedModule, client: int) -> int | None:
+        """The number of local optimizer steps of ``client``'s update this round (e.g. L2GD's
+        random local blocks, simulated stragglers), or ``None`` for the configured
+        ``local_epochs``/``local_steps``. Called after ``train_data``; the last callback
+        that returns a number decides."""
         return None
 
     def on_local_epoch_start(

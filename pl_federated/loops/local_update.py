@@ -108,7 +108,12 @@ def train_client(fed: Any, client: int) -> None:
     loss_sums = {role: torch.zeros((), device=device) for role in roles}
     accumulate = fed.accumulate_grad_batches
     per_epoch = batches_per_epoch(n, bs, source.drop_last)
-    lengths = local_epoch_lengths(per_epoch, fed.local_epochs, fed.local_steps, accumulate)
+    steps = fed.local_steps
+    for cb in dispatch.implementing("local_step_count"):
+        with dispatch.profile(cb, "local_step_count"):
+            chosen = cb.local_step_count(fed, client)
+        steps = steps if chosen is None else int(chosen)
+    lengths = local_epoch_lengths(per_epoch, fed.local_epochs, steps, accumulate)
     done = batches = 0  # optimizer steps taken, batches trained on
     hooks = stepper.hooks  # the client module's own Lightning hooks
     for epoch, count in enumerate(lengths):
