@@ -85,6 +85,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("mutual", marks=pytest.mark.slow),
         pytest.param("fd", marks=pytest.mark.slow),
         "fedmd",
+        "fedamp",  # FedAMP's cloud models: per-client server states from gathered uploads
         "meta_sgd",  # FedMeta's Meta-SGD rates, averaged over both ranks' clients
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),

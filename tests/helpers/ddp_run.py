@@ -25,6 +25,7 @@ from pl_federated.callbacks import (
     ConjointPrototypeAlignment,
     DeputyEnhancedTransfer,
     FedAdam,
+    FedAMP,
     FedAvg,
     FedBN,
     FederatedCallback,
@@ -89,6 +90,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "meta_sgd":  # FedMeta's learned rates: server state summed over ranks
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedAvg(), FedMeta("meta_sgd", inner_lr=0.05)], dict(local_steps=3)
+    if algo == "fedamp":  # per-client cloud models from both ranks' uploads
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedAMP(alpha_k=1.0, sigma=25.0, lam=0.1)], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
