@@ -86,6 +86,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("fd", marks=pytest.mark.slow),
         "fedmd",
         "fedamp",  # FedAMP's cloud models: per-client server states from gathered uploads
+        pytest.param("fedfomo", marks=pytest.mark.slow),  # gathers as fedamp and krum do
         "meta_sgd",  # FedMeta's Meta-SGD rates, averaged over both ranks' clients
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
@@ -114,6 +115,7 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         "fedproto",
         "kd3a",
         "meta_sgd",
+        "fedfomo",
     ):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
     if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks

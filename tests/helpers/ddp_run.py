@@ -30,6 +30,7 @@ from pl_federated.callbacks import (
     FedBN,
     FederatedCallback,
     FederatedDistillation,
+    FedFomo,
     FedMD,
     FedMeta,
     FedNova,
@@ -93,6 +94,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fedamp":  # per-client cloud models from both ranks' uploads
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedAMP(alpha_k=1.0, sigma=25.0, lam=0.1)], dict(local_steps=3)
+    if algo == "fedfomo":  # the pool and affinities: gathered uploads and benefits
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedFomo(models_per_round=2, split="train")], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -186,6 +190,7 @@ def run(
                     getattr(getattr(cb, "bank", None), "global_", None),  # FedProto / CPA
                     getattr(cb, "weights", None),  # KD3A's smoothed aggregation weights
                     getattr(cb, "rates", None),  # FedMeta's Meta-SGD rates
+                    getattr(cb, "affinity", None),  # FedFomo's affinities
                 )
                 if t is not None
             ],
