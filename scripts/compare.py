@@ -50,6 +50,7 @@ from pl_federated.callbacks import (
     LocalOnly,
     MutualLearning,
     PerFedAvg,
+    PFedHN,
     PFedMe,
     ProgressiveFourierAggregation,
 )
@@ -105,6 +106,7 @@ METHODS = {
     "l2gd": ("L2GD (lambda 1, p 0.2)", lambda: [L2GD(lam=1.0, p=0.2)]),
     "fedamp": ("FedAMP", lambda: [FedAMP(alpha_k=1.0, sigma=25.0, lam=0.1)]),
     "fedfomo": ("FedFomo (M 5)", lambda: [FedFomo(models_per_round=5)]),
+    "pfedhn": ("pFedHN (Adam 0.01)", lambda: [PFedHN(optimizer="adam")]),
     "fml": ("FML", lambda: [FedAvg(), MutualLearning()]),
     "fd": ("FD", lambda: [LocalOnly(), FederatedDistillation()]),
     "fedproto": ("FedProto", lambda: [LocalOnly(), FedProto()]),
