@@ -85,9 +85,12 @@ def _last_store(root: Path) -> dict:
         pytest.param("mutual", marks=pytest.mark.slow),
         pytest.param("fd", marks=pytest.mark.slow),
         "fedmd",
-        "fedamp",  # FedAMP's cloud models: per-client server states from gathered uploads
-        pytest.param("fedfomo", marks=pytest.mark.slow),  # gathers as fedamp and krum do
-        "meta_sgd",  # FedMeta's Meta-SGD rates, averaged over both ranks' clients
+        # FedAMP's cloud models and FedFomo's pool (per-client server states from gathered
+        # uploads, as krum and pfa_det), FedMeta's Meta-SGD rates (round-state sums, as
+        # scaffold): slow
+        pytest.param("fedamp", marks=pytest.mark.slow),
+        pytest.param("fedfomo", marks=pytest.mark.slow),
+        pytest.param("meta_sgd", marks=pytest.mark.slow),
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
