@@ -34,6 +34,7 @@ from pl_federated.callbacks import (
     FedMD,
     FedMeta,
     FedNova,
+    FedPAC,
     FedProto,
     FedProx,
     Krum,
@@ -97,6 +98,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fedfomo":  # the pool and affinities: gathered uploads and benefits
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedFomo(models_per_round=2, split="train")], dict(local_steps=3)
+    if algo == "fedpac":  # combined classifiers and centroids from both ranks' statistics
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedPAC()], dict(local_epochs=2)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -191,6 +195,7 @@ def run(
                     getattr(cb, "weights", None),  # KD3A's smoothed aggregation weights
                     getattr(cb, "rates", None),  # FedMeta's Meta-SGD rates
                     getattr(cb, "affinity", None),  # FedFomo's affinities
+                    getattr(cb, "centroids", None),  # FedPAC's class centroids
                 )
                 if t is not None
             ],
