@@ -24,13 +24,24 @@ from pl_federated.data.batches import (
     overrides_transfer_hooks,
 )
 from pl_federated.store import SHARED_ROLE
-from pl_federated.validation import Choice, ConfigError, Int, Items, Real, Text, arguments
+from pl_federated.validation import (
+    Choice,
+    ClientIds,
+    ConfigError,
+    Int,
+    Items,
+    Real,
+    Text,
+    arguments,
+    check_client_ids,
+)
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 STREAM = "fine_tune"  # batch order and dropout of the fine-tuning steps, per round and client
 PREFIX = "finetuned"
+UNSEEN = "finetuned_unseen"  # clients held out of training (``unseen_clients``)
 
 
 def fine_tune(
@@ -93,6 +104,10 @@ class FineTuneEvaluation(FederatedCallback):
             callback provides one: ``fine_tune_optimizer(fed, params) -> Optimizer | None``
             (FedMeta's Meta-SGD adapts with its learned per-parameter rates).
         at: ``"eval_rounds"`` (every evaluation round) or ``"last_round"``.
+        unseen_clients: clients held out of training (removed from every round's seeded
+            selection, so they never train or upload): Wang et al.'s evaluation on new
+            clients, logged apart as ``finetuned_unseen/*``; ``finetuned/*`` covers the
+            others. (``personal/*`` scores them with the model they would receive.)
 
     Raises:
         ConfigError: a ``frozen`` prefix that matches no parameter, or nothing left to tune.
@@ -107,6 +122,7 @@ class FineTuneEvaluation(FederatedCallback):
         frozen=Items(Text(), min_len=0),
         lr=Real(gt=0, optional=True),
         at=Choice(("eval_rounds", "last_round")),
+        unseen_clients=ClientIds(optional=True),
     )
     def __init__(
         self,
@@ -115,8 +131,10 @@ class FineTuneEvaluation(FederatedCallback):
         frozen: Sequence[str] = (),
         lr: float | None = None,
         at: str = "eval_rounds",
+        unseen_clients: list[int] | None = None,
     ) -> None:
         self.epochs, self.steps, self.lr, self.at = epochs, steps, lr, at
+        self.unseen = {int(k) for k in unseen_clients or ()}
         self.frozen = tuple(frozen)
         self._copy: nn.Module | None = None
 
@@ -130,6 +148,19 @@ class FineTuneEvaluation(FederatedCallback):
                 f"`FineTuneEvaluation.frozen`={list(self.frozen)} freezes every parameter: "
                 "nothing is fine-tuned."
             )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
+        where = "FineTuneEvaluation.unseen_clients"
+        check_client_ids(where, sorted(self.unseen), fed.num_clients)
+
+    @override
+    def select_clients(
+        self, trainer: pl.Trainer, fed: FederatedModule, server_round: int, selected: list[int]
+    ) -> list[int] | None:
+        if not self.unseen:
+            return None
+        return [c for c in selected if c not in self.unseen]
 
     def tuned_copy(self, fed: FederatedModule) -> nn.Module:
         """The module fine-tuned per client: a copy of the shared worker (made once, on the
@@ -204,13 +235,19 @@ class FineTuneEvaluation(FederatedCallback):
                 before[client], after[client] = scores
         if not after:
             return
-        fed.log_round(summarize(before, after))
+        seen = [k for k in after if k not in self.unseen]
+        for clients, prefix in ((seen, PREFIX), (sorted(self.unseen & set(after)), UNSEEN)):
+            if clients:
+                chosen = {k: before[k] for k in clients}, {k: after[k] for k in clients}
+                fed.log_round(summarize(*chosen, prefix))
         for name in after[next(iter(after))]:
             fed.record_client_metric(f"{PREFIX}_{name}", {k: v[name] for k, v in after.items()})
 
 
 def summarize(
-    before: dict[int, dict[str, float]], after: dict[int, dict[str, float]]
+    before: dict[int, dict[str, float]],
+    after: dict[int, dict[str, float]],
+    prefix: str = PREFIX,
 ) -> dict[str, float]:
     """The round's ``finetuned/*`` values: each metric's client mean after fine-tuning and
     before it, and the worst client's accuracy.
@@ -223,8 +260,8 @@ def summarize(
     for name in after[next(iter(after))]:
         values = torch.tensor([v[name] for v in after.values()], dtype=torch.float64)
         start = torch.tensor([v[name] for v in before.values()], dtype=torch.float64)
-        metrics[f"{PREFIX}/{name}_mean"] = values.mean().item()
-        metrics[f"{PREFIX}/{name}_mean_before"] = start.mean().item()
+        metrics[f"{prefix}/{name}_mean"] = values.mean().item()
+        metrics[f"{prefix}/{name}_mean_before"] = start.mean().item()
         if name == "acc":
-            metrics[f"{PREFIX}/acc_min"] = values.min().item()
+            metrics[f"{prefix}/acc_min"] = values.min().item()
     return metrics
