@@ -7,7 +7,8 @@ in PRR-FL) and ``mnist_dirichlet`` (MNIST-10k over 20 clients by Dirichlet(0.3),
 ``mnist_dirichlet_01`` the same with Dirichlet(0.1)). Every client keeps a 10% validation
 split (DET's stage metric and FedFomo's benefits) in every setting, for every method alike.
 Fine-tuning methods (FedAvg + FT, FedBABU, Per-FedAvg, FedMeta) report their ``finetuned/*``
-numbers as the personalized ones.
+numbers as the personalized ones. Retrogress (``RetrogressMonitor`` on every run): the mean
+drop of a client's validation macro-F1 when it receives the server state, over the rounds.
 
   .venv/bin/python scripts/compare.py --settings digit_domains mnist_dirichlet --seeds 0 1 2
   .venv/bin/python scripts/compare.py --methods fedavg fedprox pfa_det --seeds 0   # a subset
@@ -57,6 +58,7 @@ from pl_federated.callbacks import (
     PFedHN,
     PFedMe,
     ProgressiveFourierAggregation,
+    RetrogressMonitor,
 )
 from pl_federated.data import Dirichlet
 from pl_federated.models import MLPClassifier
@@ -175,7 +177,7 @@ def run(setting: str, method: str, seed: int) -> dict[str, float]:
     fed = fit(
         spec["data"](seed),
         functools.partial(spec["client"], **CLIENT_OPTIONS.get(method, {})),
-        METHODS[method][1](),
+        [*METHODS[method][1](), RetrogressMonitor(plot=False)],  # measured for every method
         spec["rounds"],
         seed,
         **{**spec["module"], **MODULE_OPTIONS.get(method, {})},
@@ -190,6 +192,9 @@ def run(setting: str, method: str, seed: int) -> dict[str, float]:
         "worst": float(acc[~acc.isnan()].min()),
         "gacc": last.get("global/acc", float("nan")),  # absent: no global model
         "round_seconds": statistics.mean(r["round/seconds"] for r in fed.history),
+        "retrogress": statistics.mean(
+            r["retrogress/mean"] for r in fed.history if "retrogress/mean" in r
+        ),
         "seconds": time.perf_counter() - start,
     }
 
@@ -211,8 +216,8 @@ def main() -> None:
     for setting in args.settings:
         lines = [
             "| method | personal macro-F1 | personal acc | worst client acc | global acc | "
-            "seconds/round | seconds/run |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "retrogress | seconds/round | seconds/run |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for method in args.methods:
             if method in NOT_APPLICABLE.get(setting, ()):
@@ -222,6 +227,7 @@ def main() -> None:
                 f"| {METHODS[method][0]} | {stat([r['pf1'] for r in rs])} | "
                 f"{stat([r['pacc'] for r in rs])} | {stat([r['worst'] for r in rs])} | "
                 f"{stat([r['gacc'] for r in rs])} | "
+                f"{stat([r['retrogress'] for r in rs])} | "
                 f"{statistics.mean(r['round_seconds'] for r in rs):.2f} | "
                 f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
             )
