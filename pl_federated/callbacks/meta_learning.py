@@ -17,10 +17,11 @@ from pl_federated.validation import ConfigError
 
 def split_batch(batch: Any, parts: int, who: str) -> list[Any]:
     """``batch`` cut into ``parts`` consecutive pieces along the first dimension of every
-    tensor in it (a tuple, a dict, ...): the support and query sets of one meta-step.
+    tensor in it (a tuple, a dict, ...): the support and query sets of one meta-step. A batch
+    with fewer samples than ``parts`` (an epoch's short last batch) serves as every part.
 
     Raises:
-        ConfigError: the batch has fewer samples than ``parts``.
+        ConfigError: the batch has no samples.
 
     Example:
         >>> x, y = torch.arange(4.0), torch.tensor([0, 1, 0, 1])
@@ -30,11 +31,10 @@ def split_batch(batch: Any, parts: int, who: str) -> list[Any]:
     sizes = []
     apply_to_collection(batch, Tensor, lambda t: sizes.append(len(t)))
     n = min(sizes) if sizes else 0
+    if n == 0:
+        raise ConfigError(f"{who} splits each batch into {parts} parts, but a batch is empty.")
     if n < parts:
-        raise ConfigError(
-            f"{who} splits each batch into {parts} parts (support, query, ...), but a batch has "
-            f"{n} samples; raise `data.batch_size` to at least {parts}."
-        )
+        return [batch] * parts
     bounds = [n * i // parts for i in range(parts + 1)]
     return [
         apply_to_collection(batch, Tensor, lambda t, a=a, b=b: t[a:b])

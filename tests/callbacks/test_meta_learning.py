@@ -137,8 +137,10 @@ def test_split_batch_and_the_surrogate():
     assert [len(b[0]) for b in split_batch((x, y), 3, "X")] == [2, 2, 3]
     parts = split_batch({"x": x, "y": y}, 2, "X")
     assert parts[0]["y"].tolist() == [0, 1, 2] and parts[1]["x"].tolist() == [3, 4, 5, 6]
-    with pytest.raises(ConfigError, match="raise `data.batch_size` to at least 3"):
-        split_batch((x[:2], y[:2]), 3, "PerFedAvg")
+    short = split_batch((x[:2], y[:2]), 3, "PerFedAvg")  # a short last batch: every part
+    assert len(short) == 3 and all(p[1].tolist() == [0, 1] for p in short)
+    with pytest.raises(ConfigError, match="a batch is empty"):
+        split_batch((x[:0], y[:0]), 2, "PerFedAvg")
     p = {"a": torch.tensor([1.0, 2.0], requires_grad=True)}
     value = linear_surrogate(p, {"a": torch.tensor([3.0, -1.0])}, torch.tensor(5.0))
     value.backward()
