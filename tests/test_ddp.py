@@ -69,22 +69,25 @@ def _last_store(root: Path) -> dict:
 @pytest.mark.parametrize(
     "algo",
     [
-        # slow: what faster variants cover too (FedAvg's sums: fedbn; per-client roles: the
+        # make test keeps fedbn, scaffold and pfa_det (sums, round state, per-client roles and
+        # server states); slow: what they cover too (FedAvg's sums: fedbn; per-client roles: the
         # PFA + DET runs; gathered uploads: krum; round-state gathers: fedmd (fd, kd3a too); a
         # server optimizer on FedAvg's sums: fedadam; CPA's gathered prototypes: pfa_det_cpa;
         # gathered local steps: scaffold (fednova too))
         pytest.param("fedavg_prox", marks=pytest.mark.slow),
         "fedbn",
-        "datasets",  # ClientDatasets: every rank's DataLoader over its own clients
+        pytest.param(
+            "datasets", marks=pytest.mark.slow
+        ),  # ClientDatasets: every rank's DataLoader over its own clients
         pytest.param("fedadam", marks=pytest.mark.slow),
         pytest.param("fednova", marks=pytest.mark.slow),
-        "krum",
+        pytest.param("krum", marks=pytest.mark.slow),
         "scaffold",
         "pfa_det",
         pytest.param("pfa_det_cpa", marks=pytest.mark.slow),
         pytest.param("mutual", marks=pytest.mark.slow),
         pytest.param("fd", marks=pytest.mark.slow),
-        "fedmd",
+        pytest.param("fedmd", marks=pytest.mark.slow),
         # FedAMP's cloud models and FedFomo's pool (per-client server states from gathered
         # uploads, as krum and pfa_det), FedMeta's Meta-SGD rates (round-state sums, as
         # scaffold): slow
@@ -163,6 +166,7 @@ def test_unsupported_callbacks_and_the_stock_ddp_strategy_are_refused(tmp_path):
     assert out.returncode != 0 and "needs `strategy: fed_ddp`" in out.stderr
 
 
+@pytest.mark.slow  # the reverse direction (2 -> 1) stays in make test
 def test_one_process_checkpoint_resumes_on_two_processes(tmp_path):
     run("fedavg_prox", devices=1, rounds=2, out=tmp_path / "one")
     after_two_rounds = next((tmp_path / "one" / "ckpt").glob("epoch=1-*.ckpt"))
