@@ -53,6 +53,7 @@ def test_the_table_takes_any_rounds_csv_columns():
     assert rows == [["fedavg", "2", "0.6000 ± 0.1414"]]
 
 
+@pytest.mark.slow  # 6 fits; test_an_interrupted_run_resumes_from_its_checkpoint covers the runner
 def test_compare_two_configs_three_seeds_one_partition_then_reuse(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base, fedavg, local = (tmp_path / n for n in ("base.yaml", "fedavg.yaml", "local.yaml"))

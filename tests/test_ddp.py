@@ -178,6 +178,7 @@ def test_one_process_checkpoint_resumes_on_two_processes(tmp_path):
     _assert_same(straight, resumed)
 
 
+@pytest.mark.slow  # a launcher-shutdown regression; the 2-process runs above exercise the group
 def test_the_process_group_is_released_before_the_interpreter_shuts_down(tmp_path):
     # a gloo group alive at interpreter shutdown can abort the process (SIGABRT)
     script = """
