@@ -20,6 +20,7 @@ from typing_extensions import override
 from pl_federated.callbacks.aggregator import Aggregator
 from pl_federated.engine import checkpoint as engine_checkpoint
 from pl_federated.engine.collectives import Collectives
+from pl_federated.engine.communication import Payload, payload_bytes
 from pl_federated.engine.config import FederationConfig
 from pl_federated.engine.dispatch import HookDispatch
 from pl_federated.engine.evaluation import Evaluator
@@ -359,6 +360,17 @@ class FederatedModule(pl.LightningModule):
     def log_round(self, metrics: Mapping[str, float]) -> None:
         """Add scalars to this round's log row (callbacks call this, e.g. in on_round_end)."""
         self.round_logger.log_round(metrics)
+
+    def record_upload(self, payload: Payload) -> None:
+        """Count what a client sends the server besides its shared model (a control variate,
+        prototypes, logits: tensors, a mapping or sequence of them, or a byte count) in this
+        round's ``comm/upload_bytes`` (see :mod:`pl_federated.engine.communication`)."""
+        self.round_state.upload_bytes += payload_bytes(payload)
+
+    def record_download(self, payload: Payload) -> None:
+        """Count what a client receives besides the server model (other clients' models,
+        global prototypes) in this round's ``comm/download_bytes``."""
+        self.round_state.download_bytes += payload_bytes(payload)
 
     # ---------------------------------------------------------------- evaluation
     def forward_batched(

@@ -9,6 +9,8 @@ split (DET's stage metric and FedFomo's benefits) in every setting, for every me
 Fine-tuning methods (FedAvg + FT, FedBABU, Per-FedAvg, FedMeta) report their ``finetuned/*``
 numbers as the personalized ones. Retrogress (``RetrogressMonitor`` on every run): the mean
 drop of a client's validation macro-F1 when it receives the server state, over the rounds.
+Uploaded kB/round: the engine's ``comm/upload_bytes`` (all clients of a round), averaged
+over the rounds and seeds.
 
   .venv/bin/python scripts/compare.py --settings digit_domains mnist_dirichlet --seeds 0 1 2
   .venv/bin/python scripts/compare.py --methods fedavg fedprox pfa_det --seeds 0   # a subset
@@ -192,6 +194,7 @@ def run(setting: str, method: str, seed: int) -> dict[str, float]:
         "worst": float(acc[~acc.isnan()].min()),
         "gacc": last.get("global/acc", float("nan")),  # absent: no global model
         "round_seconds": statistics.mean(r["round/seconds"] for r in fed.history),
+        "upload_kb": statistics.mean(r["comm/upload_bytes"] for r in fed.history) / 1e3,
         "retrogress": statistics.mean(
             r["retrogress/mean"] for r in fed.history if "retrogress/mean" in r
         ),
@@ -216,8 +219,8 @@ def main() -> None:
     for setting in args.settings:
         lines = [
             "| method | personal macro-F1 | personal acc | worst client acc | global acc | "
-            "retrogress | seconds/round | seconds/run |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "retrogress | uploaded kB/round | seconds/round | seconds/run |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for method in args.methods:
             if method in NOT_APPLICABLE.get(setting, ()):
@@ -228,6 +231,7 @@ def main() -> None:
                 f"{stat([r['pacc'] for r in rs])} | {stat([r['worst'] for r in rs])} | "
                 f"{stat([r['gacc'] for r in rs])} | "
                 f"{stat([r['retrogress'] for r in rs])} | "
+                f"{statistics.mean(r['upload_kb'] for r in rs):.0f} | "
                 f"{statistics.mean(r['round_seconds'] for r in rs):.2f} | "
                 f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
             )

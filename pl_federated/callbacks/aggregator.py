@@ -50,9 +50,16 @@ class Aggregator(FederatedCallback, ABC):
     ``has_global_model = False`` says the server state is no model anyone uses (LocalOnly and
     the methods built on it: FD, FedProto, FedMD exchange knowledge, not weights): ``global/*``
     metrics are then not computed, instead of scoring the untrained initial model.
+
+    ``uploads_local_keys`` / ``downloads_local_keys`` say that the server reads the clients'
+    client-local entries (L2GD, FedAMP and FedFomo keep the whole model local yet average or
+    forward it) or sends them back: the engine's byte counts (``comm/upload_bytes``,
+    ``comm/download_bytes``, :mod:`pl_federated.engine.communication`) then include them.
     """
 
     has_global_model: bool = True
+    uploads_local_keys: bool = False
+    downloads_local_keys: bool = False
 
     def reset(self, fed: FederatedModule) -> None:
         """Forget the previous round's uploads."""

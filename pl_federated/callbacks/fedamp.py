@@ -60,6 +60,8 @@ class FedAMP(BufferedAggregator):
             client's own weight ``xi_ii`` could turn negative.
     """
 
+    uploads_local_keys = downloads_local_keys = True  # w_i up, u_i down (all local)
+
     @arguments(alpha_k=Real(gt=0), sigma=Real(gt=0), lam=Real(ge=0))
     def __init__(self, alpha_k: float = 1.0, sigma: float = 25.0, lam: float = 0.1) -> None:
         super().__init__()

@@ -87,6 +87,8 @@ class FederatedDistillation(FederatedCallback):
         c = self._num_classes
         self._sums = torch.zeros(c, c, dtype=torch.float64, device=fed.device)
         self._n = torch.zeros(c, dtype=torch.float64, device=fed.device)
+        if self._table is not None:
+            fed.record_download([self._table, self._present])
 
     @override
     def supervised_weight(self, fed: FederatedModule, client: int, role: str) -> float:
@@ -121,6 +123,7 @@ class FederatedDistillation(FederatedCallback):
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         means = (self._sums / self._n.clamp_min(1).unsqueeze(1)).float().cpu()
         self.uploads[client] = (means, self._n.float().cpu())
+        fed.record_upload(self.uploads[client])
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:

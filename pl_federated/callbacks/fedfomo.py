@@ -83,6 +83,8 @@ class FedFomo(BufferedAggregator):
         ConfigError: ``split: val`` and a client without validation data.
     """
 
+    uploads_local_keys = True  # theta_i up; the M models down are recorded
+
     @arguments(models_per_round=Int(ge=1), epsilon=Real(ge=0, le=1), split=Choice(("val", "train")))
     def __init__(self, models_per_round: int = 5, epsilon: float = 0.3, split: str = "val") -> None:
         super().__init__()
@@ -142,6 +144,7 @@ class FedFomo(BufferedAggregator):
         worker, device = fed.shared_worker, fed.device
         own = {k: v.clone() for k, v in fed.worker_state().items()}
         models = [{k: v.to(device) for k, v in self.pool[n].items()} for n in chosen]
+        fed.record_download(models)
         own_transfer = overrides_transfer_hooks(worker)
         batches = [
             move_batch(worker, b, device, own_transfer)

@@ -156,6 +156,7 @@ class FedMD(FederatedCallback):
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         if self.consensus is None:
             return
+        fed.record_download(self.consensus)  # the public data itself is held by every client
         role = self._role(client)
         worker, device = fed.workers[role], fed.device
         x, target = self.public_x[self.consensus_idx], self.consensus
@@ -179,6 +180,7 @@ class FedMD(FederatedCallback):
         self.scores[client] = fed.forward_batched(
             fed.workers[self._role(client)], self._next_x
         ).cpu()
+        fed.record_upload(self.scores[client])
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:

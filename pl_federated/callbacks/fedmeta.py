@@ -101,6 +101,7 @@ class FedMeta(FederatedCallback):
         if self.rates is not None:
             self._rates = {n: r.to(fed.device) for n, r in self.rates.items()}
             self._outer_lr = float(fed.optimizer(SHARED_ROLE).defaults["lr"])
+            fed.record_download(self.rates)  # Meta-SGD's rates travel with the model
 
     @override
     def supervised_loss(
@@ -137,6 +138,7 @@ class FedMeta(FederatedCallback):
         if self.rates is None:
             return
         weight = float(fed.client_num_samples[client])
+        fed.record_upload(self._rates)
         for n, r in self._rates.items():
             part = weight * r.detach().cpu()
             self.rate_sums[n] = self.rate_sums[n] + part if n in self.rate_sums else part

@@ -129,6 +129,7 @@ class FedPAC(BufferedAggregator):
         if self.centroids is not None:
             self._centroids = self.centroids.to(fed.device)
             self._present = self.present.to(fed.device)
+            fed.record_download(self.centroids[self.present])
 
     @override
     def on_local_epoch_start(
@@ -161,6 +162,7 @@ class FedPAC(BufferedAggregator):
         worker = fed.shared_worker
         features = fed.forward_batched(worker, x, worker.forward_features).cpu()
         self.statistics[client] = feature_statistics(features, y.cpu(), fed.num_classes)
+        fed.record_upload(self.statistics[client])
 
     @override
     def on_client_failed(

@@ -71,6 +71,11 @@ class FedProto(FederatedCallback):
         self._present = self.bank.global_present.to(fed.device)
 
     @override
+    def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        if self._global is not None:
+            fed.record_download(self._global[self._present])
+
+    @override
     def client_loss(
         self,
         fed: FederatedModule,
@@ -98,6 +103,8 @@ class FedProto(FederatedCallback):
                 self.bank.local[client].clone(),
                 self.bank.counts[client].clone(),
             )
+            present = self.bank.counts[client] > 0  # only the classes it holds travel
+            fed.record_upload([self.bank.local[client][present], self.bank.counts[client][present]])
         if self.nearest_prototype and fed.is_eval_round and self._global is not None:
             xt, yt = fed.datamodule.client_test(client)
             if len(yt):

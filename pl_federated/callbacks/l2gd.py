@@ -60,6 +60,8 @@ class L2GD(FedAvg):
             selection that is not every client.
     """
 
+    uploads_local_keys = downloads_local_keys = True  # x_i up, x_bar down (all local)
+
     @arguments(lam=Real(gt=0), p=Real(gt=0, lt=1))
     def __init__(self, lam: float = 0.1, p: float = 0.2) -> None:
         super().__init__(over="selected", weighting="uniform")

@@ -86,6 +86,9 @@ class ConjointPrototypeAlignment(FederatedCallback):
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         self.bank.start_client()
+        bank = self.bank
+        if fed.current_round >= self.warmup_rounds and bank.global_ is not None:
+            fed.record_download(bank.global_[bank.global_present])
 
     @override
     def supervised_loss(
@@ -103,6 +106,8 @@ class ConjointPrototypeAlignment(FederatedCallback):
         bank = self.bank
         if bank.finish_client(client):
             self.new_prototypes[client] = (bank.local[client].clone(), bank.counts[client].clone())
+            present = bank.counts[client] > 0  # only the classes it holds travel
+            fed.record_upload([bank.local[client][present], bank.counts[client][present]])
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:

@@ -68,6 +68,7 @@ class SCAFFOLD(FederatedCallback):
         else:
             self._ci = [torch.zeros_like(p) for p in self._received]
         self._correction = [self._c[n] - ci for n, ci in zip(self._names, self._ci, strict=True)]
+        fed.record_download(self._c)  # the server's control variate travels with the model
 
     @override
     def client_loss(
@@ -96,6 +97,7 @@ class SCAFFOLD(FederatedCallback):
             delta = (new_ci[n] - ci).cpu()
             self.delta_sum[n] = self.delta_sum[n] + delta if n in self.delta_sum else delta
         fed.store.put(ROLE, client, new_ci)
+        fed.record_upload(new_ci)  # c_i+ - c_i, one tensor per parameter
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:

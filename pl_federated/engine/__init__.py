@@ -11,6 +11,7 @@
   cross-rank merge.
 * :mod:`~pl_federated.engine.workers`: the worker modules by role and their state.
 * :mod:`~pl_federated.engine.transport`: what a client downloads, keeps and uploads.
+* :mod:`~pl_federated.engine.communication`: the bytes of what it downloads and uploads.
 * :mod:`~pl_federated.engine.dispatch`: calls the federated callbacks' hooks.
 * :mod:`~pl_federated.engine.evaluation`: global and personal evaluation, test/validate.
 * :mod:`~pl_federated.engine.round_log`: client logs, round rows, history, logger axes.

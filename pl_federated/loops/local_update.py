@@ -38,6 +38,7 @@ from pl_federated.data.batches import (
     overrides_transfer_hooks,
     steps_at,
 )
+from pl_federated.engine.communication import state_bytes
 from pl_federated.store import SHARED_ROLE, all_finite
 
 
@@ -67,6 +68,21 @@ def seed_client_randomness(fed: Any, client: int) -> None:
         torch.cuda.manual_seed(seed)
 
 
+def count_download(fed: Any, client: int) -> None:
+    """Add what ``client`` receives from the server this round to the round's download
+    bytes: its incoming shared state without the client-local entries (unless the
+    aggregator sends those, ``downloads_local_keys``)."""
+    local = () if fed.aggregator.downloads_local_keys else fed.local_keys
+    fed.round_state.download_bytes += state_bytes(fed.incoming_state(client), local)
+
+
+def count_upload(fed: Any, upload: Mapping[str, Tensor]) -> None:
+    """Add a finite ``upload`` to the round's upload bytes (without the client-local entries
+    unless the aggregator reads them, ``uploads_local_keys``)."""
+    local = () if fed.aggregator.uploads_local_keys else fed.local_keys
+    fed.round_state.upload_bytes += state_bytes(upload, local)
+
+
 def add_loss(state: Any, role: str, loss_sum: Tensor, batches: int) -> None:
     """Add a client's training loss summed over ``batches`` to the round's ``role`` totals."""
     state.loss_sums[role] = state.loss_sums.get(role, 0.0) + loss_sum
@@ -86,6 +102,7 @@ def train_client(fed: Any, client: int) -> None:
     fed.current_client = client
     seed_client_randomness(fed, client)
     fed.transport.download(client)
+    count_download(fed, client)
     roles = roles_of.client_roles(client)
     lopts = stepper.lightning_optimizers()
     for role in roles:
@@ -233,6 +250,7 @@ def finish_client(
         with fed.dispatch.profile(fed.aggregator, "update"):
             fed.aggregator.update(fed, Upload(client, upload, n, steps))
         state.uploads += 1
+        count_upload(fed, upload)
     else:
         state.excluded.append(client)
         warnings.warn(

@@ -26,6 +26,8 @@ def engine_round_state() -> RoundState:
     state = RoundState()
     state.add("excluded", [], reduce="cat")  # failed clients, non-finite uploads
     state.add("uploads", 0, reduce="sum")  # finite uploads handed to the aggregator
+    state.add("upload_bytes", 0, reduce="sum")  # see engine.communication
+    state.add("download_bytes", 0, reduce="sum")
     state.add("local_steps", {}, reduce="gather")  # client -> local optimizer steps
     state.add("loss_sums", {}, reduce="sum")  # role -> summed training loss
     state.add("loss_counts", {}, reduce="sum")  # role -> batches in loss_sums
@@ -197,6 +199,8 @@ def end_round(fed: Any) -> None:
     fed.store.release_memory()
     metrics: dict[str, Any] = {"round": float(fed.current_round)}
     metrics["round/excluded_clients"] = float(len(state.excluded))
+    metrics["comm/upload_bytes"] = float(state.upload_bytes)
+    metrics["comm/download_bytes"] = float(state.download_bytes)
     for role, loss_sum in state.loss_sums.items():
         suffix = "" if role == SHARED_ROLE else f"_{role}"
         metrics[f"train/loss{suffix}"] = float(loss_sum / max(state.loss_counts[role], 1))

@@ -35,6 +35,7 @@ from pl_federated.callbacks.base import HOOKS, overrides
 from pl_federated.data.batches import TensorBatches, batches_per_epoch
 from pl_federated.loops.local_update import (
     add_loss,
+    count_download,
     fail_client,
     finish_client,
     local_epoch_lengths,
@@ -170,6 +171,8 @@ def train_group(fed: Any, clients: list[int]) -> None:
     lopt = stepper.lightning_optimizers()[SHARED_ROLE]
     names = {id(p): k for k, p in worker.named_parameters()}
     received = [fed.received_state(c) for c in clients]
+    for client in clients:
+        count_download(fed, client)
     param_keys = set(names.values())
     # Stacked state [G, *shape] per entry; a parameter matrix is stored transposed, [G, in,
     # out], and the model sees a transposed view: the weight gradient of vmap's linear layer
