@@ -96,6 +96,9 @@ class FederatedModule(pl.LightningModule):
         selected_clients: this round's clients (a tuple; final from ``on_round_start`` on).
         current_client: the client being trained, else ``None``.
         num_clients: K.
+        unseen_clients: the datamodule's clients held out of training (a tuple, from
+            ``setup`` on): never selected, scored apart (``unseen/*``), left out of
+            ``global/*`` and ``personal/*``.
         config: the validated settings; each also reads as an attribute (``fed.local_epochs``).
         collectives: gather/reduce across ranks (identity in one process).
     """
@@ -134,6 +137,7 @@ class FederatedModule(pl.LightningModule):
         )  # fmt: skip
         self.automatic_optimization = False
         self.num_clients = num_clients or 0
+        self.unseen_clients: tuple[int, ...] = ()
         self.workers = nn.ModuleDict({SHARED_ROLE: client})
         self.round_logger = RoundLogger()
         self.round_logger.route(SHARED_ROLE, client)
@@ -148,6 +152,7 @@ class FederatedModule(pl.LightningModule):
             self.streams,
             1 if clients_per_step == "auto" else clients_per_step,  # "auto": set at setup
             num_clients=live(self, "num_clients"),
+            training_clients=live(self, "training_clients"),
             num_selected=live(self, "num_selected"),
             rank_and_world=self._live_rank_and_world,
             max_rounds=self._live_max_rounds,
@@ -330,9 +335,22 @@ class FederatedModule(pl.LightningModule):
         return self.round_state.is_eval_round
 
     @property
+    def training_clients(self) -> tuple[int, ...]:
+        """The clients selection draws from: all but :attr:`unseen_clients`
+        (``clients_per_round`` is a share of them)."""
+        key = (self.num_clients, self.unseen_clients)
+        cached = self.__dict__.get("_training_clients")
+        if cached is None or cached[0] != key:
+            unseen = set(self.unseen_clients)
+            clients = tuple(k for k in range(self.num_clients) if k not in unseen)
+            self.__dict__["_training_clients"] = cached = (key, clients)
+        return cached[1]
+
+    @property
     def num_selected(self) -> int:
-        """m, the clients selected per round (``clients_per_round`` of K, rounded up)."""
-        return num_selected(self.clients_per_round, self.num_clients)
+        """m, the clients selected per round (``clients_per_round`` of the training clients,
+        rounded up)."""
+        return num_selected(self.clients_per_round, len(self.training_clients))
 
     @property
     def datamodule(self) -> Any:

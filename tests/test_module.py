@@ -121,7 +121,9 @@ def test_bad_module_arguments(kwargs, match):
 
 
 def test_bad_inputs_fail_before_training(trainer_factory):
-    with pytest.raises(ValueError, match="`clients_per_round`=7 is more than `num_clients`=5"):
+    with pytest.raises(
+        ValueError, match="`clients_per_round`=7 is more than the 5 training clients"
+    ):
         trainer_factory().fit(federation(clients_per_round=7), digits(num_clients=5))
     with pytest.raises(ValueError, match="`num_clients`=4 but the datamodule has 5"):
         trainer_factory().fit(federation(num_clients=4), digits(num_clients=5))

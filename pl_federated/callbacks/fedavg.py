@@ -28,9 +28,10 @@ class FedAvg(Aggregator):
 
     Args:
         over: ``"selected"`` averages the clients trained this round (the common implementation);
-            ``"all"`` averages over all K clients, where a client not trained this round (or
-            excluded for a non-finite update) contributes the model it received, i.e. the
-            current server state, with its own weight.
+            ``"all"`` averages over every training client (all K but the datamodule's
+            ``unseen_clients``), where a client not trained this round (or excluded for a
+            non-finite update) contributes the model it received, i.e. the current server
+            state, with its own weight.
         weighting: ``"samples"`` weights client k by its number of training samples n_k (the
             paper); ``"uniform"`` weights all clients equally.
         ignore_clients: clients whose uploads are never averaged (held-out clients, e.g. an
@@ -89,7 +90,7 @@ class FedAvg(Aggregator):
             return {k: t.clone() for k, t in server_state.items()}
         if self.over == "all":
             # Every client that did not upload keeps (and contributes) the model it received.
-            total = sum(self._weight(fed, k) for k in range(fed.num_clients))
+            total = sum(self._weight(fed, k) for k in fed.training_clients)
             rest = total - self._sum.weight
             if rest > 1e-9:
                 self._sum.update(server_state, rest)

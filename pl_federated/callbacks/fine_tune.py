@@ -26,14 +26,12 @@ from pl_federated.data.batches import (
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import (
     Choice,
-    ClientIds,
     ConfigError,
     Int,
     Items,
     Real,
     Text,
     arguments,
-    check_client_ids,
 )
 
 if TYPE_CHECKING:
@@ -41,7 +39,7 @@ if TYPE_CHECKING:
 
 STREAM = "fine_tune"  # batch order and dropout of the fine-tuning steps, per round and client
 PREFIX = "finetuned"
-UNSEEN = "finetuned_unseen"  # clients held out of training (``unseen_clients``)
+UNSEEN = "finetuned_unseen"  # the datamodule's clients held out of training
 
 
 def fine_tune(
@@ -94,6 +92,10 @@ class FineTuneEvaluation(FederatedCallback):
     ``validation_step`` logs); per client ``finetuned_acc``/``finetuned_f1`` in the client
     table. Any aggregator (FedAvg + fine-tuning is the classic baseline; FedBABU, Per-FedAvg).
 
+    The datamodule's ``unseen_clients`` (held out of training: Wang et al.'s evaluation on
+    new clients) are logged apart as ``finetuned_unseen/*``; ``finetuned/*`` covers the
+    training clients.
+
     Args:
         epochs: fine-tuning epochs over the client's training split.
         steps: instead, this many optimizer steps (batches, cycling through the split).
@@ -104,10 +106,6 @@ class FineTuneEvaluation(FederatedCallback):
             callback provides one: ``fine_tune_optimizer(fed, params) -> Optimizer | None``
             (FedMeta's Meta-SGD adapts with its learned per-parameter rates).
         at: ``"eval_rounds"`` (every evaluation round) or ``"last_round"``.
-        unseen_clients: clients held out of training (removed from every round's seeded
-            selection, so they never train or upload): Wang et al.'s evaluation on new
-            clients, logged apart as ``finetuned_unseen/*``; ``finetuned/*`` covers the
-            others. (``personal/*`` scores them with the model they would receive.)
 
     Raises:
         ConfigError: a ``frozen`` prefix that matches no parameter, or nothing left to tune.
@@ -122,7 +120,6 @@ class FineTuneEvaluation(FederatedCallback):
         frozen=Items(Text(), min_len=0),
         lr=Real(gt=0, optional=True),
         at=Choice(("eval_rounds", "last_round")),
-        unseen_clients=ClientIds(optional=True),
     )
     def __init__(
         self,
@@ -131,10 +128,8 @@ class FineTuneEvaluation(FederatedCallback):
         frozen: Sequence[str] = (),
         lr: float | None = None,
         at: str = "eval_rounds",
-        unseen_clients: list[int] | None = None,
     ) -> None:
         self.epochs, self.steps, self.lr, self.at = epochs, steps, lr, at
-        self.unseen = {int(k) for k in unseen_clients or ()}
         self.frozen = tuple(frozen)
         self._copy: nn.Module | None = None
 
@@ -148,19 +143,6 @@ class FineTuneEvaluation(FederatedCallback):
                 f"`FineTuneEvaluation.frozen`={list(self.frozen)} freezes every parameter: "
                 "nothing is fine-tuned."
             )
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
-        where = "FineTuneEvaluation.unseen_clients"
-        check_client_ids(where, sorted(self.unseen), fed.num_clients)
-
-    @override
-    def select_clients(
-        self, trainer: pl.Trainer, fed: FederatedModule, server_round: int, selected: list[int]
-    ) -> list[int] | None:
-        if not self.unseen:
-            return None
-        return [c for c in selected if c not in self.unseen]
 
     def tuned_copy(self, fed: FederatedModule) -> nn.Module:
         """The module fine-tuned per client: a copy of the shared worker (made once, on the
@@ -235,8 +217,9 @@ class FineTuneEvaluation(FederatedCallback):
                 before[client], after[client] = scores
         if not after:
             return
-        seen = [k for k in after if k not in self.unseen]
-        for clients, prefix in ((seen, PREFIX), (sorted(self.unseen & set(after)), UNSEEN)):
+        unseen = set(fed.unseen_clients)
+        seen = [k for k in after if k not in unseen]
+        for clients, prefix in ((seen, PREFIX), (sorted(unseen & set(after)), UNSEEN)):
             if clients:
                 chosen = {k: before[k] for k in clients}, {k: after[k] for k in clients}
                 fed.log_round(summarize(*chosen, prefix))

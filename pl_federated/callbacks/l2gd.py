@@ -75,10 +75,10 @@ class L2GD(FedAvg):
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         super().on_fit_start(trainer, fed)
-        if fed.num_selected != fed.num_clients:
+        if fed.num_selected != len(fed.training_clients):
             raise ConfigError(
                 f"L2GD averages every client's model: set `clients_per_round: 1.0` (got "
-                f"{fed.num_selected} of {fed.num_clients} per round)."
+                f"{fed.num_selected} of {len(fed.training_clients)} per round)."
             )
         lr = float(fed.optimizer(SHARED_ROLE).defaults["lr"])
         self.step = lr * self.lam * (1 - self.p) / self.p

@@ -102,7 +102,7 @@ class SCAFFOLD(FederatedCallback):
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         for n, delta in self.delta_sum.items():  # merged over ranks (fed_ddp)
-            self.control[n] += delta / fed.num_clients
+            self.control[n] += delta / len(fed.training_clients)  # N: the clients that train
         norm = sum(float(t.pow(2).sum()) for t in self.control.values()) ** 0.5
         fed.log_round({"scaffold/control_norm": norm})
 

@@ -31,13 +31,14 @@ ROUND_COLUMNS = (
     ("train/loss", "train_loss"),
     ("round/excluded_clients", "excluded"),
     ("round/seconds", "seconds"),
+    ("comm/upload_bytes", "upload_bytes"),
 )
 
 
 BARS_UP_TO = 40
 """Clients drawn as bars in the per-client figure; more are drawn as a sorted curve."""
 
-ENGINE_PREFIXES = ("global", "personal", "train", "round", "client")
+ENGINE_PREFIXES = ("global", "personal", "train", "round", "client", "comm")
 """Metric groups of the engine (the others are the algorithms' own)."""
 
 
@@ -135,7 +136,8 @@ class FederatedSummary(Callback):
             ]
         present += [(k, k) for k in algorithm_metrics(history)]
         rows = [[h.get(k, float("nan")) for k, _ in present] for h in history]
-        counts = {i for i, (k, _) in enumerate(present) if k in ("round", "round/excluded_clients")}
+        integral = ("round", "round/excluded_clients", "comm/upload_bytes")
+        counts = {i for i, (k, _) in enumerate(present) if k in integral}
         rows = [[int(v) if i in counts and v == v else v for i, v in enumerate(r)] for r in rows]
         return [name for _, name in present], rows
 

@@ -15,15 +15,51 @@ per-client Datasets).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 
 from pl_federated.data.batches import LoaderBatches, TensorBatches
-from pl_federated.validation import ConfigError
+from pl_federated.validation import AnyOf, ClientIds, ConfigError, Int, check_client_ids
+
+UNSEEN_CLIENTS = AnyOf((Int(ge=0), ClientIds()), optional=True)
+"""What a datamodule's ``unseen_clients`` accepts: a count or a list of client ids."""
+
+
+def unseen_client_ids(
+    unseen: int | Sequence[int] | None, num_clients: int, seed: int, where: str
+) -> tuple[int, ...]:
+    """The clients held out of training: ``unseen`` ids as given, or a count of them drawn
+    with ``seed`` (sorted); none for ``None``/0/``[]``.
+
+    Raises:
+        ConfigError: an id that is no client, or no client left to train.
+
+    Example:
+        >>> unseen_client_ids([3, 1], 5, 0, "dm.unseen_clients"), len(unseen_client_ids(2, 5, 0, "x"))
+        ((1, 3), 2)
+    """
+    if not unseen:
+        return ()
+    if isinstance(unseen, int):
+        if unseen >= num_clients:
+            raise ConfigError(
+                f"`{where}` = {unseen} holds out every client of {num_clients}; at least one "
+                "must train."
+            )
+        drawn = np.random.default_rng(seed + 5).choice(num_clients, unseen, replace=False)
+        return tuple(sorted(int(c) for c in drawn))
+    ids = tuple(sorted(int(c) for c in unseen))
+    check_client_ids(where, ids, num_clients)
+    if len(ids) == num_clients:
+        raise ConfigError(
+            f"`{where}` = {list(ids)} holds out every client; at least one must train."
+        )
+    return ids
 
 
 class ClientDataModule(pl.LightningDataModule, ABC):
@@ -36,6 +72,9 @@ class ClientDataModule(pl.LightningDataModule, ABC):
         num_train, num_val, num_test: ``[K]`` sample counts per split.
         test_x, test_y, val_x, val_y: per-client evaluation tensors.
         global_test_x, global_test_y: a held-out global test set (empty: none).
+        unseen_clients: clients held out of training (never selected), the "new clients"
+            of personalization studies: their test splits are scored apart (``unseen/*``,
+            ``finetuned_unseen/*``) and left out of ``global/*`` and ``personal/*``.
     """
 
     num_clients: int
@@ -50,8 +89,15 @@ class ClientDataModule(pl.LightningDataModule, ABC):
     val_y: list[Tensor]
     global_test_x: Tensor = torch.empty(0)
     global_test_y: Tensor = torch.empty(0, dtype=torch.long)
+    unseen_clients: tuple[int, ...] = ()
     has_class_labels: bool = True
     """Whether every sample has a class index (else only task metrics can evaluate)."""
+
+    @property
+    def training_clients(self) -> list[int]:
+        """The clients that may train: all but :attr:`unseen_clients`."""
+        unseen = set(self.unseen_clients)
+        return [k for k in range(self.num_clients) if k not in unseen]
 
     @abstractmethod
     def client_batches(self, client: int) -> TensorBatches | LoaderBatches:

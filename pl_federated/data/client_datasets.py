@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from pl_federated.data.batches import DatasetPool, LoaderBatches
-from pl_federated.data.client_data import ClientDataModule
+from pl_federated.data.client_data import UNSEEN_CLIENTS, ClientDataModule, unseen_client_ids
 from pl_federated.data.natural import as_labels, default_encode, read_leaf, read_table, targets_of
 from pl_federated.data.partition import (
     Dirichlet,
@@ -56,6 +56,8 @@ class ClientDatasets(ClientDataModule):
         drop_last: drop each local epoch's last, incomplete batch.
         num_workers: DataLoader worker processes (they persist for the fit).
         num_classes: classes; default ``1 +`` the largest label seen.
+        unseen_clients: clients held out of training (ids, or a count drawn with seed 0;
+            see :class:`~pl_federated.data.FederatedDataModule`).
 
     Raises:
         ValueError: no clients, a client without training samples, or per-client lists of
@@ -69,7 +71,9 @@ class ClientDatasets(ClientDataModule):
         (3, 2, [8, 8, 8])
     """
 
-    @arguments(batch_size=Int(ge=1), drop_last=Flag(), num_workers=Int(ge=0))
+    @arguments(
+        batch_size=Int(ge=1), drop_last=Flag(), num_workers=Int(ge=0), unseen_clients=UNSEEN_CLIENTS
+    )
     def __init__(
         self,
         train: Sequence[Dataset],
@@ -80,6 +84,7 @@ class ClientDatasets(ClientDataModule):
         drop_last: bool = False,
         num_workers: int = 0,
         num_classes: int | None = None,
+        unseen_clients: int | list[int] | None = None,
     ) -> None:
         super().__init__()
         train = list(train)
@@ -99,6 +104,9 @@ class ClientDatasets(ClientDataModule):
         self.collate_fn = collate_fn or default_collate
         self.drop_last, self.num_workers = drop_last, num_workers
         self.given_num_classes = num_classes
+        self.unseen_clients = unseen_client_ids(
+            unseen_clients, len(train), 0, "ClientDatasets.unseen_clients"
+        )
         self.client_names: list[Hashable] = list(range(len(train)))
         self.label_names: list[str] | None = None
         self.pool: DatasetPool | None = None

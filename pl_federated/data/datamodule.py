@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pl_federated.data.batches import TensorBatches
-from pl_federated.data.client_data import ClientDataModule
+from pl_federated.data.client_data import UNSEEN_CLIENTS, ClientDataModule, unseen_client_ids
 from pl_federated.data.datasets import DATASETS, load_dataset
 from pl_federated.data.partition import Dirichlet, Partition, Partitioner, held_out_split
 from pl_federated.validation import Choice, ConfigError, Flag, Int, Real, arguments
@@ -55,6 +55,10 @@ class FederatedDataModule(ClientDataModule):
             evaluation data is never transformed.
         drop_last: drop each local epoch's last, incomplete batch (e.g. for BatchNorm, which
             fails on a batch of one).
+        unseen_clients: clients held out of training (a list of ids, or a count drawn with
+            ``seed``): never selected, their data partitioned like everyone's, scored apart
+            as ``unseen/*`` (the server model) and, with ``FineTuneEvaluation``,
+            ``finetuned_unseen/*``; ``clients_per_round`` counts the training clients.
 
     Raises:
         ValueError: unknown dataset, bad fractions or sizes, or a partition that cannot give
@@ -74,6 +78,7 @@ class FederatedDataModule(ClientDataModule):
         stratified=Flag(),
         normalize=Choice(("none", "global", "per_domain")),
         drop_last=Flag(),
+        unseen_clients=UNSEEN_CLIENTS,
     )
     def __init__(
         self,
@@ -93,6 +98,7 @@ class FederatedDataModule(ClientDataModule):
         normalize: str = "none",
         train_transform: torch.nn.Module | None = None,
         drop_last: bool = False,
+        unseen_clients: int | list[int] | None = None,
     ) -> None:
         super().__init__()
         if test_fraction + val_fraction >= 1.0:
@@ -121,6 +127,9 @@ class FederatedDataModule(ClientDataModule):
         self.normalize = normalize
         self.train_transform = train_transform
         self.drop_last = drop_last
+        self.unseen_clients = unseen_client_ids(
+            unseen_clients, num_clients, seed, "FederatedDataModule.unseen_clients"
+        )
         self._prepared = False
 
     # --------------------------------------------------------------- setup

@@ -83,8 +83,9 @@ class FederationConfig:
         per_rank = math.ceil(num_selected / world_size)
         return max(1, math.ceil(per_rank / AUTO_SLOTS_PER_ROUND))
 
-    def check_clients(self, num_clients: int) -> None:
-        """Check the settings against the datamodule's ``num_clients``.
+    def check_clients(self, num_clients: int, num_unseen: int = 0) -> None:
+        """Check the settings against the datamodule's ``num_clients`` (``num_unseen`` of
+        them held out of training).
 
         Raises:
             ValueError: ``num_clients`` or ``clients_per_round`` disagree with it.
@@ -94,10 +95,11 @@ class FederationConfig:
                 f"`num_clients`={self.num_clients} but the datamodule has {num_clients} "
                 "clients; set one of them (or both equal)."
             )
-        cpr = self.clients_per_round
-        if isinstance(cpr, int) and cpr > num_clients:
+        cpr, training = self.clients_per_round, num_clients - num_unseen
+        if isinstance(cpr, int) and cpr > training:
+            held = f" ({num_unseen} of {num_clients} are `unseen_clients`)" if num_unseen else ""
             raise ConfigError(
-                f"`clients_per_round`={cpr} is more than `num_clients`={num_clients}."
+                f"`clients_per_round`={cpr} is more than the {training} training clients{held}."
             )
 
     def new_store(self, num_clients: int, model_device: torch.device) -> ClientStore:

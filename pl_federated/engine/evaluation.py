@@ -23,7 +23,7 @@ mode: by what the client's own ``validation_step`` logs (``global/<name>``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -65,6 +65,24 @@ def logits_of(out: Any) -> Tensor:
     )
 
 
+def client_means(scores: Mapping[int, tuple[float, float]], prefix: str) -> dict[str, float]:
+    """``<prefix>/acc_mean``, ``acc_min`` and ``f1_mean`` over ``{client: (acc, f1)}`` (in
+    sorted client order, the same on any number of ranks).
+
+    Example:
+        >>> client_means({1: (0.5, 0.4), 0: (1.0, 0.8)}, "unseen")
+        {'unseen/acc_mean': 0.75, 'unseen/acc_min': 0.5, 'unseen/f1_mean': 0.6000000238418579}
+    """
+    clients = sorted(scores)
+    acc = torch.tensor([scores[k][0] for k in clients])
+    f1 = torch.tensor([scores[k][1] for k in clients])
+    return {
+        f"{prefix}/acc_mean": acc.mean().item(),
+        f"{prefix}/acc_min": acc.min().item(),
+        f"{prefix}/f1_mean": f1.mean().item(),
+    }
+
+
 class Evaluator:
     """Scores workers on client data; holds the latest per-client metrics.
 
@@ -92,6 +110,7 @@ class Evaluator:
         self.num_clients = 0
         self.client_num_samples = torch.zeros(0, dtype=torch.long)
         self.task: TaskMetrics | None = None
+        self.unseen: frozenset[int] = frozenset()  # clients held out of training
 
     def bind(self, datamodule: Any) -> None:
         """Evaluate on ``datamodule``'s clients (called at setup): by accuracy/F1 when its
@@ -105,6 +124,7 @@ class Evaluator:
         self.num_classes = datamodule.num_classes
         self.num_clients = datamodule.num_clients
         self.client_num_samples = datamodule.num_train.clone()
+        self.unseen = frozenset(int(k) for k in getattr(datamodule, "unseen_clients", ()))
         self.task = None
         if not getattr(datamodule, "has_class_labels", True):
             TaskMetrics.check(self.workers.shared)
@@ -273,9 +293,9 @@ class Evaluator:
         worker.train()
 
     def evaluate_global(self, server_state: Mapping[str, Tensor]) -> dict[str, float]:
-        """The server model on the pooled test data (or the held-out global test set) and on
-        each client's test split (task mode: :func:`~pl_federated.engine.task_metrics.
-        task_global`)."""
+        """The server model on the pooled test data of the training clients (or the held-out
+        global test set) and on each client's test split, unseen clients' too (task mode:
+        :func:`~pl_federated.engine.task_metrics.task_global`)."""
         if self.task is not None:
             self.workers.load(SHARED_ROLE, server_state)
             return task_global(self)
@@ -286,13 +306,16 @@ class Evaluator:
         self.workers.load(SHARED_ROLE, server_state)
         worker = self.workers.shared
         preds = self.predict_classes(worker, x).cpu()
+        seen = ~torch.isin(owner, torch.tensor(sorted(self.unseen), dtype=owner.dtype))
         if len(getattr(dm, "global_test_y", ())):  # a held-out global test set
             xg, yg = dm.global_test()
             self._run_client_validation_step(xg, yg)
             acc, f1 = self.acc_f1(self.predict_classes(worker, xg).cpu(), yg)
+        elif seen.any():
+            self._run_client_validation_step(x[seen], y[seen])
+            acc, f1 = self.acc_f1(preds[seen], y[seen])
         else:
-            self._run_client_validation_step(x, y)
-            acc, f1 = self.acc_f1(preds, y)
+            return {}
         per_acc = torch.full((self.num_clients,), float("nan"))
         per_f1 = torch.full((self.num_clients,), float("nan"))
         for k in range(self.num_clients):
@@ -301,17 +324,20 @@ class Evaluator:
                 per_acc[k], per_f1[k] = self.acc_f1(preds[mask], y[mask])
         self.client_metrics["global_acc"] = per_acc
         self.client_metrics["global_f1"] = per_f1
+        unseen = torch.tensor([k in self.unseen for k in range(self.num_clients)])
+        seen_acc = per_acc.masked_fill(unseen, float("nan"))
         return {
             "global/acc": acc,
             "global/f1": f1,
-            "global/acc_client_mean": per_acc.nanmean().item(),
-            "global/acc_client_min": per_acc[~per_acc.isnan()].min().item(),
+            "global/acc_client_mean": seen_acc.nanmean().item(),
+            "global/acc_client_min": seen_acc[~seen_acc.isnan()].min().item(),
         }
 
-    def server_model_scores(self, skip: Mapping[int, Any]) -> dict[int, tuple[float, float]]:
-        """``(acc, f1)`` of the new server model on each client's test split (from this
-        round's :meth:`evaluate_global`), for the clients not in ``skip``: what a client with
-        no model of its own holds after aggregation, the model it starts its next round from."""
+    def server_model_scores(self, skip: Container[int]) -> dict[int, Any]:
+        """``(acc, f1)`` (task mode: the logged values) of the new server model on each
+        client's test split (from this round's :meth:`evaluate_global`), for the clients not
+        in ``skip``: what a client with no model of its own holds after aggregation, the
+        model it starts its next round from."""
         if self.task is not None:
             return task_server_model_scores(self, skip)
         acc, f1 = self.client_metrics.get("global_acc"), self.client_metrics.get("global_f1")
@@ -323,22 +349,34 @@ class Evaluator:
             if k not in skip and not acc[k].isnan()
         }
 
-    def personal_metrics(self, personal: Mapping[int, tuple[float, float]]) -> dict[str, float]:
-        """``personal/*`` over ``{client: (acc, f1)}``, recorded per client too."""
+    def personal_metrics(self, personal: Mapping[int, Any]) -> dict[str, float]:
+        """``personal/*`` over ``{client: (acc, f1)}`` (task mode: ``{client: {name:
+        value}}``), recorded per client too."""
         if not personal:
             return {}
         if self.task is not None:
             return task_personal_metrics(self, personal)
-        clients = sorted(personal)  # the same order on any number of ranks
-        acc = torch.tensor([personal[k][0] for k in clients])
-        f1 = torch.tensor([personal[k][1] for k in clients])
         self.record("personal_acc", {k: a for k, (a, _) in personal.items()})
         self.record("personal_f1", {k: f for k, (_, f) in personal.items()})
-        return {
-            "personal/acc_mean": acc.mean().item(),
-            "personal/acc_min": acc.min().item(),
-            "personal/f1_mean": f1.mean().item(),
-        }
+        return client_means(personal, "personal")
+
+    def unseen_metrics(self) -> dict[str, float]:
+        """``unseen/*``: the new server model on the unseen clients' test splits (their
+        per-client values are the ``global_*`` columns); empty without unseen clients."""
+        scores = self.server_model_scores(
+            skip=[k for k in range(self.num_clients) if k not in self.unseen]
+        )
+        if not scores:
+            return {}
+        if self.task is not None:
+            names = sorted({n for values in scores.values() for n in values})
+            return {
+                f"unseen/{n}_mean": float(
+                    torch.tensor([v[n] for v in scores.values() if n in v]).mean()
+                )
+                for n in names
+            }
+        return client_means(scores, "unseen")
 
     def record(self, name: str, values: Mapping[int, float]) -> None:
         """Set ``client_metrics[name][k]`` for each client ``k`` in ``values`` (a new column

@@ -81,13 +81,22 @@ def num_selected(clients_per_round: int | float, num_clients: int) -> int:
     return clients_per_round
 
 
-def select_clients(streams: SeedStreams, round: int, num_clients: int, count: int) -> list[int]:
-    """A seeded sample of ``count`` of ``num_clients`` without replacement, sorted; all when
-    ``count >= num_clients``."""
-    if count >= num_clients:
-        return list(range(num_clients))
-    perm = torch.randperm(num_clients, generator=streams.generator("engine", round))
-    return sorted(perm[:count].tolist())
+def select_clients(
+    streams: SeedStreams, round: int, clients: int | Sequence[int], count: int
+) -> list[int]:
+    """A seeded sample of ``count`` of ``clients`` (ids, or ``range(clients)`` for an int)
+    without replacement, sorted; all when ``count >= len(clients)``.
+
+    Example:
+        >>> streams = SeedStreams(0)
+        >>> select_clients(streams, 0, 4, 4), select_clients(streams, 0, [2, 5, 7], 3)
+        ([0, 1, 2, 3], [2, 5, 7])
+    """
+    pool = range(clients) if isinstance(clients, int) else list(clients)
+    if count >= len(pool):
+        return list(pool)
+    perm = torch.randperm(len(pool), generator=streams.generator("engine", round))
+    return sorted(pool[i] for i in perm[:count].tolist())
 
 
 def owned(clients: Iterable[int], rank: int, world_size: int) -> list[int]:
@@ -111,6 +120,8 @@ class ClientSchedule:
         streams: the run's seed streams (selection uses ``engine``).
         clients_per_step: clients per training step (slot).
         num_clients: returns K (known once the datamodule is set up).
+        training_clients: returns the clients selection draws from (all but the
+            datamodule's ``unseen_clients``).
         num_selected: returns the clients per round.
         rank_and_world: returns ``(rank, world_size)``.
         max_rounds: returns the Trainer's ``max_epochs`` (``None``/-1: unknown).
@@ -124,6 +135,7 @@ class ClientSchedule:
     streams: SeedStreams
     clients_per_step: int
     num_clients: Callable[[], int]
+    training_clients: Callable[[], Sequence[int]]
     num_selected: Callable[[], int]
     rank_and_world: Callable[[], tuple[int, int]]
     max_rounds: Callable[[], int | None]
@@ -133,7 +145,7 @@ class ClientSchedule:
 
     def select(self, round: int) -> list[int]:
         """``round``'s seeded selection (before callbacks' ``select_clients``)."""
-        return select_clients(self.streams, round, self.num_clients(), self.num_selected())
+        return select_clients(self.streams, round, self.training_clients(), self.num_selected())
 
     def slots_this_round(self) -> int:
         """Training steps every rank runs this round (per phase, the busiest rank's)."""

@@ -64,8 +64,10 @@ def setup_stage(fed: Any, stage: str) -> None:
             "ClientDatasets): trainer.fit(module, datamodule=dm)."
         )
     dm.setup(stage)
-    fed.config.check_clients(dm.num_clients)
+    unseen = tuple(getattr(dm, "unseen_clients", ()))
+    fed.config.check_clients(dm.num_clients, len(unseen))
     fed.num_clients = dm.num_clients
+    fed.unseen_clients = unseen
     fed.schedule.clients_per_step = fed.config.steps_clients(fed.num_selected, fed.world_size)
     if stage == "fit":
         use_atomic_checkpoints(trainer.strategy)  # a kill never half-writes one

@@ -16,7 +16,7 @@ hooks) and reduces each logged name to one value per client:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -161,8 +161,9 @@ def task_scores(ev: Any, role: str, client: int, split: str) -> tuple[dict[str, 
 
 def task_global(ev: Any) -> dict[str, float]:
     """The shared worker (holding the server model) on every client's test split:
-    ``global/<name>`` (sample-weighted over clients) and ``global/<name>_client_mean``;
-    per client in ``ev.client_metrics["global_<name>"]``."""
+    ``global/<name>`` (sample-weighted over the training clients) and
+    ``global/<name>_client_mean``; per client (unseen clients too) in
+    ``ev.client_metrics["global_<name>"]``."""
     per_client, sizes = {}, {}
     for k in range(ev.num_clients):
         if int(ev.datamodule.num_test[k]):
@@ -176,17 +177,20 @@ def task_global(ev: Any) -> dict[str, float]:
             "metrics: log what should be reported with `self.log(name, value)` in it."
         )
     metrics = {}
-    for name, value in pooled(per_client, sizes).items():
+    seen = {k: v for k, v in per_client.items() if k not in ev.unseen}
+    for name, value in pooled(seen, sizes).items():
         column = torch.full((ev.num_clients,), float("nan"))
         for k, values in per_client.items():
             column[k] = values.get(name, float("nan"))
         ev.client_metrics[f"global_{name}"] = column
         metrics[f"global/{name}"] = value
-        metrics[f"global/{name}_client_mean"] = column.nanmean().item()
+        trained = column.clone()
+        trained[sorted(ev.unseen)] = float("nan")
+        metrics[f"global/{name}_client_mean"] = trained.nanmean().item()
     return metrics
 
 
-def task_server_model_scores(ev: Any, skip: Mapping[int, Any]) -> dict[int, dict[str, float]]:
+def task_server_model_scores(ev: Any, skip: Container[int]) -> dict[int, dict[str, float]]:
     """This round's server-model values of the clients not in ``skip`` (see
     ``Evaluator.server_model_scores``)."""
     names = [n[len("global_") :] for n in ev.client_metrics if n.startswith("global_")]

@@ -173,8 +173,11 @@ def evaluate_held_models(fed: Any) -> dict[int, tuple[float, float]]:
     after local training, ``personal/*`` then covers every client of such methods."""
     state, store = fed.round_state, fed.store
     scores = {}
+    unseen = set(fed.unseen_clients)  # they hold nothing of their own: scored as unseen/*
     for client in store.owned(fed.collectives.rank, fed.world_size):
-        if client in state.personal or not fed.role_registry.holds_own_model(client):
+        if client in state.personal or client in unseen:
+            continue
+        if not fed.role_registry.holds_own_model(client):
             continue
         fed.transport.download(client)
         result = fed.evaluator.personal(client)
@@ -210,7 +213,9 @@ def end_round(fed: Any) -> None:
             metrics.update(fed.evaluator.evaluate_global(fed.server_state))
         personal = {**state.personal, **evaluate_held_models(fed)}
         if fed.aggregator.has_global_model:  # the others hold the new server model
-            personal.update(fed.evaluator.server_model_scores(skip=personal))
+            skip = {*personal, *fed.unseen_clients}
+            personal.update(fed.evaluator.server_model_scores(skip=skip))
+            metrics.update(fed.evaluator.unseen_metrics())
         metrics.update(fed.evaluator.personal_metrics(personal))
     metrics.update({k: v.item() for k, v in fed.round_logger.pop_client_logs().items()})
     metrics["round/seconds"] = time.perf_counter() - state.started

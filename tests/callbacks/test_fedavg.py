@@ -22,6 +22,7 @@ def fake_fed(samples):
     return SimpleNamespace(
         client_num_samples=torch.tensor(samples),
         num_clients=len(samples),
+        training_clients=tuple(range(len(samples))),
         collectives=Collectives(lambda: None),
     )
 
@@ -61,6 +62,9 @@ def test_over_all_counts_unselected_clients_with_the_received_model():
     assert selected["w"].item() == pytest.approx((10 * 4 + 30 * 8) / 40)
     everyone = run(FedAvg(over="all"), fed, states, server, clients=[0, 2])
     assert everyone["w"].item() == pytest.approx((10 * 4 + 30 * 8 + 20 * 1 + 40 * 1) / 100)
+    fed.training_clients = (0, 1, 2)  # client 3 is unseen: it holds no model to count
+    everyone = run(FedAvg(over="all"), fed, states, server, clients=[0, 2])
+    assert everyone["w"].item() == pytest.approx((10 * 4 + 30 * 8 + 20 * 1) / 60)
 
 
 def test_no_counted_upload_keeps_server_state():

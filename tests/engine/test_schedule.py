@@ -56,6 +56,7 @@ def test_slots_pad_every_rank_to_the_busiest():
             SeedStreams(0),
             clients_per_step=2,
             num_clients=lambda: 8,
+            training_clients=lambda: range(8),
             num_selected=lambda: len(selected),
             rank_and_world=lambda: (rank, world),
             max_rounds=lambda: None,

@@ -69,7 +69,7 @@ def test_values_are_weighted_by_batch_size_and_metrics_computed_over_all_batches
     assert again["mse"] == pytest.approx(first, rel=1e-6)  # the Metric was reset
 
 
-def _regression_clients(num_clients=3, n=40, seed=0):
+def _regression_clients(num_clients=3, n=40, seed=0, **options):
     """Per-client linear data y = w_k . x + noise, w_k near a shared w (non-IID targets)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(3, generator=g)
@@ -80,7 +80,7 @@ def _regression_clients(num_clients=3, n=40, seed=0):
         y = x @ wk + 0.1 * torch.randn(n, generator=g)
         train.append(TensorDataset(x[:30], y[:30]))
         test.append(TensorDataset(x[30:], y[30:]))
-    return ClientDatasets(train, test, batch_size=8)
+    return ClientDatasets(train, test, batch_size=8, **options)
 
 
 def test_a_regression_federation_reports_its_own_mse(trainer_factory):
@@ -108,6 +108,25 @@ def test_a_regression_federation_reports_its_own_mse(trainer_factory):
         fed.score("model", 0, "test", "r2")
     (tested,) = trainer_factory(rounds=4, callbacks=[FedAvg()]).test(fed, dm, verbose=False)
     assert tested["test/mse"] == pytest.approx(pooled_mse, rel=1e-5)
+
+
+def test_unseen_clients_in_task_mode_report_the_server_models_values(trainer_factory):
+    torch.manual_seed(0)
+    dm = _regression_clients(num_clients=4, unseen_clients=[3])
+    fed = federation(Regressor(), local_epochs=1)
+    trainer_factory(rounds=2, callbacks=[FedAvg()]).fit(fed, dm)
+    last = fed.history[-1]
+    model = Regressor()
+    model.load_state_dict(fed.server_state)
+    errors = []
+    for k in range(4):
+        x, y = dm.test_sets[k].tensors
+        with torch.no_grad():
+            errors.append(float(((model(x) - y) ** 2).mean()))
+    assert last["unseen/mse_mean"] == pytest.approx(errors[3], rel=1e-5)
+    assert last["global/mse"] == pytest.approx(sum(errors[:3]) / 3, rel=1e-5)  # equal sizes
+    assert last["global/mse_client_mean"] == pytest.approx(sum(errors[:3]) / 3, rel=1e-5)
+    assert fed.client_metrics["personal_mse"][3].isnan()
 
 
 class NoEvaluation(Regressor):
