@@ -99,3 +99,19 @@ def balanced_softmax_loss(logits: Tensor, targets: Tensor, class_counts: Tensor)
     skewed labels estimates the balanced posterior. Classes the client lacks get ``-inf``."""
     prior = class_counts.to(logits.device, logits.dtype).log()
     return F.cross_entropy(logits + prior, targets)
+
+
+def coral_loss(source: Tensor, target: Tensor) -> Tensor:
+    """Deep CORAL (Sun & Saenko, ECCV 2016 workshops; FedHealth's alignment loss): the
+    squared Frobenius distance of the two feature covariances (``torch.cov``, unbiased),
+    ``||C_s - C_t||_F^2 / (4 d^2)``, for ``[n, d]`` features of each domain (n >= 2).
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+        >>> float(coral_loss(x, x)), float(coral_loss(x, torch.zeros(2, 2)))
+        (0.0, 0.25)
+    """
+    source, target = source.flatten(1).float(), target.flatten(1).float()
+    d = source.shape[1]
+    difference = torch.cov(source.T) - torch.cov(target.T)
+    return difference.pow(2).sum() / (4 * d * d)

@@ -39,7 +39,14 @@ if TYPE_CHECKING:
 
 STREAM = "fine_tune"  # batch order and dropout of the fine-tuning steps, per round and client
 PREFIX = "finetuned"
-UNSEEN = "finetuned_unseen"  # the datamodule's clients held out of training
+FINE_TUNE_RULES = dict(
+    epochs=Int(ge=1),
+    steps=Int(ge=1, optional=True),
+    frozen=Items(Text(), min_len=0),
+    lr=Real(gt=0, optional=True),
+    at=Choice(("eval_rounds", "last_round")),
+)
+"""The fine-tuning arguments' rules (shared by the transfer evaluations built on it)."""
 
 
 def fine_tune(
@@ -114,13 +121,10 @@ class FineTuneEvaluation(FederatedCallback):
         >>> trainer = pl.Trainer(callbacks=[FineTuneEvaluation(epochs=2)])  # doctest: +SKIP
     """
 
-    @arguments(
-        epochs=Int(ge=1),
-        steps=Int(ge=1, optional=True),
-        frozen=Items(Text(), min_len=0),
-        lr=Real(gt=0, optional=True),
-        at=Choice(("eval_rounds", "last_round")),
-    )
+    prefix = PREFIX
+    """The logged names' prefix (``<prefix>/*``, ``<prefix>_unseen/*``, ``<prefix>_acc``)."""
+
+    @arguments(**FINE_TUNE_RULES)
     def __init__(
         self,
         epochs: int = 1,
@@ -137,11 +141,11 @@ class FineTuneEvaluation(FederatedCallback):
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
         fed.register_rng_stream(STREAM, 6)
         names = [n for n, _ in fed.shared_worker.named_parameters()]
-        check_prefixes("FineTuneEvaluation.frozen", self.frozen, names, "parameters")
+        where = f"{type(self).__name__}.frozen"
+        check_prefixes(where, self.frozen, names, "parameters")
         if all(matches(n, self.frozen) for n in names):
             raise ConfigError(
-                f"`FineTuneEvaluation.frozen`={list(self.frozen)} freezes every parameter: "
-                "nothing is fine-tuned."
+                f"`{where}`={list(self.frozen)} freezes every parameter: nothing is fine-tuned."
             )
 
     def tuned_copy(self, fed: FederatedModule) -> nn.Module:
@@ -154,9 +158,19 @@ class FineTuneEvaluation(FederatedCallback):
             set_trainable(self._copy, self.frozen, False)
         return self._copy
 
-    def _optimizer(
+    def prepare(self, fed: FederatedModule, client: int) -> nn.Module:
+        """The module ``client`` fine-tunes and is scored with: :meth:`tuned_copy` holding
+        the state it receives (subclasses wrap it, e.g. FedHealth's alignment layer)."""
+        module = self.tuned_copy(fed)
+        module.load_state_dict(fed.received_state(client))
+        return module
+
+    def optimizer_for(
         self, trainer: pl.Trainer, fed: FederatedModule, module: nn.Module
     ) -> torch.optim.Optimizer:
+        """A fresh optimizer of ``module``'s trainable parameters: a callback's
+        ``fine_tune_optimizer`` if one provides it, else the client's optimizer class and
+        settings (``lr`` replaced when given)."""
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         for cb in trainer.callbacks:  # an algorithm that learns how to adapt (Meta-SGD)
             provide = getattr(cb, "fine_tune_optimizer", None)
@@ -174,8 +188,7 @@ class FineTuneEvaluation(FederatedCallback):
     ) -> tuple[dict[str, float], dict[str, float]] | None:
         """``client``'s scores before and after fine-tuning the model it receives, or
         ``None`` without test data."""
-        module = self.tuned_copy(fed)
-        module.load_state_dict(fed.received_state(client))
+        module = self.prepare(fed, client)
         before = fed.evaluate_module(module, client)
         if before is None:
             return None
@@ -196,7 +209,7 @@ class FineTuneEvaluation(FederatedCallback):
             fine_tune(
                 module,
                 batches,
-                self._optimizer(trainer, fed, module),
+                self.optimizer_for(trainer, fed, module),
                 lengths,
                 generator,
                 device,
@@ -219,12 +232,14 @@ class FineTuneEvaluation(FederatedCallback):
             return
         unseen = set(fed.unseen_clients)
         seen = [k for k in after if k not in unseen]
-        for clients, prefix in ((seen, PREFIX), (sorted(unseen & set(after)), UNSEEN)):
+        unseen_prefix = f"{self.prefix}_unseen"
+        for clients, prefix in ((seen, self.prefix), (sorted(unseen & set(after)), unseen_prefix)):
             if clients:
                 chosen = {k: before[k] for k in clients}, {k: after[k] for k in clients}
                 fed.log_round(summarize(*chosen, prefix))
         for name in after[next(iter(after))]:
-            fed.record_client_metric(f"{PREFIX}_{name}", {k: v[name] for k, v in after.items()})
+            values = {k: v[name] for k, v in after.items()}
+            fed.record_client_metric(f"{self.prefix}_{name}", values)
 
 
 def summarize(
