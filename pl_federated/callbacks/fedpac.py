@@ -83,13 +83,16 @@ class FedPAC(BufferedAggregator):
     After it, the client computes :func:`feature_statistics` of its training data
     (``forward_features``, eval mode). Server: the feature extractor is the sample-weighted
     mean of the uploads; the centroids are the sample-weighted class means; each round's
-    client ``i`` receives the classifier ``sum_j a_ij phi_j`` of the uploaded classifiers
-    with :func:`classifier_weights` of :func:`combination_matrix` (per-client server
-    states; others receive the mean classifier).
+    client ``i`` gets the classifier ``sum_j a_ij phi_j`` of the uploaded classifiers with
+    :func:`classifier_weights` of :func:`combination_matrix`, kept on the server (per-client
+    server states, whose body every round refreshes to the new mean).
 
-    Shared: body (averaged), classifiers (combined per client), class statistics. Local:
-    nothing kept between rounds beyond what it receives. ``personal/*``: the model after the
-    update. ``fedpac/self_weight_mean`` is the mean ``a_ii``.
+    Every client keeps its trained model ``theta_i`` (all entries local, as the reference
+    code's clients do); when it is selected its update starts from what the server sends:
+    the current body with its own combined classifier (the mean classifier before it has
+    one). Shared: body (averaged), classifiers (combined per client), class statistics.
+    ``personal/*``: ``theta_i``, the model after its latest update.
+    ``fedpac/self_weight_mean`` is the mean ``a_ii``.
 
     Args:
         head_keys: name prefixes of the classifier.
@@ -102,6 +105,7 @@ class FedPAC(BufferedAggregator):
     """
 
     needs_tensor_data = True  # the statistics read the training split
+    uploads_local_keys = downloads_local_keys = True  # theta_i up, body + combined head down
 
     @arguments(head_keys=Items(Text()), head_epochs=Int(ge=0), lam=Real(ge=0))
     def __init__(
@@ -111,6 +115,7 @@ class FedPAC(BufferedAggregator):
         self.head_keys, self.head_epochs, self.lam = tuple(head_keys), head_epochs, float(lam)
         self.centroids: Tensor | None = None  # [C, d] (CPU), and which classes have one
         self.present: Tensor | None = None
+        self.personalized: list[int] = []  # clients that received a combined head
         self.add_round_state("statistics", {}, reduce="gather")  # client -> its statistics
 
     @override
@@ -123,9 +128,11 @@ class FedPAC(BufferedAggregator):
             )
         names = [n for n, _ in shared.named_parameters()]
         check_prefixes("FedPAC.head_keys", self.head_keys, names, "parameters")
+        fed.add_local_keys(shared.state_dict())
 
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        fed.load_state(SHARED_ROLE, fed.incoming_state(client))  # replaces its own theta_i
         if self.centroids is not None:
             self._centroids = self.centroids.to(fed.device)
             self._present = self.present.to(fed.device)
@@ -187,15 +194,25 @@ class FedPAC(BufferedAggregator):
         mean = super().aggregate(fed, server_state)
         stats = [self.statistics[c] for c in self._clients]
         heads = [k for k in self._stacked if matches(k, self.head_keys)]
-        rows = {k: v.unsqueeze(0).expand(len(stats), *v.shape).clone() for k, v in mean.items()}
+        # every client with a head of its own receives the new body and its latest head: the
+        # heads of this round's clients are recombined, the others keep theirs
+        clients = sorted(set(self.personalized) | set(self._clients))
+        rows = {k: v.unsqueeze(0).expand(len(clients), *v.shape).clone() for k, v in mean.items()}
+        for i, client in enumerate(clients):
+            if client not in self._clients:
+                own = fed.incoming_state(client)
+                for k in heads:
+                    rows[k][i] = own[k].to(rows[k])
         self_weights = []
-        for i in range(len(stats)):
+        for i, client in enumerate(self._clients):
             alpha = classifier_weights(combination_matrix(i, stats))
             self_weights.append(float(alpha[i]))
+            row = clients.index(client)
             for k in heads:
                 combined = torch.tensordot(alpha.to(self._stacked[k]), self._stacked[k], dims=1)
-                rows[k][i] = combined.to(rows[k].dtype)
-        fed.put_client_server_states(self._clients, rows, like=server_state)
+                rows[k][row] = combined.to(rows[k].dtype)
+        fed.put_client_server_states(clients, rows, like=server_state)
+        self.personalized = clients
         counts = torch.stack([s["counts"] for s in stats]).double()  # [m, C]
         sums = sum(s["means"] * s["counts"].double().unsqueeze(1) for s in stats)
         total = counts.sum(0)
@@ -205,8 +222,13 @@ class FedPAC(BufferedAggregator):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"centroids": self.centroids, "present": self.present}
+        return {
+            "centroids": self.centroids,
+            "present": self.present,
+            "personalized": self.personalized,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.centroids, self.present = state_dict["centroids"], state_dict["present"]
+        self.personalized = list(state_dict.get("personalized", []))

@@ -24,7 +24,7 @@ class Received(FederatedCallback):
         self.seen = {}
 
     def on_client_start(self, trainer, fed, client):
-        state = fed.received_state(client)
+        state = fed.incoming_state(client)  # what the server sends (theta_i stays local)
         self.seen[(fed.current_round, client)] = {k: v.clone() for k, v in state.items()}
 
 
@@ -80,6 +80,35 @@ def test_one_round_and_the_next_ones_receipt_by_hand(trainer_factory):
         for name in ("features.1.weight", "features.1.bias"):
             body = n[0] * trained[0][name].double() + n[1] * trained[1][name].double()
             torch.testing.assert_close(got[name].double(), body, rtol=1e-5, atol=1e-6)
+
+
+def test_a_client_keeps_its_trained_model_and_starts_from_what_the_server_sends(
+    trainer_factory,
+):
+    fed = FederatedModule(_client(), local_epochs=1, clients_per_round=0.5)
+    spy, received, servers = Spy(), Received(), ServerStates()
+    dm = two_iid_clients()
+    trainer_factory(rounds=4, callbacks=[FedPAC(), spy, received, servers]).fit(fed, dm)
+    chosen = [fed.select_clients(r)[0] for r in range(4)]
+    for client in set(chosen):
+        kept = fed.store.get("local", client)
+        for name, value in spy.after[client].items():
+            torch.testing.assert_close(kept[name], value)  # theta_i, what personal/* scores
+    # from round 1 on, whoever trains starts from the latest mean body (never a stale one)
+    # and a classifier combined for it in an earlier round (not the mean classifier)
+    for r in range(1, 4):
+        sent = received.seen[(r, chosen[r])]
+        for name in ("features.1.weight", "features.1.bias"):
+            torch.testing.assert_close(sent[name], servers.states[r - 1][name])
+    assert len(set(chosen)) == 2
+
+
+class ServerStates(FederatedCallback):
+    def __init__(self):
+        self.states = []
+
+    def on_round_end(self, trainer, fed, server_round):
+        self.states.append({k: v.clone() for k, v in fed.server_state.items()})
 
 
 def test_classifier_weights_on_the_simplex():
