@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import statistics
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -82,3 +86,45 @@ def stat(values: list[float]) -> str:
     if len(kept) == 1:
         return f"{kept[0]:.3f}{note}"
     return f"{statistics.mean(kept):.3f} ± {statistics.stdev(kept):.3f}{note}"
+
+
+def experiment_parser(
+    doc: str, settings: Iterable[str], rows: str, choices: Iterable[str], out: str
+) -> argparse.ArgumentParser:
+    """The command line of a table script: ``--settings``, ``--<rows>``, ``--seeds`` and
+    ``--out`` (default ``outputs/<out>``); add more, then :func:`parse_experiment_args`."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    settings, choices = list(settings), list(choices)
+    parser.add_argument("--settings", nargs="+", default=settings, choices=settings)
+    parser.add_argument(f"--{rows}", nargs="+", default=choices, choices=choices)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / out)
+    return parser
+
+
+def parse_experiment_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, check for the shared data, silence Lightning's chatter, make the out folder."""
+    args = parser.parse_args()
+    if not (DATA / "mnist_test10k.npz").is_file():
+        raise SystemExit(f"{DATA} lacks mnist_test10k.npz/usps.npz (see docs/experiments.md).")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def experiment_args(
+    doc: str, settings: Iterable[str], rows: str, choices: Iterable[str], out: str
+) -> argparse.Namespace:
+    """:func:`experiment_parser`'s arguments, parsed by :func:`parse_experiment_args`."""
+    return parse_experiment_args(experiment_parser(doc, settings, rows, choices, out))
+
+
+def write_table(out: Path, setting: str, seeds: list[int], lines: list[str]) -> str:
+    """Save a setting's markdown table as ``out/<setting>.md``, print it and return it."""
+    table = f"### {setting} (seeds {seeds})\n\n" + "\n".join(lines)
+    (out / f"{setting}.md").write_text(table + "\n")
+    print(table)
+    return table

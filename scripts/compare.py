@@ -18,15 +18,12 @@ over the rounds and seeds.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import logging
 import statistics
 import time
-import warnings
 from pathlib import Path
 
-from common import DATA, cnn, digit_domains, fit, stat
+from common import DATA, cnn, digit_domains, experiment_args, fit, stat, write_table
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import (
@@ -203,19 +200,7 @@ def run(setting: str, method: str, seed: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare")
-    args = parser.parse_args()
-    if not (DATA / "mnist_test10k.npz").is_file():
-        raise SystemExit(f"{DATA} lacks mnist_test10k.npz/usps.npz (see docs/experiments.md).")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = experiment_args(__doc__, SETTINGS, "methods", METHODS, "compare")
     for setting in args.settings:
         lines = [
             "| method | personal macro-F1 | personal acc | worst client acc | global acc | "
@@ -236,9 +221,7 @@ def main() -> None:
                 f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
             )
             print(lines[-1], flush=True)
-        table = f"### {setting} (seeds {args.seeds})\n\n" + "\n".join(lines)
-        (args.out / f"{setting}.md").write_text(table + "\n")
-        print(table)
+        write_table(args.out, setting, args.seeds, lines)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,18 @@ setting: one client per domain, each domain in turn the unlabeled target; KD3A a
 
 from __future__ import annotations
 
-import argparse
-import logging
 import statistics
 import time
-import warnings
-from pathlib import Path
 
-from common import DATA, ROOT, cnn, digit_domains, fit, stat  # noqa: E402  (this folder)
+from common import (  # noqa: E402  (this folder)
+    DATA,
+    cnn,
+    digit_domains,
+    experiment_parser,
+    fit,
+    parse_experiment_args,
+    stat,
+)
 
 from pl_federated import FederatedDataModule, FederatedModule
 from pl_federated.callbacks import (
@@ -125,24 +129,12 @@ def run_kd3a(target_domain: int, method: str, seed: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--settings", nargs="+", default=[*SETTINGS, "kd3a"], choices=[*SETTINGS, "kd3a"]
-    )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    settings = [*SETTINGS, "kd3a"]
+    parser = experiment_parser(__doc__, settings, "methods", METHODS, "kd_comparison")
     parser.add_argument(
         "--targets", nargs="+", type=int, default=[0, 1, 2], help="kd3a: target domains"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "kd_comparison")
-    args = parser.parse_args()
-    if not (DATA / "mnist_test10k.npz").is_file():
-        raise SystemExit(f"{DATA} lacks mnist_test10k.npz/usps.npz (see docs/experiments.md).")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse_experiment_args(parser)
     tables = []
     for setting in args.settings:
         if setting == "kd3a":

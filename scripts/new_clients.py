@@ -20,19 +20,13 @@ is evaluation only, tested bit-identical), so the rows differ only in how a clie
 
 from __future__ import annotations
 
-import argparse
-import logging
-import warnings
-from pathlib import Path
-
-from common import DATA, cnn, digit_domains, fit, stat
+from common import DATA, cnn, digit_domains, experiment_args, fit, stat, write_table
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedAvg, FedHealth, FineTuneEvaluation
 from pl_federated.data import Dirichlet
 from pl_federated.models import MLPClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "received": ("as received (server model)", lambda: [], "unseen"),
     "ft_all": ("fine-tune all layers", lambda: [FineTuneEvaluation(epochs=1)], "finetuned"),
@@ -99,19 +93,7 @@ def run(setting: str, variant: str, seed: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "new_clients")
-    args = parser.parse_args()
-    if not (DATA / "mnist_test10k.npz").is_file():
-        raise SystemExit(f"{DATA} lacks mnist_test10k.npz/usps.npz (see docs/experiments.md).")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = experiment_args(__doc__, SETTINGS, "variants", VARIANTS, "new_clients")
     for setting in args.settings:
         lines = [
             "| adaptation | training clients acc | new clients acc | new clients macro-F1 | "
@@ -126,9 +108,7 @@ def main() -> None:
                 f"{stat([r['worst'] for r in rs])} |"
             )
             print(lines[-1], flush=True)
-        table = f"### {setting} (seeds {args.seeds})\n\n" + "\n".join(lines)
-        (args.out / f"{setting}.md").write_text(table + "\n")
-        print(table)
+        write_table(args.out, setting, args.seeds, lines)
 
 
 if __name__ == "__main__":
