@@ -43,6 +43,7 @@ HOOKS = (
     Hook("transform_upload", "client", False),
     Hook("on_phase_end", "round", False),
     Hook("on_round_end", "round", False),
+    Hook("held_model", "client", False),
 )
 """The federated hooks in call order: the one table the engine's dispatch, the vectorized
 path's check and the docs derive from."""
@@ -81,6 +82,8 @@ class FederatedCallback(Callback):
         on_phase_end(trainer, fed, server_round, phase) # between phases, on every rank
         aggregate  (the one Aggregator only)
         on_round_end(trainer, fed, server_round)      # after aggregation, before evaluation
+        at an evaluation round, for each client k not trained this round:
+            held_model(fed, k)                        # may give the model k is scored with
 
     The order is :data:`HOOKS`; declared round state (:meth:`add_round_state`) is reset before
     ``select_clients`` and merged across ranks before ``aggregate``.
@@ -243,3 +246,11 @@ class FederatedCallback(Callback):
 
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         """Aggregation is done; ``fed.server_state`` holds the new server state."""
+
+    def held_model(self, fed: FederatedModule, client: int) -> Mapping[str, Tensor] | None:
+        """At an evaluation round, the shared model's state that ``client``, not trained this
+        round, holds and is scored with (``personal/*``), e.g. FedALA's blend of the new
+        server model with its own higher layers; ``None`` for the engine's default (its
+        personal role or local keys, else the new server model). Not for unseen clients;
+        the last callback that returns a state decides."""
+        return None

@@ -62,7 +62,8 @@ class FedALA(FederatedCallback):
 
     Shared: the whole model (pair with FedAvg, as in the paper). Local: the higher layers'
     last values and ``W`` (store role ``fedala``). ``personal/*``: the model after the local
-    update, which started from the blend.
+    update, which started from the blend; a client not trained this round is scored with
+    what it would start from (:meth:`held_model`: the blend with its stored ``W``).
 
     Args:
         adapt_keys: name prefixes of the higher layers (the paper's top ``p`` layers).
@@ -190,6 +191,20 @@ class FedALA(FederatedCallback):
         kept["learned"] = torch.tensor(float(learned))
         fed.store.put(ROLE, client, kept)
         self._weights = {}
+
+    @override
+    def held_model(self, fed: FederatedModule, client: int) -> dict[str, Tensor] | None:
+        """What a client not trained this round starts its next update from, without the
+        weight learning: the new server model with each higher layer blended by its stored
+        ``W`` (none kept yet: ``None``, the server model)."""
+        if not fed.store.has(ROLE, client):
+            return None
+        stored = fed.store.get(ROLE, client)
+        held = {n: t.clone() for n, t in fed.incoming_state(client).items()}
+        for n in self._names:
+            local, weight = stored[f"local.{n}"], stored[f"weight.{n}"]
+            held[n] = blend(local.to(held[n]), held[n], weight.to(held[n]))
+        return held
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:

@@ -168,18 +168,27 @@ def aggregate(fed: Any) -> None:
 
 def evaluate_held_models(fed: Any) -> dict[int, tuple[float, float]]:
     """At an evaluation round, ``(acc, f1)`` of the model every client not scored this round
-    holds (each rank its own clients, gathered): its stored personal role, or the new server
-    model with its own local keys, as it would start its next round. With the clients scored
+    holds (each rank its own clients, gathered): what a ``held_model`` callback gives, its
+    stored personal role, or the new server model with its own local keys, as it would
+    start its next round. With the clients scored
     after local training, ``personal/*`` then covers every client of such methods."""
-    state, store = fed.round_state, fed.store
+    state, store, dispatch = fed.round_state, fed.store, fed.dispatch
     scores = {}
     unseen = set(fed.unseen_clients)  # they hold nothing of their own: scored as unseen/*
+    holders = dispatch.implementing("held_model")
     for client in store.owned(fed.collectives.rank, fed.world_size):
         if client in state.personal or client in unseen:
             continue
-        if not fed.role_registry.holds_own_model(client):
+        held = None
+        for cb in holders:
+            with dispatch.profile(cb, "held_model"):
+                chosen = cb.held_model(fed, client)
+            held = held if chosen is None else chosen
+        if held is None and not fed.role_registry.holds_own_model(client):
             continue
         fed.transport.download(client)
+        if held is not None:
+            fed.role_registry.load(SHARED_ROLE, held)
         result = fed.evaluator.personal(client)
         if result is not None:
             scores[client] = result

@@ -115,3 +115,51 @@ def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
 def test_an_adapt_key_that_matches_nothing_is_refused(trainer_factory):
     with pytest.raises(ConfigError, match=r"`FedALA.adapt_keys` entry 'classifier'"):
         trainer_factory(callbacks=[FedALA(adapt_keys=["classifier"])]).fit(federation(), _data())
+
+
+def test_a_client_not_trained_this_round_is_scored_with_its_blend(trainer_factory):
+    """Half participation: the client that did not train in the last round is scored with
+    the new server model whose head is blended with its own stored head and W."""
+    fed = federation(_client(), local_steps=2, clients_per_round=0.5)
+    trainer_factory(rounds=4, callbacks=[FedAvg(), FedALA(eta=ETA)]).fit(fed, _data())
+    (trained,) = fed.select_clients(3)  # the idle one trained twice: its W is learned
+    idle = 1 - trained
+    stored = fed.store.get("fedala", idle)
+    held = {k: v.clone() for k, v in fed.server_state.items()}
+    for n in HEAD:
+        local, w = stored[f"local.{n}"], stored[f"weight.{n}"]
+        held[n] = local + (held[n] - local) * w
+    model = _client()
+    model.load_state_dict(held)
+    xt, yt = fed.datamodule.client_test(idle)
+    with torch.no_grad():
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+    assert float(fed.client_metrics["personal_acc"][idle]) == pytest.approx(acc, abs=1e-6)
+    assert not torch.equal(held["head.weight"], fed.server_state["head.weight"])
+
+
+class FixedHeld(FederatedCallback):
+    """Scores every idle client with the initial model (the held_model hook)."""
+
+    def __init__(self, state):
+        self.state, self.asked = state, []
+
+    def held_model(self, fed, client):
+        self.asked.append((fed.current_round, client))
+        return self.state
+
+
+def test_held_model_decides_what_an_idle_client_is_scored_with(trainer_factory):
+    start = _client()
+    initial = {k: v.clone() for k, v in start.state_dict().items()}
+    fed = federation(start, local_steps=1, clients_per_round=0.5)
+    hook = FixedHeld(initial)
+    trainer_factory(rounds=2, callbacks=[FedAvg(), hook]).fit(fed, _data())
+    (trained,) = fed.select_clients(1)
+    idle = [(r, 1 - fed.select_clients(r)[0]) for r in range(2)]
+    assert hook.asked == idle  # every evaluation round, the idle client
+    model = _client()
+    xt, yt = fed.datamodule.client_test(1 - trained)
+    with torch.no_grad():
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+    assert float(fed.client_metrics["personal_acc"][1 - trained]) == pytest.approx(acc, abs=1e-6)
