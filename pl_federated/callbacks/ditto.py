@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from pl_federated.callbacks.fedprox import _ProximalToReceived
+from pl_federated.callbacks.fedprox import ProximalToReceived
 from pl_federated.validation import Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 
-class Ditto(_ProximalToReceived):
+class Ditto(ProximalToReceived):
     """Adds a ``personal`` role next to the shared (global) model. Both train on the same
     batches; the personal model's loss gains ``(lam / 2) * ||v - w_received||^2``, where
     ``w_received`` is the global model the client received this round. The shared model is

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from pl_federated.callbacks.fedprox import ProximalTerm
 from pl_federated.callbacks.robust import BufferedAggregator
-from pl_federated.losses import proximal_term
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import ConfigError, Real, arguments
 
@@ -66,6 +66,7 @@ class FedAMP(BufferedAggregator):
     def __init__(self, alpha_k: float = 1.0, sigma: float = 25.0, lam: float = 0.1) -> None:
         super().__init__()
         self.alpha_k, self.sigma, self.lam = float(alpha_k), float(sigma), float(lam)
+        self.term = ProximalTerm(self.lam / self.alpha_k)  # toward the cloud model u_i
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
@@ -83,10 +84,8 @@ class FedAMP(BufferedAggregator):
 
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        cloud = fed.incoming_state(client)  # u_i (the initial model before any round)
-        named = dict(fed.shared_worker.named_parameters())
-        self._params = [p for n, p in named.items() if p.requires_grad]
-        self._anchor = [cloud[n].to(fed.device) for n, p in named.items() if p.requires_grad]
+        # u_i (the initial model before any round)
+        self.term.start(fed.shared_worker, fed.incoming_state(client))
 
     @override
     def client_loss(
@@ -97,9 +96,7 @@ class FedAMP(BufferedAggregator):
         batch: Any,
         outputs: dict[str, Mapping[str, Any]],
     ) -> Tensor | None:
-        if role != SHARED_ROLE or self.lam == 0:
-            return None
-        return proximal_term(self._params, self._anchor, self.lam / self.alpha_k)
+        return self.term.loss() if role == SHARED_ROLE else None
 
     @override
     def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -117,5 +114,5 @@ class FedAMP(BufferedAggregator):
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         mean = super().aggregate(fed, server_state)
-        fed.put_client_server_states(self._clients, self._cloud, like=server_state)
+        fed.put_client_server_states(self.upload_order, self._cloud, like=server_state)
         return mean, {"fedamp/self_weight_mean": self._self_weight}

@@ -175,7 +175,7 @@ class FedFomo(BufferedAggregator):
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         mean = super().aggregate(fed, server_state)
         self.pool = {
-            c: {k: v.cpu().clone() for k, v in self.uploads[c].items()} for c in self._clients
+            c: {k: v.cpu().clone() for k, v in self.uploads[c].items()} for c in self.upload_order
         }
         return mean, {}
 

@@ -180,7 +180,7 @@ class FedPAC(BufferedAggregator):
     @override
     def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
         weights = torch.tensor(
-            [float(self.statistics[c]["counts"].sum()) for c in self._clients]
+            [float(self.statistics[c]["counts"].sum()) for c in self.upload_order]
         ).to(next(iter(stacked.values())))
         weights = weights / weights.sum()
         self._stacked = stacked
@@ -192,19 +192,19 @@ class FedPAC(BufferedAggregator):
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         mean = super().aggregate(fed, server_state)
-        stats = [self.statistics[c] for c in self._clients]
+        stats = [self.statistics[c] for c in self.upload_order]
         heads = [k for k in self._stacked if matches(k, self.head_keys)]
         # every client with a head of its own receives the new body and its latest head: the
         # heads of this round's clients are recombined, the others keep theirs
-        clients = sorted(set(self.personalized) | set(self._clients))
+        clients = sorted(set(self.personalized) | set(self.upload_order))
         rows = {k: v.unsqueeze(0).expand(len(clients), *v.shape).clone() for k, v in mean.items()}
         for i, client in enumerate(clients):
-            if client not in self._clients:
+            if client not in self.upload_order:
                 own = fed.incoming_state(client)
                 for k in heads:
                     rows[k][i] = own[k].to(rows[k])
         self_weights = []
-        for i, client in enumerate(self._clients):
+        for i, client in enumerate(self.upload_order):
             alpha = classifier_weights(combination_matrix(i, stats))
             self_weights.append(float(alpha[i]))
             row = clients.index(client)

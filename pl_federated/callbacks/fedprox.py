@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
@@ -18,7 +18,28 @@ if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 
-class _ProximalToReceived(FederatedCallback):
+class ProximalTerm:
+    """``(weight / 2) * ||w - anchor||^2`` over a module's trainable parameters during one
+    client update: :meth:`start` takes the parameters and snapshots the anchor entries of
+    the same names, :meth:`loss` is the term (``None`` for weight 0). FedProx and Ditto
+    anchor at the received model, FedAMP at the client's cloud model."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = float(weight)
+        self.params: list[Tensor] = []
+        self.anchor: list[Tensor] = []
+
+    def start(self, module: nn.Module, anchor: Mapping[str, Tensor]) -> None:
+        """Anchor ``module``'s trainable parameters at ``anchor``'s values (copied)."""
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.anchor = [anchor[n].detach().to(p.device).clone() for n, p in named]
+
+    def loss(self) -> Tensor | None:
+        return None if self.weight == 0 else proximal_term(self.params, self.anchor, self.weight)
+
+
+class ProximalToReceived(FederatedCallback):
     """Adds ``(weight / 2) * ||w_role - w_received||^2`` to ``role``'s loss, where
     ``w_received`` is the shared model as the client received it this round (snapshotted when
     its update starts). Shared by FedProx (role: the shared model) and Ditto (role: personal)."""
@@ -28,13 +49,11 @@ class _ProximalToReceived(FederatedCallback):
 
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
+        self.term = ProximalTerm(weight)
 
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        self._params = [p for p in fed.workers[self.role].parameters() if p.requires_grad]
-        self._anchor = [
-            p.detach().clone() for p in fed.shared_worker.parameters() if p.requires_grad
-        ]
+        self.term.start(fed.workers[self.role], dict(fed.shared_worker.named_parameters()))
 
     @override
     def client_loss(
@@ -45,12 +64,10 @@ class _ProximalToReceived(FederatedCallback):
         batch: Any,
         outputs: dict[str, Mapping[str, Any]],
     ) -> Tensor | None:
-        if role != self.role or self.weight == 0:
-            return None
-        return proximal_term(self._params, self._anchor, self.weight)
+        return self.term.loss() if role == self.role else None
 
 
-class FedProx(_ProximalToReceived):
+class FedProx(ProximalToReceived):
     """Adds ``(mu / 2) * ||w - w_received||^2`` to the shared role's local loss.
 
     ``w_received`` is the model the client received this round, so the term's gradient is

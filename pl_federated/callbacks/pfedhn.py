@@ -197,14 +197,14 @@ class PFedHN(BufferedAggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        super().aggregate(fed, server_state)  # orders this round's uploads (self._clients)
+        super().aggregate(fed, server_state)  # orders this round's uploads (self.upload_order)
         hn, device = self.hypernetwork, fed.device
-        known = [c for c in self._clients if c not in self.new_clients]
-        new = [c for c in self._clients if c in self.new_clients]
+        known = [c for c in self.upload_order if c not in self.new_clients]
+        new = [c for c in self.upload_order if c in self.new_clients]
         self.hn_optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         distance = torch.zeros((), device=device, dtype=torch.float64)
-        count = len(self._clients)
+        count = len(self.upload_order)
         for group, embedding_only in ((known, False), (new, True)):
             if not group:
                 continue

@@ -28,7 +28,8 @@ class BufferedAggregator(Aggregator):
 
     def __init__(self) -> None:
         self.add_round_state("uploads", {}, reduce="gather")  # client -> its upload
-        self._clients: list[int] = []  # the clients of the last aggregation, in order
+        self.upload_order: list[int] = []
+        """The clients of the last aggregation, in the order their uploads were stacked."""
 
     @override
     def reset(self, fed: FederatedModule) -> None:
@@ -50,8 +51,8 @@ class BufferedAggregator(Aggregator):
         # the order one process trains them in (the selection order) on any number of ranks,
         # so order-sensitive rules (Krum's ties, integer entries) match
         order = {c: i for i, c in enumerate(fed.selected_clients)}
-        self._clients = sorted(self.uploads, key=lambda c: order.get(c, len(order)))
-        uploads = [self.uploads[c] for c in self._clients]
+        self.upload_order = sorted(self.uploads, key=lambda c: order.get(c, len(order)))
+        uploads = [self.uploads[c] for c in self.upload_order]
         if fed.world_size > 1:  # merged round state arrives on the CPU
             uploads = [{k: t.to(fed.device) for k, t in u.items()} for u in uploads]
         floats = [k for k, t in server_state.items() if t.is_floating_point()]
@@ -158,9 +159,9 @@ class Krum(BufferedAggregator):
     @override
     def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
         if self._fell_back:
-            self.selected = list(self._clients)
+            self.selected = list(self.upload_order)
             return {k: coordinate_median(x) for k, x in stacked.items()}
         flat = torch.cat([x.flatten(1) for x in stacked.values()], dim=1)
         idx = krum_select(flat, self.f, min(self.m, flat.shape[0]))
-        self.selected = [self._clients[i] for i in idx.tolist()]
+        self.selected = [self.upload_order[i] for i in idx.tolist()]
         return {k: x[idx].mean(dim=0) for k, x in stacked.items()}

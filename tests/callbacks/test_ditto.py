@@ -26,10 +26,10 @@ def test_ditto_personal_model_is_pulled_toward_the_received_global(trainer_facto
     # the regularizer's gradient is exactly lam * (v - w_received)
     ditto = Ditto(lam=0.7)
     ditto.on_client_start(None, fed, 0)
-    for p in ditto._params:
+    for p in ditto.term.params:
         p.grad = None
     term = ditto.client_loss(fed, 0, "personal", None, {})
     term.backward()
-    for p, w in zip(ditto._params, ditto._anchor, strict=True):
+    for p, w in zip(ditto.term.params, ditto.term.anchor, strict=True):
         torch.testing.assert_close(p.grad, 0.7 * (p.detach() - w), rtol=1e-5, atol=1e-7)
     assert ditto.client_loss(fed, 0, "model", None, {}) is None
