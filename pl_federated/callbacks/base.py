@@ -117,6 +117,10 @@ class FederatedCallback(Callback):
 
     supports_distributed: bool = False
     needs_tensor_data: bool = False
+    encodes_upload: bool = False
+    """Its ``transform_upload`` returns the decoded upload and records the encoded payload's
+    bytes itself (``fed.record_upload``), so the engine does not count the dense upload
+    (compression: :class:`~pl_federated.callbacks.TopK`, :class:`~pl_federated.callbacks.QSGD`)."""
 
     def add_round_state(self, name: str, default: Any, reduce: str = "sum") -> None:
         """Declare a per-round accumulator ``self.<name>``: the engine resets it to a copy of

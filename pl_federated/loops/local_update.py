@@ -240,17 +240,20 @@ def finish_client(
     fed.dispatch.call("on_client_end", fed.trainer, fed, client)
     fed.transport.keep(client)
     upload = fed.role_registry.state(SHARED_ROLE) if upload is None else upload
+    encoded = False  # the last transform encoded it and counted its bytes itself
     for cb in fed.dispatch.implementing("transform_upload"):
         with fed.dispatch.profile(cb, "transform_upload"):
             replaced = cb.transform_upload(fed, client, upload)
         if replaced is not None:
             upload, finite = replaced, None  # check what is actually uploaded
+            encoded = cb.encodes_upload
     if all_finite(upload.values()) if finite is None else finite:
         n, steps = int(fed.client_num_samples[client]), state.local_steps.get(client, 0)
         with fed.dispatch.profile(fed.aggregator, "update"):
             fed.aggregator.update(fed, Upload(client, upload, n, steps))
         state.uploads += 1
-        count_upload(fed, upload)
+        if not encoded:
+            count_upload(fed, upload)
     else:
         state.excluded.append(client)
         warnings.warn(
