@@ -95,6 +95,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("fedfomo", marks=pytest.mark.slow),
         pytest.param("meta_sgd", marks=pytest.mark.slow),
         pytest.param("fedpac", marks=pytest.mark.slow),  # gathered statistics, as fedmd
+        pytest.param("pfedhn", marks=pytest.mark.slow),  # the hypernetwork, as fedamp
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
@@ -124,6 +125,7 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         "meta_sgd",
         "fedfomo",
         "fedpac",
+        "pfedhn",
     ):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
     if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks

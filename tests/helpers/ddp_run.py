@@ -42,6 +42,7 @@ from pl_federated.callbacks import (
     Median,
     ModelPoisoning,
     MutualLearning,
+    PFedHN,
     ProgressiveFourierAggregation,
     RetrogressMonitor,
 )
@@ -54,6 +55,11 @@ class Unverified(FederatedCallback):
 
     def on_client_end(self, trainer, fed, client):
         self.last = client
+
+
+def hypernetwork_embeddings(cb):
+    hypernetwork = getattr(cb, "hypernetwork", None)
+    return None if hypernetwork is None else hypernetwork.embeddings.weight.detach().clone()
 
 
 def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
@@ -101,6 +107,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fedpac":  # combined classifiers and centroids from both ranks' statistics
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedPAC()], dict(local_epochs=2)
+    if algo == "pfedhn":  # the hypernetwork and its optimizer, stepped from gathered uploads
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [PFedHN(embedding_dim=8, hidden=16, server_lr=0.05)], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -196,6 +205,7 @@ def run(
                     getattr(cb, "rates", None),  # FedMeta's Meta-SGD rates
                     getattr(cb, "affinity", None),  # FedFomo's affinities
                     getattr(cb, "centroids", None),  # FedPAC's class centroids
+                    hypernetwork_embeddings(cb),  # pFedHN's client embeddings
                 )
                 if t is not None
             ],
