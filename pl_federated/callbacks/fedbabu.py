@@ -11,14 +11,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.fedavg import FedAvg
-from pl_federated.callbacks.layers import check_prefixes, matches, set_trainable
+from pl_federated.callbacks.layers import ThawsAfterUpdate, check_prefixes, matches, set_trainable
 from pl_federated.validation import Items, Text, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 
-class FedBABU(FedAvg):
+class FedBABU(ThawsAfterUpdate, FedAvg):
     """FedAvg in which the head (state entries under ``head_keys``) is never trained: every
     client's head is frozen (``requires_grad=False`` during its update) at the common random
     initialization, and the server keeps exactly that head, so the body learns features for a
@@ -55,16 +55,6 @@ class FedBABU(FedAvg):
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         set_trainable(fed.shared_worker, self.head_keys, False)
-
-    @override
-    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        set_trainable(fed.shared_worker, None, True)
-
-    @override
-    def on_client_failed(
-        self, trainer: pl.Trainer, fed: FederatedModule, client: int, roles: list[str]
-    ) -> None:
-        self.on_client_end(trainer, fed, client)
 
     @override
     def aggregate(

@@ -15,7 +15,7 @@ from scipy.optimize import minimize
 from torch import Tensor
 from typing_extensions import override
 
-from pl_federated.callbacks.layers import check_prefixes, matches, set_trainable
+from pl_federated.callbacks.layers import ThawsAfterUpdate, check_prefixes, matches
 from pl_federated.callbacks.robust import BufferedAggregator
 from pl_federated.callbacks.step_outputs import batch_labels, step_output
 from pl_federated.losses import prototype_regularizer
@@ -75,7 +75,7 @@ def classifier_weights(p: Tensor, tolerance: float = 1e-3) -> Tensor:
     return alpha / alpha.sum()
 
 
-class FedPAC(BufferedAggregator):
+class FedPAC(ThawsAfterUpdate, BufferedAggregator):
     """Local update: ``head_epochs`` local epochs train only the classifier (``head_keys``;
     the body frozen), the rest only the feature extractor on its own loss plus
     ``lam * MSE(f(x), c_y)`` toward the global class centroids ``c`` (the shared
@@ -164,18 +164,12 @@ class FedPAC(BufferedAggregator):
     @override
     @torch.no_grad()
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        set_trainable(fed.shared_worker, None, True)
+        super().on_client_end(trainer, fed, client)  # unfreeze
         x, y = fed.datamodule.client_train(client)
         worker = fed.shared_worker
         features = fed.forward_batched(worker, x, worker.forward_features).cpu()
         self.statistics[client] = feature_statistics(features, y.cpu(), fed.num_classes)
         fed.record_upload(self.statistics[client])
-
-    @override
-    def on_client_failed(
-        self, trainer: pl.Trainer, fed: FederatedModule, client: int, roles: list[str]
-    ) -> None:
-        set_trainable(fed.shared_worker, None, True)
 
     @override
     def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:

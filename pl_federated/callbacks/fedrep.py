@@ -10,14 +10,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from pl_federated.callbacks.fedper import FedPer
-from pl_federated.callbacks.layers import matches, set_trainable
+from pl_federated.callbacks.layers import ThawsAfterUpdate, matches
 from pl_federated.validation import Int, Items, Text, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 
-class FedRep(FedPer):
+class FedRep(ThawsAfterUpdate, FedPer):
     """FedPer's split (personal ``personal_keys`` layers, averaged body), trained in two
     phases per local update: the first ``head_epochs`` local epochs update only the head (body
     frozen), the remaining ``local_epochs - head_epochs`` only the body (head frozen). Freezing
@@ -57,13 +57,3 @@ class FedRep(FedPer):
         head_phase = epoch < self.head_epochs
         for name, p in fed.shared_worker.named_parameters():
             p.requires_grad_(matches(name, self.personal_keys) == head_phase)
-
-    @override
-    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        set_trainable(fed.shared_worker, None, True)
-
-    @override
-    def on_client_failed(
-        self, trainer: pl.Trainer, fed: FederatedModule, client: int, roles: list[str]
-    ) -> None:
-        self.on_client_end(trainer, fed, client)  # unfreeze the whole model again

@@ -4,10 +4,16 @@ one rule FedPer, LG-FedAvg, FedRep, FedBABU and fine-tuning share."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
+import lightning.pytorch as pl
 from torch import nn
 
+from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import ConfigError
+
+if TYPE_CHECKING:
+    from pl_federated.module import FederatedModule
 
 
 def matches(name: str, prefixes: Iterable[str]) -> bool:
@@ -42,3 +48,21 @@ def set_trainable(module: nn.Module, prefixes: Iterable[str] | None, trainable: 
     for name, p in module.named_parameters():
         if prefixes is None or matches(name, prefixes):
             p.requires_grad_(trainable)
+
+
+class ThawsAfterUpdate:
+    """Mixin (listed before the callback's base) for callbacks that freeze layers of a worker
+    during a client's update (FedRep, FedBABU, FedPAC, pFedMe): every parameter of
+    ``thawed_role`` is trainable again when the update ends or fails, so evaluation, other
+    callbacks and the next client see the whole model. A subclass with more to do at the
+    end calls ``super().on_client_end(...)``."""
+
+    thawed_role: str = SHARED_ROLE
+
+    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
+        set_trainable(fed.workers[self.thawed_role], None, True)
+
+    def on_client_failed(
+        self, trainer: pl.Trainer, fed: FederatedModule, client: int, roles: list[str]
+    ) -> None:
+        set_trainable(fed.workers[self.thawed_role], None, True)

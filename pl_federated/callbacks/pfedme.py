@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.fedavg import FedAvg
-from pl_federated.callbacks.layers import set_trainable
+from pl_federated.callbacks.layers import ThawsAfterUpdate, set_trainable
 from pl_federated.callbacks.step_outputs import as_output
 from pl_federated.losses import proximal_term
 from pl_federated.store import SHARED_ROLE
@@ -35,7 +35,7 @@ def beta_mix(previous: Tensor, average: Tensor, beta: float) -> Tensor:
     return (1 - beta) * previous + beta * average
 
 
-class PFedMe(FedAvg):
+class PFedMe(ThawsAfterUpdate, FedAvg):
     """On every batch ``D`` of a local update the personalized model ``theta`` (role
     ``personal``, set to the received model when the update starts) takes ``inner_steps``
     SGD steps (lr ``personal_lr``) on ``f(theta; D) + (lam / 2) ||theta - w||^2``, then the
@@ -56,6 +56,8 @@ class PFedMe(FedAvg):
         beta: the server's mixing weight (1 = FedAvg of the ``w_i``; the paper also uses 2).
         over, weighting: as :class:`FedAvg`.
     """
+
+    thawed_role = PERSONAL  # theta is frozen for the engine's step, trained inside
 
     @arguments(lam=Real(gt=0), personal_lr=Real(gt=0), inner_steps=Int(ge=1), beta=Real(gt=0))
     def __init__(
@@ -109,16 +111,6 @@ class PFedMe(FedAvg):
         self.solve_personal(fed, batch)
         targets = [p.detach() for p in self._theta]
         return proximal_term(self._w, targets, self.lam)
-
-    @override
-    def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        set_trainable(fed.workers[PERSONAL], None, True)
-
-    @override
-    def on_client_failed(
-        self, trainer: pl.Trainer, fed: FederatedModule, client: int, roles: list[str]
-    ) -> None:
-        self.on_client_end(trainer, fed, client)
 
     @override
     @torch.no_grad()
