@@ -96,6 +96,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("meta_sgd", marks=pytest.mark.slow),
         pytest.param("fedpac", marks=pytest.mark.slow),  # gathered statistics, as fedmd
         pytest.param("pfedhn", marks=pytest.mark.slow),  # the hypernetwork, as fedamp
+        pytest.param("dp_fedavg", marks=pytest.mark.slow),  # clipped sums, as scaffold
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
@@ -126,6 +127,7 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         "fedfomo",
         "fedpac",
         "pfedhn",
+        "dp_fedavg",
     ):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
     if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks

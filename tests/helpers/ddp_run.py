@@ -24,6 +24,7 @@ from pl_federated.callbacks import (
     SCAFFOLD,
     ConjointPrototypeAlignment,
     DeputyEnhancedTransfer,
+    DPFedAvg,
     FedAdam,
     FedAMP,
     FedAvg,
@@ -60,6 +61,10 @@ class Unverified(FederatedCallback):
 def hypernetwork_embeddings(cb):
     hypernetwork = getattr(cb, "hypernetwork", None)
     return None if hypernetwork is None else hypernetwork.embeddings.weight.detach().clone()
+
+
+def dp_clip_norm(cb):
+    return torch.tensor(cb.clip_norm) if isinstance(cb, DPFedAvg) else None
 
 
 def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
@@ -107,6 +112,10 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fedpac":  # combined classifiers and centroids from both ranks' statistics
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedPAC()], dict(local_epochs=2)
+    if algo == "dp_fedavg":  # clipped sums and counts over ranks, the same noise on each
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        dp = DPFedAvg(noise_multiplier=0.5, clip_norm=0.5, adaptive=True, clipped_count_stddev=2)
+        return client, [dp], dict(local_steps=3)
     if algo == "pfedhn":  # the hypernetwork and its optimizer, stepped from gathered uploads
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [PFedHN(embedding_dim=8, hidden=16, server_lr=0.05)], dict(local_steps=3)
@@ -206,6 +215,7 @@ def run(
                     getattr(cb, "affinity", None),  # FedFomo's affinities
                     getattr(cb, "centroids", None),  # FedPAC's class centroids
                     hypernetwork_embeddings(cb),  # pFedHN's client embeddings
+                    dp_clip_norm(cb),  # DPFedAvg's adapted clip norm
                 )
                 if t is not None
             ],
