@@ -75,7 +75,9 @@ def _last_store(root: Path) -> dict:
         # server optimizer on FedAvg's sums: fedadam; CPA's gathered prototypes: pfa_det_cpa;
         # gathered local steps: scaffold (fednova too))
         pytest.param("fedavg_prox", marks=pytest.mark.slow),
-        "fedbn",
+        pytest.param(
+            "fedbn", marks=pytest.mark.slow
+        ),  # local BN keys: scaffold, pfa_det cover the path
         pytest.param(
             "datasets", marks=pytest.mark.slow
         ),  # ClientDatasets: every rank's DataLoader over its own clients
