@@ -9,12 +9,13 @@ import statistics
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 
 from pl_federated import FederatedDataModule, FederatedModule
-from pl_federated.data import Domains
-from pl_federated.models import CNNClassifier
+from pl_federated.data import Dirichlet, Domains
+from pl_federated.models import CNNClassifier, MLPClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -75,6 +76,28 @@ def fit(data, client, callbacks, rounds: int, seed: int, **module) -> FederatedM
     )
     trainer.fit(fed, data)
     return fed
+
+
+def mnist_dirichlet(
+    alpha: float, seed: int, num_clients: int = 20, min_size: int = 40, **options: Any
+) -> FederatedDataModule:
+    """MNIST-10k (``DATA/mnist_test10k.npz``) over ``num_clients`` by Dirichlet(``alpha``);
+    ``options``: the datamodule's (``val_fraction``, ``public_fraction``, ``unseen_clients``)."""
+    return FederatedDataModule(
+        "npz",
+        path=str(DATA / "mnist_test10k.npz"),
+        num_clients=num_clients,
+        partition=Dirichlet(alpha=alpha, min_size=min_size),
+        seed=seed,
+        **options,
+    )
+
+
+def mnist_mlp(**options: Any) -> MLPClassifier:
+    """The MNIST MLP 784-200-10 (SGD lr 0.05, momentum 0.9; ``options`` override)."""
+    return MLPClassifier(
+        **{**dict(input_size=784, hidden=(200,), lr=0.05, momentum=0.9), **options}
+    )
 
 
 def stat(values: list[float]) -> str:

@@ -23,9 +23,17 @@ import statistics
 import time
 from pathlib import Path
 
-from common import DATA, cnn, digit_domains, experiment_args, fit, stat, write_table
+from common import (
+    cnn,
+    digit_domains,
+    experiment_args,
+    fit,
+    mnist_dirichlet,
+    mnist_mlp,
+    stat,
+    write_table,
+)
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import (
     APFL,
     L2GD,
@@ -59,8 +67,6 @@ from pl_federated.callbacks import (
     ProgressiveFourierAggregation,
     RetrogressMonitor,
 )
-from pl_federated.data import Dirichlet
-from pl_federated.models import MLPClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -132,18 +138,6 @@ CLIENT_OPTIONS = {m: {"momentum": 0.0} for m in ("scaffold_sgd", "pfedme", "l2gd
 MODULE_OPTIONS = {"l2gd": {"clients_per_round": 1.0}}
 
 
-def mnist_dirichlet(alpha: float, seed: int) -> FederatedDataModule:
-    """MNIST-10k over 20 clients by Dirichlet(``alpha``), 10% validation per client."""
-    return FederatedDataModule(
-        "npz",
-        path=str(DATA / "mnist_test10k.npz"),
-        num_clients=20,
-        partition=Dirichlet(alpha=alpha, min_size=40),
-        val_fraction=0.1,
-        seed=seed,
-    )
-
-
 SETTINGS = {
     "digit_domains": dict(
         data=lambda seed: digit_domains(seed, max_train_samples=150, val_fraction=0.1),
@@ -152,18 +146,14 @@ SETTINGS = {
         rounds=10,
     ),
     "mnist_dirichlet": dict(
-        data=lambda seed: mnist_dirichlet(0.3, seed),
-        client=lambda **o: MLPClassifier(
-            **{**dict(input_size=784, hidden=(200,), lr=0.05, momentum=0.9), **o}
-        ),
+        data=lambda seed: mnist_dirichlet(0.3, seed, val_fraction=0.1),
+        client=mnist_mlp,
         module=dict(local_epochs=3, clients_per_round=0.5),
         rounds=20,
     ),
     "mnist_dirichlet_01": dict(
-        data=lambda seed: mnist_dirichlet(0.1, seed),
-        client=lambda **o: MLPClassifier(
-            **{**dict(input_size=784, hidden=(200,), lr=0.05, momentum=0.9), **o}
-        ),
+        data=lambda seed: mnist_dirichlet(0.1, seed, val_fraction=0.1),
+        client=mnist_mlp,
         module=dict(local_epochs=3, clients_per_round=0.5),
         rounds=20,
     ),

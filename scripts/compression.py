@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import statistics
 
-from common import DATA, experiment_args, fit, stat, write_table
+from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat, write_table
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import QSGD, FedAvg, TopK
-from pl_federated.data import Dirichlet
-from pl_federated.models import MLPClassifier
 
 VARIANTS = {
     "dense": ("FedAvg, dense float32", lambda: []),
@@ -32,14 +29,8 @@ VARIANTS = {
 }
 SETTINGS = {
     "mnist_dirichlet": dict(
-        data=lambda seed: FederatedDataModule(
-            "npz",
-            path=str(DATA / "mnist_test10k.npz"),
-            num_clients=20,
-            partition=Dirichlet(alpha=0.3, min_size=40),
-            seed=seed,
-        ),
-        client=lambda: MLPClassifier(input_size=784, hidden=(200,), lr=0.05, momentum=0.9),
+        data=lambda seed: mnist_dirichlet(0.3, seed),
+        client=mnist_mlp,
         module=dict(local_epochs=3, clients_per_round=0.5),
         rounds=20,
     )

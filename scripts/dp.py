@@ -8,12 +8,9 @@ clients per round, 1 local epoch, 30 rounds), 3 seeds.
 
 from __future__ import annotations
 
-from common import DATA, experiment_args, fit, stat, write_table
+from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat, write_table
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import DPFedAvg, FedAvg
-from pl_federated.data import Dirichlet
-from pl_federated.models import MLPClassifier
 
 VARIANTS = {
     "fedavg": ("FedAvg (no clipping, no noise)", lambda: [FedAvg(weighting="uniform")]),
@@ -28,14 +25,8 @@ VARIANTS = {
 }
 SETTINGS = {
     "mnist_100": dict(
-        data=lambda seed: FederatedDataModule(
-            "npz",
-            path=str(DATA / "mnist_test10k.npz"),
-            num_clients=100,
-            partition=Dirichlet(alpha=0.5, min_size=20),
-            seed=seed,
-        ),
-        client=lambda: MLPClassifier(input_size=784, hidden=(200,), lr=0.05, momentum=0.9),
+        data=lambda seed: mnist_dirichlet(0.5, seed, num_clients=100, min_size=20),
+        client=mnist_mlp,
         module=dict(local_epochs=1, clients_per_round=20),
         rounds=30,
     )

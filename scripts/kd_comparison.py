@@ -22,16 +22,17 @@ import statistics
 import time
 
 from common import (  # noqa: E402  (this folder)
-    DATA,
     cnn,
     digit_domains,
     experiment_parser,
     fit,
+    mnist_dirichlet,
+    mnist_mlp,
     parse_experiment_args,
     stat,
 )
 
-from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated import FederatedModule
 from pl_federated.callbacks import (
     KD3A,
     FedAvg,
@@ -41,8 +42,6 @@ from pl_federated.callbacks import (
     LocalOnly,
     MutualLearning,
 )
-from pl_federated.data import Dirichlet
-from pl_federated.models import MLPClassifier
 
 METHODS = {
     "local": ("Local-only", lambda: [LocalOnly()]),
@@ -63,15 +62,8 @@ SETTINGS = {
         rounds=10,
     ),
     "mnist_dirichlet": dict(
-        data=lambda seed: FederatedDataModule(
-            "npz",
-            path=str(DATA / "mnist_test10k.npz"),
-            num_clients=20,
-            partition=Dirichlet(alpha=0.3, min_size=40),
-            public_fraction=0.1,
-            seed=seed,
-        ),
-        client=lambda: MLPClassifier(input_size=784, hidden=(200,), lr=0.05, momentum=0.9),
+        data=lambda seed: mnist_dirichlet(0.3, seed, public_fraction=0.1),
+        client=mnist_mlp,
         module=dict(local_epochs=2, clients_per_round=0.5),
         rounds=20,
     ),

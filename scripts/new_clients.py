@@ -20,12 +20,18 @@ is evaluation only, tested bit-identical), so the rows differ only in how a clie
 
 from __future__ import annotations
 
-from common import DATA, cnn, digit_domains, experiment_args, fit, stat, write_table
+from common import (
+    cnn,
+    digit_domains,
+    experiment_args,
+    fit,
+    mnist_dirichlet,
+    mnist_mlp,
+    stat,
+    write_table,
+)
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedAvg, FedHealth, FineTuneEvaluation
-from pl_federated.data import Dirichlet
-from pl_federated.models import MLPClassifier
 
 VARIANTS = {
     "received": ("as received (server model)", lambda: [], "unseen"),
@@ -44,16 +50,8 @@ VARIANTS = {
 }
 SETTINGS = {
     "mnist_dirichlet": dict(
-        data=lambda seed: FederatedDataModule(
-            "npz",
-            path=str(DATA / "mnist_test10k.npz"),
-            num_clients=20,
-            partition=Dirichlet(alpha=0.3, min_size=40),
-            public_fraction=0.1,
-            unseen_clients=4,
-            seed=seed,
-        ),
-        client=lambda: MLPClassifier(input_size=784, hidden=(200,), lr=0.05, momentum=0.9),
+        data=lambda seed: mnist_dirichlet(0.3, seed, public_fraction=0.1, unseen_clients=4),
+        client=mnist_mlp,
         module=dict(local_epochs=3, clients_per_round=0.5),
         rounds=20,
     ),
