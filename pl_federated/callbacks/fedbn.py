@@ -25,6 +25,17 @@ def batchnorm_keys(module) -> list[str]:
     return keys
 
 
+def batchnorm_statistics_keys(module) -> list[str]:
+    """State keys of every BatchNorm layer's statistics (its buffers: running mean and
+    variance, batch counter), without the affine weight and bias."""
+    keys = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, _BatchNorm):
+            prefix = f"{name}." if name else ""
+            keys += [prefix + k for k, _ in sub.named_buffers(recurse=False)]
+    return keys
+
+
 class FedBN(FedAvg):
     """FedAvg for everything but BatchNorm: BN affine parameters and running statistics are
     client-local (each client keeps and persists its own; the server's values are ignored on
