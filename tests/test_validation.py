@@ -46,8 +46,8 @@ CLASSES = [
     cb.FedRep, cb.FedProx, cb.Ditto, cb.DeputyEnhancedTransfer, cb.ConjointPrototypeAlignment,
     cb.FederatedDistillation, cb.MutualLearning, cb.KD3A, cb.ModelPoisoning,
     cb.ProgressiveFourierAggregation, cb.FedProto, cb.RetrogressMonitor, cb.FedMD, cb.Krum,
-    cb.TrimmedMean, cb.FederatedSummary, FederatedDataModule, IID, Dirichlet, Domains,
-    FeatureNoise, LongTail, Pathological, QuantitySkew, MLPClassifier, CNNClassifier,
+    cb.TrimmedMean, cb.FederatedSummary, cb.NoisyMedian, FederatedDataModule, IID, Dirichlet,
+    Domains, FeatureNoise, LongTail, Pathological, QuantitySkew, MLPClassifier, CNNClassifier,
 ]  # fmt: skip
 FREE_FORM = {"path", "public_path", "public_dataset", "store_path", "classifier_key"}
 """String arguments that name files or keys (checked where they are used, at setup)."""
