@@ -144,6 +144,15 @@ class ClientStore:
         self._check_client(client)
         return {name: t[client] for name, t in self._roles[role].items()}
 
+    def get_or_zeros(self, role: str, client: int, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Client ``client``'s entries of ``role`` named as in ``like``, on ``like``'s devices;
+        zeros shaped like ``like`` where the client has not written ``role`` yet (a control
+        variate or gradient state before the client's first update)."""
+        if not self.has(role, client):
+            return {name: torch.zeros_like(t) for name, t in like.items()}
+        stored = self.get(role, client)
+        return {name: stored[name].to(t.device) for name, t in like.items()}
+
     def put(self, role: str, client: int, state: Mapping[str, Tensor]) -> None:
         """Copy ``state`` into client ``client``'s slot of ``role`` (allocating on first use)."""
         self._check_client(client)

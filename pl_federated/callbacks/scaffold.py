@@ -62,11 +62,9 @@ class SCAFFOLD(FederatedCallback):
         params = dict(fed.shared_worker.named_parameters())
         self._params = [params[n] for n in self._names]
         self._received = [p.detach().clone() for p in self._params]
-        if fed.store.has(ROLE, client):
-            stored = fed.store.get(ROLE, client)
-            self._ci = [stored[n].to(fed.device) for n in self._names]
-        else:
-            self._ci = [torch.zeros_like(p) for p in self._received]
+        received = dict(zip(self._names, self._received, strict=True))
+        stored = fed.store.get_or_zeros(ROLE, client, received)
+        self._ci = [stored[n] for n in self._names]
         self._correction = [self._c[n] - ci for n, ci in zip(self._names, self._ci, strict=True)]
         fed.record_download(self._c)  # the server's control variate travels with the model
 

@@ -29,6 +29,7 @@ from pl_federated.callbacks import (
     FedAMP,
     FedAvg,
     FedBN,
+    FedDyn,
     FederatedCallback,
     FederatedDistillation,
     FedFomo,
@@ -65,6 +66,11 @@ def hypernetwork_embeddings(cb):
 
 def dp_clip_norm(cb):
     return torch.tensor(cb.clip_norm) if isinstance(cb, DPFedAvg) else None
+
+
+def feddyn_h(cb):
+    h = getattr(cb, "h", None) if isinstance(cb, FedDyn) else None
+    return None if h is None else torch.cat([t.flatten() for t in h.values()])
 
 
 def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
@@ -119,6 +125,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "pfedhn":  # the hypernetwork and its optimizer, stepped from gathered uploads
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [PFedHN(embedding_dim=8, hidden=16, server_lr=0.05)], dict(local_steps=3)
+    if algo == "feddyn":  # h from the uploads' sums over ranks, g_k per client
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedDyn(alpha=0.05)], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -216,6 +225,7 @@ def run(
                     getattr(cb, "centroids", None),  # FedPAC's class centroids
                     hypernetwork_embeddings(cb),  # pFedHN's client embeddings
                     dp_clip_norm(cb),  # DPFedAvg's adapted clip norm
+                    feddyn_h(cb),  # FedDyn's server state h
                 )
                 if t is not None
             ],
