@@ -101,8 +101,9 @@ def training_step_with(
     module: nn.Module, params: Mapping[str, Tensor], batch: Any, batch_idx: int = 0
 ) -> Mapping[str, Any]:
     """``module``'s own ``training_step`` output on ``batch`` with ``params`` (named as in
-    ``named_parameters``) in place of those parameters, differentiable with respect to
-    ``params`` (``torch.func.functional_call``): the loss of a mixture or interpolation of
-    models (APFL, FedALA) in the client's own terms, whatever its task."""
+    ``named_parameters``; buffers named as in the ``state_dict`` may be given too) in place of
+    those tensors, differentiable with respect to ``params`` (``torch.func.functional_call``):
+    the loss of a mixture or interpolation of models (APFL, FedALA) in the client's own terms,
+    whatever its task, or another model's outputs on the client's batch (MOON's teachers)."""
     substituted = {f"module.{name}": t for name, t in params.items()}
     return as_output(functional_call(_TrainingStep(module), substituted, (batch, batch_idx)))
