@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.robust import BufferedAggregator
-from pl_federated.callbacks.step_outputs import training_step_with
+from pl_federated.callbacks.step_outputs import mean_step_loss
 from pl_federated.data.batches import move_batch, overrides_transfer_hooks
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import Choice, ConfigError, Int, Real, arguments
@@ -125,17 +125,6 @@ class FedFomo(BufferedAggregator):
                 top[slot] = rest.pop(pick)
         return sorted(others[j] for j in top)
 
-    @torch.no_grad()
-    def loss_of(self, fed: FederatedModule, state: Mapping[str, Tensor], batches: list) -> float:
-        """The client module's mean ``training_step`` loss over ``batches`` with ``state``."""
-        worker = fed.shared_worker
-        total, count = 0.0, 0
-        for i, batch in enumerate(batches):
-            loss = training_step_with(worker, state, batch, i)["loss"]
-            size = len(batch[0]) if isinstance(batch, (tuple, list)) else 1
-            total, count = total + float(loss) * size, count + size
-        return total / max(count, 1)
-
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         chosen = self.choose(fed, client)
@@ -152,8 +141,9 @@ class FedFomo(BufferedAggregator):
         ]
         was_training = worker.training
         worker.eval()
-        own_loss = self.loss_of(fed, own, batches)
-        losses = torch.tensor([self.loss_of(fed, m, batches) for m in models], dtype=torch.float64)
+        own_loss = mean_step_loss(worker, own, batches)
+        losses = [mean_step_loss(worker, m, batches) for m in models]
+        losses = torch.tensor(losses, dtype=torch.float64)
         worker.train(was_training)
         names = [n for n, p in worker.named_parameters()]
         distances = torch.tensor(

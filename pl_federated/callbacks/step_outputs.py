@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -107,3 +108,17 @@ def training_step_with(
     whatever its task, or another model's outputs on the client's batch (MOON's teachers)."""
     substituted = {f"module.{name}": t for name, t in params.items()}
     return as_output(functional_call(_TrainingStep(module), substituted, (batch, batch_idx)))
+
+
+@torch.no_grad()
+def mean_step_loss(module: nn.Module, state: Mapping[str, Tensor], batches: list[Any]) -> float:
+    """``module``'s mean ``training_step`` loss over ``batches`` with ``state`` substituted
+    (:func:`training_step_with`), weighted by each batch's size (its first item's length for
+    a tuple or list batch, else 1): a model's loss on a client's data in the client's own
+    terms (FedFomo's benefits, power-of-choice selection). Runs in ``module``'s current mode."""
+    total, count = 0.0, 0
+    for i, batch in enumerate(batches):
+        loss = training_step_with(module, state, batch, i)["loss"]
+        size = len(batch[0]) if isinstance(batch, (tuple, list)) else 1
+        total, count = total + float(loss) * size, count + size
+    return total / max(count, 1)
