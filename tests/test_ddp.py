@@ -100,6 +100,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("pfedhn", marks=pytest.mark.slow),  # the hypernetwork, as fedamp
         pytest.param("dp_fedavg", marks=pytest.mark.slow),  # clipped sums, as scaffold
         pytest.param("feddyn", marks=pytest.mark.slow),  # h from summed uploads, as scaffold
+        pytest.param("clustered", marks=pytest.mark.slow),  # gathered gradients, as fedpac
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
@@ -132,6 +133,7 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         "pfedhn",
         "dp_fedavg",
         "feddyn",
+        "clustered",
     ):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
     if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks

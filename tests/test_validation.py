@@ -46,7 +46,8 @@ CLASSES = [
     cb.FedRep, cb.FedProx, cb.Ditto, cb.DeputyEnhancedTransfer, cb.ConjointPrototypeAlignment,
     cb.FederatedDistillation, cb.MutualLearning, cb.KD3A, cb.ModelPoisoning,
     cb.ProgressiveFourierAggregation, cb.FedProto, cb.RetrogressMonitor, cb.FedMD, cb.Krum,
-    cb.TrimmedMean, cb.FederatedSummary, cb.NoisyMedian, cb.FedDyn, cb.FedIR, cb.SiloBN, cb.MOON, cb.PowerOfChoice, FederatedDataModule, IID, Dirichlet,
+    cb.TrimmedMean, cb.FederatedSummary, cb.NoisyMedian, cb.FedDyn, cb.FedIR, cb.SiloBN, cb.MOON, cb.PowerOfChoice, cb.ClusteredSampling,
+    FederatedDataModule, IID, Dirichlet,
     Domains, FeatureNoise, LongTail, Pathological, QuantitySkew, MLPClassifier, CNNClassifier,
 ]  # fmt: skip
 FREE_FORM = {"path", "public_path", "public_dataset", "store_path", "classifier_key"}

@@ -22,6 +22,7 @@ from pl_federated import ClientDatasets, FederatedDataModule, FederatedModule
 from pl_federated.callbacks import (
     KD3A,
     SCAFFOLD,
+    ClusteredSampling,
     ConjointPrototypeAlignment,
     DeputyEnhancedTransfer,
     DPFedAvg,
@@ -128,6 +129,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "feddyn":  # h from the uploads' sums over ranks, g_k per client
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedDyn(alpha=0.05)], dict(local_steps=3)
+    if algo == "clustered":  # the draws on every rank, the gradients gathered
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [ClusteredSampling(variant="similarity")], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -226,6 +230,7 @@ def run(
                     hypernetwork_embeddings(cb),  # pFedHN's client embeddings
                     dp_clip_norm(cb),  # DPFedAvg's adapted clip norm
                     feddyn_h(cb),  # FedDyn's server state h
+                    getattr(cb, "gradients", None),  # ClusteredSampling's representative ones
                 )
                 if t is not None
             ],
