@@ -101,6 +101,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("dp_fedavg", marks=pytest.mark.slow),  # clipped sums, as scaffold
         pytest.param("feddyn", marks=pytest.mark.slow),  # h from summed uploads, as scaffold
         pytest.param("clustered", marks=pytest.mark.slow),  # gathered gradients, as fedpac
+        pytest.param("fedbe", marks=pytest.mark.slow),  # server distillation, broadcast
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),

@@ -29,6 +29,7 @@ from pl_federated.callbacks import (
     FedAdam,
     FedAMP,
     FedAvg,
+    FedBE,
     FedBN,
     FedDyn,
     FederatedCallback,
@@ -132,6 +133,10 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "clustered":  # the draws on every rank, the gradients gathered
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [ClusteredSampling(variant="similarity")], dict(local_steps=3)
+    if algo == "fedbe":  # distilled on every rank from the gathered uploads, rank 0's kept
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        # a small lr: Adam turns 1e-8 differences of the uploads (thread counts) into lr-sized steps
+        return client, [FedBE(num_samples=2, distill_steps=5, lr=1e-4)], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -182,7 +187,11 @@ def run(
     client, callbacks, options = build(algo)
     fed = FederatedModule(client, **{"clients_per_round": 4, "seed": 0, **options})
     data = FederatedDataModule(
-        "digits", num_clients=5, partition=Dirichlet(0.5, min_size=20), max_train_samples=40
+        "digits",
+        num_clients=5,
+        partition=Dirichlet(0.5, min_size=20),
+        max_train_samples=40,
+        public_fraction=0.1 if algo == "fedbe" else 0.0,  # the server's unlabeled data
     )
     if algo == "datasets":  # the same clients as per-client TensorDatasets
         data.setup("fit")
