@@ -37,7 +37,9 @@ from common import (
 from pl_federated.callbacks import (
     APFL,
     L2GD,
+    MOON,
     SCAFFOLD,
+    ClusteredSampling,
     DeputyEnhancedTransfer,
     Ditto,
     FedAdam,
@@ -46,9 +48,13 @@ from pl_federated.callbacks import (
     FedAvg,
     FedAvgM,
     FedBABU,
+    FedBE,
     FedBN,
+    FedDF,
+    FedDyn,
     FederatedDistillation,
     FedFomo,
+    FedIR,
     FedMeta,
     FedNova,
     FedPAC,
@@ -60,10 +66,13 @@ from pl_federated.callbacks import (
     FineTuneEvaluation,
     LGFedAvg,
     LocalOnly,
+    Median,
     MutualLearning,
+    NoisyMedian,
     PerFedAvg,
     PFedHN,
     PFedMe,
+    PowerOfChoice,
     ProgressiveFourierAggregation,
     RetrogressMonitor,
 )
@@ -125,6 +134,25 @@ METHODS = {
     "pfa": ("PFA", lambda: [ProgressiveFourierAggregation()]),
     "det_fedavg": ("DET + FedAvg", lambda: [FedAvg(), DeputyEnhancedTransfer()]),
     "pfa_det": ("PFA + DET", lambda: [ProgressiveFourierAggregation(), DeputyEnhancedTransfer()]),
+    "feddyn": ("FedDyn (alpha 0.01)", lambda: [FedDyn(alpha=0.01)]),
+    "moon": ("MOON (mu 1, tau 0.5)", lambda: [FedAvg(), MOON()]),
+    "fedir": ("FedIR", lambda: [FedAvg(), FedIR()]),
+    "feddf": ("FedDF (100 steps, 10% public split)", lambda: [FedDF()]),
+    "fedbe": ("FedBE (Gaussian, 10 samples, 10% public split)", lambda: [FedBE()]),
+    "clustered_samples": (
+        "Clustered sampling (Alg. 1, data shares)",
+        lambda: [ClusteredSampling(variant="samples")],
+    ),
+    "clustered_similarity": (
+        "Clustered sampling (Alg. 2, arccos)",
+        lambda: [ClusteredSampling(variant="similarity")],
+    ),
+    "power_of_choice": (
+        "Power-of-choice (d 15)",
+        lambda: [FedAvg(weighting="uniform"), PowerOfChoice(d=15)],
+    ),
+    "median": ("Median", lambda: [Median()]),
+    "noisy_median": ("Noisy median (sigma 0.01)", lambda: [NoisyMedian(noise_std=0.01)]),
 }
 # FedBN needs BatchNorm (the MLP has none); the digit-domain CNN has no momentum anyway
 NOT_APPLICABLE = {
@@ -132,27 +160,29 @@ NOT_APPLICABLE = {
     "mnist_dirichlet_01": {"fedbn"},
     "digit_domains": {"scaffold_sgd"},
 }
-# SCAFFOLD's control-variate correction, pFedMe's and L2GD's updates assume plain SGD steps
-CLIENT_OPTIONS = {m: {"momentum": 0.0} for m in ("scaffold_sgd", "pfedme", "l2gd")}
+# SCAFFOLD's control-variate correction, pFedMe's, L2GD's and FedDyn's updates assume plain SGD
+CLIENT_OPTIONS = {m: {"momentum": 0.0} for m in ("scaffold_sgd", "pfedme", "l2gd", "feddyn")}
+# the server distillation methods hold out 10% of the data as the server's unlabeled split
+DATA_OPTIONS = {m: {"public_fraction": 0.1} for m in ("feddf", "fedbe")}
 # L2GD averages every client's model at each averaging block
 MODULE_OPTIONS = {"l2gd": {"clients_per_round": 1.0}}
 
 
 SETTINGS = {
     "digit_domains": dict(
-        data=lambda seed: digit_domains(seed, max_train_samples=150, val_fraction=0.1),
+        data=lambda seed, **o: digit_domains(seed, max_train_samples=150, val_fraction=0.1, **o),
         client=cnn,
         module=dict(local_epochs=5, clients_per_round=1.0),
         rounds=10,
     ),
     "mnist_dirichlet": dict(
-        data=lambda seed: mnist_dirichlet(0.3, seed, val_fraction=0.1),
+        data=lambda seed, **o: mnist_dirichlet(0.3, seed, val_fraction=0.1, **o),
         client=mnist_mlp,
         module=dict(local_epochs=3, clients_per_round=0.5),
         rounds=20,
     ),
     "mnist_dirichlet_01": dict(
-        data=lambda seed: mnist_dirichlet(0.1, seed, val_fraction=0.1),
+        data=lambda seed, **o: mnist_dirichlet(0.1, seed, val_fraction=0.1, **o),
         client=mnist_mlp,
         module=dict(local_epochs=3, clients_per_round=0.5),
         rounds=20,
@@ -164,7 +194,7 @@ def run(setting: str, method: str, seed: int) -> dict[str, float]:
     spec = SETTINGS[setting]
     start = time.perf_counter()
     fed = fit(
-        spec["data"](seed),
+        spec["data"](seed, **DATA_OPTIONS.get(method, {})),
         functools.partial(spec["client"], **CLIENT_OPTIONS.get(method, {})),
         [*METHODS[method][1](), RetrogressMonitor(plot=False)],  # measured for every method
         spec["rounds"],

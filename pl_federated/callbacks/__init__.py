@@ -70,6 +70,7 @@ _MODULES = {
     "SCAFFOLD": "pl_federated.callbacks.scaffold",
     "ServerOptimizer": "pl_federated.callbacks.fedopt",
     "TrimmedMean": "pl_federated.callbacks.robust",
+    "WeightedMeanBuffer": "pl_federated.callbacks.robust",
     "WeightedSum": "pl_federated.callbacks.aggregator",
 }
 """Public name -> the module that defines it."""
@@ -135,6 +136,7 @@ __all__ = [
     "TopK",
     "ServerOptimizer",
     "TrimmedMean",
+    "WeightedMeanBuffer",
     "WeightedSum",
 ]
 

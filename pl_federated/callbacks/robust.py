@@ -64,6 +64,33 @@ class BufferedAggregator(Aggregator):
         return out
 
 
+class WeightedMeanBuffer(BufferedAggregator):
+    """A :class:`BufferedAggregator` whose :meth:`combine` is the sample-weighted mean of the
+    uploads (FedAvg's), for server rules that start from the mean and need every upload too
+    (server-side distillation, FedGen's generator). :meth:`sample_weights` gives the uploads'
+    shares of the training samples in upload order during :meth:`aggregate`."""
+
+    @override
+    def aggregate(
+        self, fed: FederatedModule, server_state: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        self._num_samples = fed.client_num_samples
+        return super().aggregate(fed, server_state)
+
+    def sample_weights(self) -> Tensor:
+        """The uploads' shares of their training samples, in upload order (float64, sum 1)."""
+        weights = self._num_samples[self.upload_order].double()
+        return weights / weights.sum()
+
+    @override
+    def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+        weights = self.sample_weights()
+        return {
+            k: torch.tensordot(weights.to(x.device), x.double(), dims=1).float()
+            for k, x in stacked.items()
+        }
+
+
 def coordinate_median(x: Tensor) -> Tensor:
     """The coordinate-wise median over dim 0 (mean of the two middle values for even n)."""
     n = x.shape[0]

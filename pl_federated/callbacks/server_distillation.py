@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from pl_federated.callbacks.robust import BufferedAggregator
+from pl_federated.callbacks.robust import WeightedMeanBuffer
 from pl_federated.losses import kl_div
 from pl_federated.validation import ConfigError
 
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
 
 
-class EnsembleDistillation(BufferedAggregator):
-    """A :class:`BufferedAggregator` whose server state is a student distilled from an ensemble.
+class EnsembleDistillation(WeightedMeanBuffer):
+    """A :class:`WeightedMeanBuffer` whose server state is a student distilled from an ensemble.
 
     Each round: the student starts from the sample-weighted mean of the uploads (FedAvg);
     :meth:`teachers` lists the ensemble's members (full states), whose outputs on the public
@@ -86,8 +86,7 @@ class EnsembleDistillation(BufferedAggregator):
     def aggregate(
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        self._num_samples = fed.client_num_samples
-        mean = super().aggregate(fed, server_state)  # the weighted mean (combine)
+        mean = super().aggregate(fed, server_state)  # the sample-weighted mean
         order = self.upload_order
         weights = self.sample_weights()
         uploads = [{k: t.to(fed.device) for k, t in self.uploads[c].items()} for c in order]
@@ -113,19 +112,6 @@ class EnsembleDistillation(BufferedAggregator):
             ),
         }
         return {k: state[k].to(server_state[k].dtype) for k in server_state}, metrics
-
-    def sample_weights(self) -> Tensor:
-        """The uploads' shares of their training samples, in upload order (float64, sum 1)."""
-        weights = self._num_samples[self.upload_order].double()
-        return weights / weights.sum()
-
-    @override
-    def combine(self, stacked: dict[str, Tensor]) -> dict[str, Tensor]:
-        weights = self.sample_weights()
-        return {
-            k: torch.tensordot(weights.to(x.device), x.double(), dims=1).float()
-            for k, x in stacked.items()
-        }
 
     def logits_of(self, fed: FederatedModule, state: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Logits of the client module with ``state`` on ``x`` (eval mode, batched)."""
