@@ -102,6 +102,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("feddyn", marks=pytest.mark.slow),  # h from summed uploads, as scaffold
         pytest.param("clustered", marks=pytest.mark.slow),  # gathered gradients, as fedpac
         pytest.param("fedbe", marks=pytest.mark.slow),  # server distillation, broadcast
+        pytest.param("fedgen", marks=pytest.mark.slow),  # the generator, broadcast
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
@@ -135,6 +136,7 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         "dp_fedavg",
         "feddyn",
         "clustered",
+        "fedgen",
     ):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
     if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks

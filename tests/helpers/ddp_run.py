@@ -35,6 +35,7 @@ from pl_federated.callbacks import (
     FederatedCallback,
     FederatedDistillation,
     FedFomo,
+    FedGen,
     FedMD,
     FedMeta,
     FedNova,
@@ -73,6 +74,11 @@ def dp_clip_norm(cb):
 def feddyn_h(cb):
     h = getattr(cb, "h", None) if isinstance(cb, FedDyn) else None
     return None if h is None else torch.cat([t.flatten() for t in h.values()])
+
+
+def fedgen_generator(cb):
+    generator = getattr(cb, "generator", None) if isinstance(cb, FedGen) else None
+    return None if generator is None else torch.cat([p.flatten() for p in generator.parameters()])
 
 
 def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
@@ -135,8 +141,10 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
         return client, [ClusteredSampling(variant="similarity")], dict(local_steps=3)
     if algo == "fedbe":  # distilled on every rank from the gathered uploads, rank 0's kept
         client = MLPClassifier(hidden=(32,), lr=0.05)
-        # a small lr: Adam turns 1e-8 differences of the uploads (thread counts) into lr-sized steps
-        return client, [FedBE(num_samples=2, distill_steps=5, lr=1e-4)], dict(local_steps=3)
+        return client, [FedBE(num_samples=2, distill_steps=5)], dict(local_steps=3)
+    if algo == "fedgen":  # the generator trained from gathered heads on every rank
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedGen(generator_steps=5, generator_batch=16)], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -181,7 +189,21 @@ def run(
     resume: str | None = None,
     strategy: str = "fed_ddp",
 ) -> FederatedModule:
-    """Fit ``algo`` (1 device: the default single-device strategy; more: ``strategy``)."""
+    """Fit ``algo`` (1 device: the default single-device strategy; more: ``strategy``), on one
+    torch thread in every process, so the processes compute the clients' updates bit for bit
+    as one process does (Adam-trained server state turns last-bit differences into
+    lr-sized steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit(algo, devices, rounds, out, resume, strategy)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(
+    algo: str, devices: int, rounds: int, out: Path, resume: str | None, strategy: str
+) -> FederatedModule:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     client, callbacks, options = build(algo)
@@ -240,6 +262,7 @@ def run(
                     dp_clip_norm(cb),  # DPFedAvg's adapted clip norm
                     feddyn_h(cb),  # FedDyn's server state h
                     getattr(cb, "gradients", None),  # ClusteredSampling's representative ones
+                    fedgen_generator(cb),  # FedGen's generator
                 )
                 if t is not None
             ],
