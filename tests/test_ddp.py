@@ -103,6 +103,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("clustered", marks=pytest.mark.slow),  # gathered gradients, as fedpac
         pytest.param("fedbe", marks=pytest.mark.slow),  # server distillation, broadcast
         pytest.param("fedgen", marks=pytest.mark.slow),  # the generator, broadcast
+        pytest.param("fedgkt", marks=pytest.mark.slow),  # gathered features, the server model
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
@@ -137,6 +138,7 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         "feddyn",
         "clustered",
         "fedgen",
+        "fedgkt",
     ):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
     if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks

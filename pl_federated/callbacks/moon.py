@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from typing_extensions import override
 
 from pl_federated.callbacks.base import FederatedCallback
-from pl_federated.callbacks.step_outputs import step_output, training_step_with
+from pl_federated.callbacks.step_outputs import outputs_with, step_output
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import Real, arguments
 
@@ -81,13 +81,7 @@ class MOON(FederatedCallback):
 
     def features_of(self, fed: FederatedModule, state: Mapping[str, Tensor], batch: Any) -> Tensor:
         """The client module's ``features`` on ``batch`` with ``state``, in eval mode."""
-        worker = fed.shared_worker
-        was_training = worker.training
-        worker.eval()
-        with torch.no_grad():
-            output = training_step_with(worker, state, batch)
-        worker.train(was_training)
-        return step_output(output, "features", "MOON")
+        return step_output(outputs_with(fed.shared_worker, state, batch), "features", "MOON")
 
     @override
     def client_loss(

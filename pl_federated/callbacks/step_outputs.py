@@ -122,3 +122,16 @@ def mean_step_loss(module: nn.Module, state: Mapping[str, Tensor], batches: list
         size = len(batch[0]) if isinstance(batch, (tuple, list)) else 1
         total, count = total + float(loss) * size, count + size
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def outputs_with(module: nn.Module, state: Mapping[str, Tensor], batch: Any) -> Mapping[str, Any]:
+    """``module``'s ``training_step`` output on ``batch`` with ``state`` (parameters and
+    buffers) substituted, in eval mode and without gradient: a frozen teacher's outputs in
+    the client's own terms (MOON's global and previous models, FedGKT's extractor)."""
+    was_training = module.training
+    module.eval()
+    try:
+        return training_step_with(module, state, batch)
+    finally:
+        module.train(was_training)

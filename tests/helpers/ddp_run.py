@@ -36,6 +36,7 @@ from pl_federated.callbacks import (
     FederatedDistillation,
     FedFomo,
     FedGen,
+    FedGKT,
     FedMD,
     FedMeta,
     FedNova,
@@ -79,6 +80,11 @@ def feddyn_h(cb):
 def fedgen_generator(cb):
     generator = getattr(cb, "generator", None) if isinstance(cb, FedGen) else None
     return None if generator is None else torch.cat([p.flatten() for p in generator.parameters()])
+
+
+def fedgkt_server(cb):
+    model = getattr(cb, "server_model", None) if isinstance(cb, FedGKT) else None
+    return None if model is None else torch.cat([p.flatten() for p in model.parameters()])
 
 
 def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
@@ -145,6 +151,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fedgen":  # the generator trained from gathered heads on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedGen(generator_steps=5, generator_batch=16)], dict(local_steps=3)
+    if algo == "fedgkt":  # the server model trained on gathered features on every rank
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FedGKT(server_hidden=[16], server_epochs=1)], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -263,6 +272,7 @@ def _fit(
                     feddyn_h(cb),  # FedDyn's server state h
                     getattr(cb, "gradients", None),  # ClusteredSampling's representative ones
                     fedgen_generator(cb),  # FedGen's generator
+                    fedgkt_server(cb),  # FedGKT's server model
                 )
                 if t is not None
             ],
