@@ -54,6 +54,8 @@ from pl_federated.callbacks import (
     FedDyn,
     FederatedDistillation,
     FedFomo,
+    FedGen,
+    FedGKT,
     FedIR,
     FedMeta,
     FedNova,
@@ -75,6 +77,7 @@ from pl_federated.callbacks import (
     PowerOfChoice,
     ProgressiveFourierAggregation,
     RetrogressMonitor,
+    SiloBN,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,11 +156,14 @@ METHODS = {
     ),
     "median": ("Median", lambda: [Median()]),
     "noisy_median": ("Noisy median (sigma 0.01)", lambda: [NoisyMedian(noise_std=0.01)]),
+    "fedgen": ("FedGen (alpha 1, 20 generator steps)", lambda: [FedGen()]),
+    "fedgkt": ("FedGKT (server MLP 256-256)", lambda: [FedGKT()]),
+    "silobn": ("SiloBN", lambda: [SiloBN()]),
 }
-# FedBN needs BatchNorm (the MLP has none); the digit-domain CNN has no momentum anyway
+# FedBN and SiloBN need BatchNorm (the MLP has none); the digit-domain CNN has no momentum anyway
 NOT_APPLICABLE = {
-    "mnist_dirichlet": {"fedbn"},
-    "mnist_dirichlet_01": {"fedbn"},
+    "mnist_dirichlet": {"fedbn", "silobn"},
+    "mnist_dirichlet_01": {"fedbn", "silobn"},
     "digit_domains": {"scaffold_sgd"},
 }
 # SCAFFOLD's control-variate correction, pFedMe's, L2GD's and FedDyn's updates assume plain SGD
