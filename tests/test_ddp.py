@@ -104,6 +104,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("fedbe", marks=pytest.mark.slow),  # server distillation, broadcast
         pytest.param("fedgen", marks=pytest.mark.slow),  # the generator, broadcast
         pytest.param("fedgkt", marks=pytest.mark.slow),  # gathered features, the server model
+        pytest.param("gossip", marks=pytest.mark.slow),  # per-client mixtures, as fedamp
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),

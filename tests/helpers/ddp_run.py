@@ -43,6 +43,7 @@ from pl_federated.callbacks import (
     FedPAC,
     FedProto,
     FedProx,
+    Gossip,
     Krum,
     LocalOnly,
     Median,
@@ -154,6 +155,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fedgkt":  # the server model trained on gathered features on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FedGKT(server_hidden=[16], server_epochs=1)], dict(local_steps=3)
+    if algo == "gossip":  # each client's mixture from both ranks' uploads
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [Gossip(topology="ring")], dict(local_steps=3, clients_per_round=1.0)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
