@@ -1,6 +1,7 @@
 """Accuracy vs uploaded bytes: FedAvg with dense, top-k (with and without error feedback) and
-QSGD uploads on MNIST-10k over 20 clients by Dirichlet(0.3) (MLP 784-200-10, half the clients
-per round, 3 local epochs, 20 rounds), 3 seeds. Uploaded MB/round is the engine's
+QSGD uploads, and FetchSGD (count-sketched uploads, momentum and error in sketch space), on
+MNIST-10k over 20 clients by Dirichlet(0.3) (MLP 784-200-10, half the clients per round, 3
+local epochs, 20 rounds), 3 seeds. Uploaded MB/round is the engine's
 ``comm/upload_bytes`` (the encoding's bytes for a compressor).
 
   .venv/bin/python scripts/compression.py --seeds 0 1 2
@@ -12,9 +13,9 @@ import statistics
 
 from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat, write_table
 
-from pl_federated.callbacks import QSGD, FedAvg, TopK
+from pl_federated.callbacks import QSGD, Aggregator, FedAvg, FetchSGD, TopK
 
-VARIANTS = {
+VARIANTS = {  # the callbacks besides FedAvg (FetchSGD replaces it: its own aggregator)
     "dense": ("FedAvg, dense float32", lambda: []),
     "topk_10": ("top-k 10%, error feedback", lambda: [TopK(ratio=0.1)]),
     "topk_1": ("top-k 1%, error feedback", lambda: [TopK(ratio=0.01)]),
@@ -26,6 +27,18 @@ VARIANTS = {
     "qsgd_16": ("QSGD 16 levels", lambda: [QSGD(levels=16)]),
     "qsgd_4": ("QSGD 4 levels", lambda: [QSGD(levels=4)]),
     "qsgd_1": ("QSGD 1 level", lambda: [QSGD(levels=1)]),
+    "fetch_6000": (
+        "FetchSGD 5x6000 sketch, top-k 1%, momentum 0.9",
+        lambda: [FetchSGD(rows=5, cols=6000, topk_ratio=0.01)],
+    ),
+    "fetch_6000_m0": (
+        "FetchSGD 5x6000 sketch, top-k 1%, no momentum",
+        lambda: [FetchSGD(rows=5, cols=6000, topk_ratio=0.01, momentum=0.0)],
+    ),
+    "fetch_1200_m0": (
+        "FetchSGD 5x1200 sketch, top-k 0.2%, no momentum",
+        lambda: [FetchSGD(rows=5, cols=1200, topk_ratio=0.002, momentum=0.0)],
+    ),
 }
 SETTINGS = {
     "mnist_dirichlet": dict(
@@ -37,12 +50,19 @@ SETTINGS = {
 }
 
 
+def aggregated(callbacks: list) -> list:
+    """``callbacks`` with FedAvg in front unless one of them aggregates itself (FetchSGD)."""
+    return (
+        callbacks if any(isinstance(c, Aggregator) for c in callbacks) else [FedAvg(), *callbacks]
+    )
+
+
 def run(setting: str, variant: str, seed: int) -> dict[str, float]:
     spec = SETTINGS[setting]
     fed = fit(
         spec["data"](seed),
         spec["client"],
-        [FedAvg(), *VARIANTS[variant][1]()],
+        aggregated(VARIANTS[variant][1]()),
         spec["rounds"],
         seed,
         **spec["module"],

@@ -47,7 +47,7 @@ def adjacency(topology: str, k: int, p: float = 0.3, generator: torch.Generator 
         a[:] = True
     else:
         for _ in range(1000):
-            upper = torch.rand(k, k, generator=generator).triu(1) < p
+            upper = (torch.rand(k, k, generator=generator) < p).triu(1)
             a = upper | upper.T
             if is_connected(a):
                 break
