@@ -105,6 +105,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("fedgen", marks=pytest.mark.slow),  # the generator, broadcast
         pytest.param("fedgkt", marks=pytest.mark.slow),  # gathered features, the server model
         pytest.param("gossip", marks=pytest.mark.slow),  # per-client mixtures, as fedamp
+        pytest.param("fetchsgd", marks=pytest.mark.slow),  # summed sketches, as fedavg
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
@@ -140,6 +141,7 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         "clustered",
         "fedgen",
         "fedgkt",
+        "fetchsgd",
     ):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
     if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks

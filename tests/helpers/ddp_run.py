@@ -43,6 +43,7 @@ from pl_federated.callbacks import (
     FedPAC,
     FedProto,
     FedProx,
+    FetchSGD,
     Gossip,
     Krum,
     LocalOnly,
@@ -158,6 +159,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "gossip":  # each client's mixture from both ranks' uploads
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Gossip(topology="ring")], dict(local_steps=3, clients_per_round=1.0)
+    if algo == "fetchsgd":  # the clients' sketches summed over ranks, sketch state identical
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [FetchSGD(cols=300, topk_ratio=0.1)], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -277,6 +281,7 @@ def _fit(
                     getattr(cb, "gradients", None),  # ClusteredSampling's representative ones
                     fedgen_generator(cb),  # FedGen's generator
                     fedgkt_server(cb),  # FedGKT's server model
+                    getattr(cb, "error_sketch", None),  # FetchSGD's error accumulation
                 )
                 if t is not None
             ],
