@@ -37,6 +37,7 @@ from common import (
 from pl_federated.callbacks import (
     APFL,
     L2GD,
+    MOCHA,
     MOON,
     SCAFFOLD,
     ClusteredSampling,
@@ -159,6 +160,7 @@ METHODS = {
     "fedgen": ("FedGen (alpha 1, 20 generator steps)", lambda: [FedGen()]),
     "fedgkt": ("FedGKT (server MLP 256-256)", lambda: [FedGKT()]),
     "silobn": ("SiloBN", lambda: [SiloBN()]),
+    "mocha": ("MOCHA-style MTL (lam 0.001)", lambda: [MOCHA()]),
 }
 # FedBN and SiloBN need BatchNorm (the MLP has none); the digit-domain CNN has no momentum anyway
 NOT_APPLICABLE = {

@@ -21,6 +21,7 @@ from torch.utils.data import TensorDataset
 from pl_federated import ClientDatasets, FederatedDataModule, FederatedModule
 from pl_federated.callbacks import (
     KD3A,
+    MOCHA,
     SCAFFOLD,
     ClusteredSampling,
     ConjointPrototypeAlignment,
@@ -162,6 +163,9 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "fetchsgd":  # the clients' sketches summed over ranks, sketch state identical
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [FetchSGD(cols=300, topk_ratio=0.1)], dict(local_steps=3)
+    if algo == "mocha":  # the task models gathered, Omega identical on every rank
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        return client, [MOCHA(lam=0.01)], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -282,6 +286,7 @@ def _fit(
                     fedgen_generator(cb),  # FedGen's generator
                     fedgkt_server(cb),  # FedGKT's server model
                     getattr(cb, "error_sketch", None),  # FetchSGD's error accumulation
+                    getattr(cb, "omega", None),  # MOCHA's task relationships
                 )
                 if t is not None
             ],
