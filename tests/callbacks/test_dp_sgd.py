@@ -2,32 +2,27 @@
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, bn_cnn, federation, linear_client
+from helpers import (
+    TrainedStateSpy,
+    assert_resume_equal,
+    bn_cnn,
+    federation,
+    full_batch_digits,
+    linear_client,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from opacus.accountants import RDPAccountant
 from torch.nn import functional as F
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import DPSGD, FedAvg, FedProx
-from pl_federated.data import Dirichlet
 from pl_federated.validation import ConfigError
 
 Z, C, LR = 0.5, 0.3, 0.5
 
 
-def _data():
-    return FederatedDataModule(
-        "digits",
-        num_clients=2,
-        partition=Dirichlet(0.5, min_size=20),
-        batch_size=4096,
-        max_train_samples=30,
-    )
-
-
 def test_one_step_clips_each_sample_and_adds_seeded_noise(trainer_factory):
     fed = federation(client=linear_client(LR), local_steps=1)
-    spy, dm = TrainedStateSpy(), _data()
+    spy, dm = TrainedStateSpy(), full_batch_digits()
     dp = DPSGD(noise_multiplier=Z, max_grad_norm=C)
     trainer_factory(rounds=1, callbacks=[FedAvg(), dp, spy]).fit(fed, dm)
     w0 = linear_client(LR).state_dict()
@@ -58,13 +53,15 @@ def test_one_step_clips_each_sample_and_adds_seeded_noise(trainer_factory):
 
 def test_dpsgd_refuses_what_it_cannot_privatize(trainer_factory):
     with pytest.raises(ConfigError, match="DPSGD: opacus cannot .* BatchNorm"):
-        trainer_factory(callbacks=[FedAvg(), DPSGD()]).fit(federation(client=bn_cnn()), _data())
+        trainer_factory(callbacks=[FedAvg(), DPSGD()]).fit(
+            federation(client=bn_cnn()), full_batch_digits()
+        )
     fed = federation(client=linear_client(0.1))
     with pytest.raises(ConfigError, match=r"\['FedProx'\] add or replace loss terms"):
-        trainer_factory(callbacks=[FedAvg(), FedProx(), DPSGD()]).fit(fed, _data())
+        trainer_factory(callbacks=[FedAvg(), FedProx(), DPSGD()]).fit(fed, full_batch_digits())
     fed = federation(client=linear_client(0.1), accumulate_grad_batches=2)
     with pytest.raises(ConfigError, match="DPSGD needs one optimizer step per batch"):
-        trainer_factory(callbacks=[FedAvg(), DPSGD()]).fit(fed, _data())
+        trainer_factory(callbacks=[FedAvg(), DPSGD()]).fit(fed, full_batch_digits())
 
 
 def test_dpsgd_resumes_exactly(trainer_factory, tmp_path):
@@ -73,7 +70,7 @@ def test_dpsgd_resumes_exactly(trainer_factory, tmp_path):
         ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
         callbacks = [FedAvg(), DPSGD(noise_multiplier=1.0), ckpt]
         trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
-        trainer.fit(fed, _data(), ckpt_path=ckpt_path)
+        trainer.fit(fed, full_batch_digits(), ckpt_path=ckpt_path)
         return fed
 
     straight, _ = assert_resume_equal(fit, tmp_path)

@@ -4,15 +4,13 @@ import copy
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, federation
+from helpers import TrainedStateSpy, assert_resume_equal, federation, full_batch_digits
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedGen
 from pl_federated.callbacks.fedgen import ensemble_logits
-from pl_federated.data import Dirichlet
 from pl_federated.models import MLPClassifier
 from pl_federated.validation import ConfigError
 
@@ -38,19 +36,9 @@ def _client():
     return MLPClassifier(hidden=(4,), lr=0.1)
 
 
-def _data():
-    return FederatedDataModule(
-        "digits",
-        num_clients=2,
-        partition=Dirichlet(0.3, min_size=20),
-        batch_size=4096,
-        max_train_samples=40,
-    )
-
-
 def _fit(trainer_factory, agg, rounds=1):
     fed = federation(client=_client(), local_steps=1)
-    spy, dm = TrainedStateSpy(), _data()
+    spy, dm = TrainedStateSpy(), full_batch_digits(alpha=0.3, max_train_samples=40)
     trainer_factory(rounds=rounds, callbacks=[agg, spy]).fit(fed, dm)
     return fed, spy, dm
 
@@ -117,7 +105,9 @@ def test_fedgen_needs_forward_features(trainer_factory):
 
     fed = federation(client=Plain(hidden=(4,)), local_steps=1)
     with pytest.raises(ConfigError, match="FedGen needs .* `forward_features"):
-        trainer_factory(rounds=1, callbacks=[FedGen()]).fit(fed, _data())
+        trainer_factory(rounds=1, callbacks=[FedGen()]).fit(
+            fed, full_batch_digits(alpha=0.3, max_train_samples=40)
+        )
 
 
 def test_fedgen_resumes_exactly(trainer_factory, tmp_path):
@@ -126,7 +116,7 @@ def test_fedgen_resumes_exactly(trainer_factory, tmp_path):
         ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
         callbacks = [FedGen(generator_steps=3, generator_batch=8), ckpt]
         trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
-        trainer.fit(fed, _data(), ckpt_path=ckpt_path)
+        trainer.fit(fed, full_batch_digits(alpha=0.3, max_train_samples=40), ckpt_path=ckpt_path)
         return fed, callbacks[0]
 
     def fit_module(rounds, root, ckpt_path):

@@ -4,13 +4,11 @@ import copy
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, federation
+from helpers import TrainedStateSpy, assert_resume_equal, federation, full_batch_digits
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn import functional as F
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedGKT
-from pl_federated.data import Dirichlet
 from pl_federated.losses import kl_div
 from pl_federated.models import MLPClassifier
 from pl_federated.validation import ConfigError
@@ -21,16 +19,6 @@ T, ALPHA = 2.0, 0.5
 def _client():
     torch.manual_seed(0)
     return MLPClassifier(hidden=(6,), lr=0.1)
-
-
-def _data():
-    return FederatedDataModule(
-        "digits",
-        num_clients=2,
-        partition=Dirichlet(0.5, min_size=20),
-        batch_size=4096,
-        max_train_samples=30,
-    )
 
 
 class RoundSpy(TrainedStateSpy):
@@ -46,7 +34,7 @@ class RoundSpy(TrainedStateSpy):
 
 def _fit(trainer_factory, agg, rounds):
     fed = federation(client=_client(), local_steps=1)
-    spy, dm = RoundSpy(), _data()
+    spy, dm = RoundSpy(), full_batch_digits()
     trainer_factory(rounds=rounds, callbacks=[agg, spy]).fit(fed, dm)
     return fed, spy, dm
 
@@ -109,7 +97,7 @@ def test_fedgkt_needs_forward_features(trainer_factory):
 
     fed = federation(client=Plain(hidden=(4,)), local_steps=1)
     with pytest.raises(ConfigError, match="FedGKT needs .* `forward_features"):
-        trainer_factory(rounds=1, callbacks=[FedGKT()]).fit(fed, _data())
+        trainer_factory(rounds=1, callbacks=[FedGKT()]).fit(fed, full_batch_digits())
 
 
 def test_fedgkt_resumes_exactly(trainer_factory, tmp_path):
@@ -118,7 +106,7 @@ def test_fedgkt_resumes_exactly(trainer_factory, tmp_path):
         ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
         callbacks = [FedGKT(server_hidden=[8], server_batch_size=16), ckpt]
         trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
-        trainer.fit(fed, _data(), ckpt_path=ckpt_path)
+        trainer.fit(fed, full_batch_digits(), ckpt_path=ckpt_path)
         fed.server_model_state = copy.deepcopy(callbacks[0].server_model.state_dict())
         return fed
 

@@ -1,14 +1,12 @@
 """FedIR: the importance weights and one local step by hand."""
 
 import torch
-from helpers import UploadSpy, assert_resume_equal, federation, linear_client
+from helpers import UploadSpy, assert_resume_equal, federation, full_batch_digits, linear_client
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn import functional as F
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedAvg, FedIR
 from pl_federated.callbacks.fedir import importance_weights
-from pl_federated.data import Dirichlet
 
 
 def test_importance_weights_are_global_over_local_frequencies():
@@ -26,21 +24,11 @@ def test_importance_weights_are_global_over_local_frequencies():
     torch.testing.assert_close(reweighted, torch.stack([p * (counts[0] > 0), p]))
 
 
-def _skewed_clients():
-    return FederatedDataModule(
-        "digits",
-        num_clients=2,
-        partition=Dirichlet(0.3, min_size=20),
-        batch_size=4096,
-        max_train_samples=60,
-    )
-
-
 def test_one_full_batch_step_follows_the_weighted_cross_entropy(trainer_factory):
     lr = 0.5
     fed = federation(client=linear_client(lr), local_steps=1)
     spy = UploadSpy()
-    dm = _skewed_clients()
+    dm = full_batch_digits(alpha=0.3, max_train_samples=60)
     trainer_factory(rounds=1, callbacks=[spy, FedIR()]).fit(fed, dm)
     x0 = fed.role_registry.initial_state
     counts = torch.stack([torch.bincount(dm.client_train(k)[1], minlength=10) for k in range(2)])
@@ -67,7 +55,7 @@ def test_fedir_resumes_exactly(trainer_factory, tmp_path):
         ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
         callbacks = [FedAvg(), FedIR(), ckpt]
         trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
-        trainer.fit(fed, _skewed_clients(), ckpt_path=ckpt_path)
+        trainer.fit(fed, full_batch_digits(alpha=0.3, max_train_samples=60), ckpt_path=ckpt_path)
         return fed
 
     assert_resume_equal(fit, tmp_path)

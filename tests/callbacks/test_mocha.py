@@ -2,13 +2,18 @@
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, federation, linear_client, linear_grads
+from helpers import (
+    TrainedStateSpy,
+    assert_resume_equal,
+    federation,
+    full_batch_digits,
+    linear_client,
+    linear_grads,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from pl_federated import FederatedDataModule
 from pl_federated.callbacks import MOCHA
 from pl_federated.callbacks.mocha import task_covariance
-from pl_federated.data import Dirichlet
 
 
 def test_task_covariance_is_the_normalized_square_root_of_the_gram_matrix():
@@ -23,23 +28,13 @@ def test_task_covariance_is_the_normalized_square_root_of_the_gram_matrix():
     assert float(omega.trace()) == pytest.approx(1.0)
 
 
-def _data():
-    return FederatedDataModule(
-        "digits",
-        num_clients=3,
-        partition=Dirichlet(0.5, min_size=20),
-        batch_size=4096,
-        max_train_samples=30,
-    )
-
-
 def test_two_rounds_by_hand(trainer_factory):
     lr, lam, eps = 0.3, 0.01, 1e-3
     names = ("head.weight", "head.bias")
 
     def fit(rounds):
         fed = federation(client=linear_client(lr), local_steps=1)
-        spy, dm = TrainedStateSpy(), _data()
+        spy, dm = TrainedStateSpy(), full_batch_digits(num_clients=3)
         trainer_factory(rounds=rounds, callbacks=[MOCHA(lam=lam, epsilon=eps), spy]).fit(fed, dm)
         return fed, spy, dm
 
@@ -78,7 +73,7 @@ def test_mocha_resumes_exactly(trainer_factory, tmp_path):
         ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
         callbacks = [MOCHA(lam=0.01), ckpt]
         trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
-        trainer.fit(fed, _data(), ckpt_path=ckpt_path)
+        trainer.fit(fed, full_batch_digits(num_clients=3), ckpt_path=ckpt_path)
         fed.omega = callbacks[0].omega.clone()
         return fed
 

@@ -148,6 +148,18 @@ def two_iid_clients(max_train_samples=30):
     )
 
 
+def full_batch_digits(num_clients=2, alpha=0.5, max_train_samples=30):
+    """Digits clients by Dirichlet(``alpha``) (at least 20 samples), each trained on one full
+    batch per step: local steps a test can repeat by hand."""
+    return FederatedDataModule(
+        "digits",
+        num_clients=num_clients,
+        partition=Dirichlet(alpha, min_size=20),
+        batch_size=4096,
+        max_train_samples=max_train_samples,
+    )
+
+
 def linear_client(lr):
     """A seeded linear classifier (``head.weight``, ``head.bias``) on 8x8 digits."""
     torch.manual_seed(0)
