@@ -1,0 +1,35 @@
+"""benchmarks/gpu_check.py keeps working: its CPU smoke run prints the full results table."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_runs_on_the_cpu_and_prints_every_check():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    checks = [row.split(" | ")[0].lstrip("| ") for row in rows[1:]]
+    assert checks[:6] == [
+        f"{name}, {precision}"
+        for name in ("quickstart", "digits BN CNN")
+        for precision in ("32-true", "16-mixed", "bf16-mixed")
+    ]
+    measured = {c: r for c, r in zip(checks, rows[1:], strict=True)}
+    for check in ("quickstart, 32-true", "quickstart, bf16-mixed", "digits BN CNN, 32-true"):
+        acc = float(re.search(r"([0-9.]+) global acc", measured[check]).group(1))
+        assert 0.0 <= acc <= 1.0
+    lean = [c for c in checks if "lean loop" in c]
+    assert len(lean) == 1 and "1.00x the lean loop" in measured[lean[0]]
+    assert sum("vectorized" in c or "sequential" in c for c in checks) == 2
+    assert sum("store on" in c for c in checks) == 2
+    assert "skipped" in measured["fed_ddp on 2 GPUs"]
