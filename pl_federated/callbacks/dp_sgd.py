@@ -7,9 +7,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from typing_extensions import override
@@ -66,6 +68,7 @@ class DPSGD(FederatedCallback):
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.delta = float(delta)
         self.steps: dict[int, int] = {}  # client -> DP-SGD steps so far
+        self._rdp_per_step: dict[float, np.ndarray] = {}  # sampling rate -> RDP of one step
         self.add_round_state("round_steps", {}, reduce="gather")  # client -> this round's
 
     @override
@@ -149,11 +152,22 @@ class DPSGD(FederatedCallback):
         self.round_steps[client] = self._steps  # its noisy steps were taken, then rolled back
 
     def epsilon(self, fed: FederatedModule, client: int) -> float:
-        """``client``'s epsilon at ``delta`` after its DP-SGD steps so far."""
-        accountant = RDPAccountant()
+        """``client``'s epsilon at ``delta`` after its DP-SGD steps so far: opacus' RDP
+        analysis (what ``RDPAccountant`` computes for the history ``[(z, rate, steps)]``),
+        with the per-step RDP of each sampling rate computed once (RDP adds over steps)."""
         rate = min(1.0, fed.datamodule.batch_size / float(fed.client_num_samples[client]))
-        accountant.history = [(self.noise_multiplier, rate, self.steps[client])]
-        return float(accountant.get_epsilon(self.delta))
+        if rate not in self._rdp_per_step:
+            self._rdp_per_step[rate] = np.asarray(
+                compute_rdp(
+                    q=rate,
+                    noise_multiplier=self.noise_multiplier,
+                    steps=1,
+                    orders=RDPAccountant.DEFAULT_ALPHAS,
+                )
+            )
+        rdp = self._rdp_per_step[rate] * self.steps[client]
+        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=self.delta)
+        return float(eps)
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
