@@ -48,6 +48,7 @@ CLASSES = [
     cb.ProgressiveFourierAggregation, cb.FedProto, cb.RetrogressMonitor, cb.FedMD, cb.Krum,
     cb.TrimmedMean, cb.FederatedSummary, cb.NoisyMedian, cb.FedDyn, cb.FedIR, cb.SiloBN, cb.MOON, cb.PowerOfChoice, cb.ClusteredSampling, cb.FedDF, cb.FedBE, cb.FedAwS, cb.FedGen,
     cb.FedGKT, cb.Gossip, cb.FetchSGD, cb.MOCHA, cb.DPSGD,
+    cb.TaskSequence,
     FederatedDataModule, IID, Dirichlet,
     Domains, FeatureNoise, LongTail, Pathological, QuantitySkew, MLPClassifier, CNNClassifier,
 ]  # fmt: skip
