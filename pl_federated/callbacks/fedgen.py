@@ -77,7 +77,8 @@ class FedGen(WeightedMeanBuffer):
     round's uploads and ``h_k`` the uploaded heads, each label's logits weighted by the
     clients' shares of that label (the reference code's weighting). Client: the shared role's
     loss gains ``alpha_t CE(h(G(z, ŷ)), ŷ)``, ``ŷ`` drawn from the global label distribution
-    (one label per sample of the batch), ``alpha_t = alpha * decay^round``; the generator is
+    (one label per sample of the batch; the paper's p(y), where the reference code draws the
+    labels uniformly), ``alpha_t = alpha * decay^round``; the generator is
     frozen there, the gradient reaches the head only through the generated features. The
     generator (and its optimizer) is server state; it travels to each trained client, label
     counts (C numbers) come up (both counted in ``comm/*_bytes``). The client module needs
