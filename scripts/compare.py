@@ -143,6 +143,18 @@ METHODS = {
     "fedir": ("FedIR", lambda: [FedAvg(), FedIR()]),
     "feddf": ("FedDF (100 steps, 10% public split)", lambda: [FedDF()]),
     "fedbe": ("FedBE (Gaussian, 10 samples, 10% public split)", lambda: [FedBE()]),
+    "fedbe_no_samples": (
+        "FedBE without samples (clients + mean, SWA)",
+        lambda: [FedBE(num_samples=0)],
+    ),
+    "fedbe_no_swa": (
+        "FedBE without SWA (Gaussian, 10 samples)",
+        lambda: [FedBE(swa=False)],
+    ),
+    "fedbe_dirichlet": (
+        "FedBE (Dirichlet alpha 1, 10 samples)",
+        lambda: [FedBE(distribution="dirichlet")],
+    ),
     "clustered_samples": (
         "Clustered sampling (Alg. 1, data shares)",
         lambda: [ClusteredSampling(variant="samples")],
@@ -171,7 +183,10 @@ NOT_APPLICABLE = {
 # SCAFFOLD's control-variate correction, pFedMe's, L2GD's and FedDyn's updates assume plain SGD
 CLIENT_OPTIONS = {m: {"momentum": 0.0} for m in ("scaffold_sgd", "pfedme", "l2gd", "feddyn")}
 # the server distillation methods hold out 10% of the data as the server's unlabeled split
-DATA_OPTIONS = {m: {"public_fraction": 0.1} for m in ("feddf", "fedbe")}
+DATA_OPTIONS = {
+    m: {"public_fraction": 0.1}
+    for m in ("feddf", "fedbe", "fedbe_no_samples", "fedbe_no_swa", "fedbe_dirichlet")
+}
 # L2GD averages every client's model at each averaging block
 MODULE_OPTIONS = {"l2gd": {"clients_per_round": 1.0}}
 

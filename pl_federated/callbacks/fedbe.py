@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from pl_federated.callbacks.server_distillation import EnsembleDistillation
-from pl_federated.validation import Choice, Int, Real, arguments
+from pl_federated.validation import Choice, Flag, Int, Real, arguments
 
 if TYPE_CHECKING:
     from pl_federated.module import FederatedModule
@@ -52,6 +52,8 @@ class FedBE(EnsembleDistillation):
         num_samples: models drawn from the fitted distribution per round (the paper: 10).
         distribution: ``"gaussian"`` or ``"dirichlet"``.
         alpha: the Dirichlet concentration (unused by the Gaussian).
+        swa: average the student's weights over the steps (the paper); ``False`` keeps the
+            last step's student (an ablation).
         distill_steps, batch_size, lr, temperature: as :class:`FedDF`.
 
     Raises:
@@ -72,6 +74,7 @@ class FedBE(EnsembleDistillation):
         batch_size=Int(ge=1),
         lr=Real(gt=0),
         temperature=Real(gt=0),
+        swa=Flag(),
     )
     def __init__(
         self,
@@ -82,9 +85,11 @@ class FedBE(EnsembleDistillation):
         batch_size: int = 64,
         lr: float = 1e-3,
         temperature: float = 1.0,
+        swa: bool = True,
     ) -> None:
         super().__init__(distill_steps, batch_size, lr, temperature)
         self.num_samples, self.distribution, self.alpha = num_samples, distribution, float(alpha)
+        self.swa = swa
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
@@ -126,13 +131,16 @@ class FedBE(EnsembleDistillation):
 
     @override
     def distill(self, fed: FederatedModule, public_x: Tensor, target: Tensor) -> float:
-        self._swa = AveragedModel(self.student, use_buffers=True)
+        self._swa = AveragedModel(self.student, use_buffers=True) if self.swa else None
         return super().distill(fed, public_x, target)
 
     @override
     def on_distill_step(self, fed: FederatedModule, step: int) -> None:
-        self._swa.update_parameters(self.student)
+        if self._swa is not None:
+            self._swa.update_parameters(self.student)
 
     @override
     def finish(self, fed: FederatedModule) -> dict[str, Tensor] | None:
+        if self._swa is None:
+            return None  # the student after its last step
         return {k: t.detach().clone() for k, t in self._swa.module.state_dict().items()}
