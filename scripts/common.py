@@ -7,7 +7,7 @@ import argparse
 import logging
 import statistics
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,11 @@ def stat(values: list[float]) -> str:
     if len(kept) == 1:
         return f"{kept[0]:.3f}{note}"
     return f"{statistics.mean(kept):.3f} ± {statistics.stdev(kept):.3f}{note}"
+
+
+def stat_row(label: str, runs: Sequence[Mapping[str, float]], keys: Sequence[str]) -> str:
+    """A markdown table row: ``label``, then :func:`stat` over ``runs`` of each of ``keys``."""
+    return f"| {label} | " + " | ".join(stat([r[k] for r in runs]) for k in keys) + " |"
 
 
 def experiment_parser(

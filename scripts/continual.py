@@ -9,7 +9,7 @@ global model's average accuracy over the tasks seen so far and its forgetting, c
 
 from __future__ import annotations
 
-from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat, write_table
+from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat_row, write_table
 
 from pl_federated.callbacks import FedAvg, FedProx, TaskSequence
 
@@ -48,8 +48,8 @@ def main() -> None:
         for variant in args.variants:
             runs = [run(setting, variant, s) for s in args.seeds]
             for t in range(TASKS):
-                cells = " | ".join(stat([r[t][k] for r in runs]) for k in KEYS)
-                lines.append(f"| {VARIANTS[variant][0]} | {t + 1} | {cells} |")
+                label = f"{VARIANTS[variant][0]} | {t + 1}"
+                lines.append(stat_row(label, [r[t] for r in runs], KEYS))
                 print(lines[-1], flush=True)
         write_table(args.out, setting, args.seeds, lines)
 

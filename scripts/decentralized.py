@@ -11,7 +11,7 @@ reported round: the consensus distance after mixing, the clients' average model'
 
 from __future__ import annotations
 
-from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat, write_table
+from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat, stat_row, write_table
 
 from pl_federated.callbacks import FedAvg, Gossip
 
@@ -62,12 +62,9 @@ def main() -> None:
             runs = [run(setting, variant, s) for s in args.seeds]
             gap = stat([r[0]["gap"] for r in runs])
             for rnd in ROUNDS:
+                label = f"{VARIANTS[variant][0]} ({gap}) | {rnd}"
                 rows = [r[rnd - 1] for r in runs]
-                lines.append(
-                    f"| {VARIANTS[variant][0]} ({gap}) | {rnd} | "
-                    f"{stat([r['distance'] for r in rows])} | "
-                    f"{stat([r['gacc'] for r in rows])} | {stat([r['pacc'] for r in rows])} |"
-                )
+                lines.append(stat_row(label, rows, ("distance", "gacc", "pacc")))
                 print(lines[-1], flush=True)
         write_table(args.out, setting, args.seeds, lines)
 

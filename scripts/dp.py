@@ -9,7 +9,7 @@ clients per round, 1 local epoch, 30 rounds), 3 seeds.
 
 from __future__ import annotations
 
-from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat, write_table
+from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat_row, write_table
 
 from pl_federated.callbacks import DPSGD, DPFedAvg, FedAvg
 
@@ -70,10 +70,7 @@ def main() -> None:
         ]
         for variant in args.variants:
             rs = [run(setting, variant, s) for s in args.seeds]
-            lines.append(
-                f"| {VARIANTS[variant][0]} | {stat([r['gacc'] for r in rs])} | "
-                f"{stat([r['epsilon'] for r in rs])} | {stat([r['clip'] for r in rs])} |"
-            )
+            lines.append(stat_row(VARIANTS[variant][0], rs, ("gacc", "epsilon", "clip")))
             print(lines[-1], flush=True)
         write_table(args.out, setting, args.seeds, lines)
 

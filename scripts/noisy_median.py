@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 
-from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat, write_table
+from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat_row, write_table
 
 from pl_federated.callbacks import FedAvg, NoisyMedian
 
@@ -71,11 +71,8 @@ def main() -> None:
         ]
         for variant in args.variants:
             rs = [run(setting, variant, s) for s in args.seeds]
-            lines.append(
-                f"| {VARIANTS[variant][0]} | {stat([r['gacc'] for r in rs])} | "
-                f"{stat([r['gap'] for r in rs])} | {stat([r['median_gap'] for r in rs])} | "
-                f"{stat([r['cosine'] for r in rs])} |"
-            )
+            keys = ("gacc", "gap", "median_gap", "cosine")
+            lines.append(stat_row(VARIANTS[variant][0], rs, keys))
             print(lines[-1], flush=True)
         write_table(args.out, setting, args.seeds, lines)
 

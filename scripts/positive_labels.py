@@ -11,7 +11,7 @@ embeddings (``fedaws/min_distance``, squared; 2 = orthogonal).
 from __future__ import annotations
 
 import torch
-from common import DATA, experiment_args, fit, mnist_mlp, stat, write_table
+from common import DATA, experiment_args, fit, mnist_mlp, stat_row, write_table
 from torch.nn import functional as F
 
 from pl_federated import FederatedDataModule
@@ -65,10 +65,7 @@ def main() -> None:
         ]
         for variant in args.variants:
             rs = [run(setting, variant, s) for s in args.seeds]
-            lines.append(
-                f"| {VARIANTS[variant][0]} | {stat([r['gacc'] for r in rs])} | "
-                f"{stat([r['distance'] for r in rs])} |"
-            )
+            lines.append(stat_row(VARIANTS[variant][0], rs, ("gacc", "distance")))
             print(lines[-1], flush=True)
         write_table(args.out, setting, args.seeds, lines)
 

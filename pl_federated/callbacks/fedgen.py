@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from typing_extensions import override
 
 from pl_federated.callbacks.robust import WeightedMeanBuffer
+from pl_federated.engine.schedule import seeded_build
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import Choice, ConfigError, Int, Real, Text, arguments
 
@@ -159,15 +160,13 @@ class FedGen(WeightedMeanBuffer):
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         dm = fed.datamodule
-        counts = torch.zeros(fed.num_clients, dm.num_classes, dtype=torch.long)
-        for k in fed.training_clients:
-            counts[k] = torch.bincount(dm.client_train(k)[1], minlength=dm.num_classes)
-        self.label_counts = counts
+        self.label_counts = dm.train_label_counts(fed.training_clients)
+        self._prior = self.label_counts.sum(0).double()  # the global label distribution
         feature_dim = next(p for p in self.head.parameters() if p.dim() == 2).shape[1]
-        with torch.random.fork_rng(devices=[]):  # a seeded initialization, global RNG untouched
-            init = fed.rng(SERVER_STREAM, 0, fed.num_clients)  # apart from every round's draws
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=init)))
-            generator = FeatureGenerator(dm.num_classes, feature_dim, self.noise_dim, self.hidden)
+        init = fed.rng(SERVER_STREAM, 0, fed.num_clients)  # apart from every round's draws
+        generator = seeded_build(
+            init, lambda: FeatureGenerator(dm.num_classes, feature_dim, self.noise_dim, self.hidden)
+        )
         if self._restored is not None:  # from a checkpoint
             generator.load_state_dict(self._restored)
         self.generator = generator.to(fed.device)
@@ -195,8 +194,7 @@ class FedGen(WeightedMeanBuffer):
         if role != SHARED_ROLE or self._weight == 0:
             return None
         size = len(batch[0]) if isinstance(batch, (tuple, list)) else self.generator_batch
-        prior = self.label_counts.sum(0).double()
-        labels = torch.multinomial(prior, size, replacement=True, generator=self._draws)
+        labels = torch.multinomial(self._prior, size, replacement=True, generator=self._draws)
         labels = labels.to(fed.device)
         with torch.no_grad():
             features = self.generator(labels, self._draws)

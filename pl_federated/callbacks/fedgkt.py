@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from pl_federated.callbacks.local_only import LocalOnly
 from pl_federated.callbacks.step_outputs import outputs_with, step_output
+from pl_federated.engine.schedule import seeded_build
 from pl_federated.losses import kl_div
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import ConfigError, Int, Items, Real, arguments
@@ -118,9 +119,10 @@ class FedGKT(LocalOnly):
         dm = fed.datamodule
         x = dm.client_train(fed.training_clients[0])[0][:1]
         width = fed.forward_batched(fed.shared_worker, x, fed.shared_worker.forward_features)
-        with torch.random.fork_rng(devices=[]):  # seeded, the global RNG untouched
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=fed.rng(STREAM, 0))))
-            model = server_network(width.shape[-1], self.server_hidden, dm.num_classes)
+        model = seeded_build(
+            fed.rng(STREAM, 0),
+            lambda: server_network(width.shape[-1], self.server_hidden, dm.num_classes),
+        )
         self.server_model = model.to(fed.device)
         self.optimizer = torch.optim.Adam(self.server_model.parameters(), lr=self.server_lr)
         if self._restored is not None:

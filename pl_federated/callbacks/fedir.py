@@ -53,10 +53,7 @@ class FedIR(FederatedCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
-        dm = fed.datamodule
-        counts = torch.zeros(fed.num_clients, dm.num_classes, dtype=torch.long)
-        for k in fed.training_clients:
-            counts[k] = torch.bincount(dm.client_train(k)[1], minlength=dm.num_classes)
+        counts = fed.datamodule.train_label_counts(fed.training_clients)
         self.weights = importance_weights(counts).float()
 
     @override

@@ -123,13 +123,7 @@ class FedRoD(FedAvg):
     @override
     def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
         super().on_fit_start(trainer, fed)
-        dm = fed.datamodule
-        self.class_counts = torch.stack(
-            [
-                torch.bincount(dm.client_train(k)[1], minlength=dm.num_classes)
-                for k in range(fed.num_clients)
-            ]
-        )
+        self.class_counts = fed.datamodule.train_label_counts()
 
     @override
     def supervised_loss(

@@ -69,6 +69,7 @@ class MOCHA(LocalOnly):
         named = [(n, p) for n, p in fed.shared_worker.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.clients = list(fed.training_clients)
+        self._row = {c: i for i, c in enumerate(self.clients)}
         if self.models is None:
             start = torch.cat([p.detach().cpu().flatten() for _, p in named])
             self.models = start.repeat(len(self.clients), 1)
@@ -90,7 +91,7 @@ class MOCHA(LocalOnly):
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         params = dict(fed.shared_worker.named_parameters())
         self._params = [params[n] for n in self.names]
-        t = self.clients.index(client)
+        t = self._row[client]
         a = self.coupling[t].clone()
         self._self_weight = float(a[t])
         a[t] = 0.0
@@ -122,7 +123,7 @@ class MOCHA(LocalOnly):
         self, fed: FederatedModule, server_state: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         for client, flat in self.uploads.items():  # merged over ranks
-            self.models[self.clients.index(client)] = flat.float()
+            self.models[self._row[client]] = flat.float()
         self.omega = task_covariance(self.models)
         off = self.omega - torch.diag(self.omega.diagonal())
         m = len(self.clients)

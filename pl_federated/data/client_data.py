@@ -119,6 +119,19 @@ class ClientDataModule(pl.LightningDataModule, ABC):
             )
         return batches.x, batches.y
 
+    def train_label_counts(self, clients: Iterable[int] | None = None) -> Tensor:
+        """``[K, C]`` class counts of the training splits of ``clients`` (all when ``None``;
+        the other rows stay 0): what label-aware methods share (FedRoD's balanced softmax,
+        FedIR's weights, FedGen's label distribution).
+
+        Raises:
+            ConfigError: the training data is streamed from Datasets (see ``client_train``).
+        """
+        counts = torch.zeros(self.num_clients, self.num_classes, dtype=torch.long)
+        for k in range(self.num_clients) if clients is None else clients:
+            counts[k] = torch.bincount(self.client_train(k)[1], minlength=self.num_classes)
+        return counts
+
     def client_eval_batches(self, client: int, split: str, batch_size: int) -> Iterator[Any]:
         """``client``'s ``split`` in order, in batches of ``batch_size`` (evaluation: what
         its ``validation_step``/``test_step`` receives)."""

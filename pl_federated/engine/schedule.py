@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -72,6 +73,18 @@ class SeedStreams:
     def generator(self, stream: str, round: int, client: int | None = None) -> torch.Generator:
         """A CPU generator seeded for ``stream``, ``round`` and ``client``."""
         return torch.Generator().manual_seed(self.seed_for(stream, round, client))
+
+
+T = TypeVar("T")
+
+
+def seeded_build(generator: torch.Generator, build: Callable[[], T]) -> T:
+    """``build()`` (e.g. a module's constructor) under a global seed drawn from
+    ``generator``, the global RNG state restored afterwards: a callback's own network
+    initialized reproducibly without disturbing the clients' draws."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        return build()
 
 
 def num_selected(clients_per_round: int | float, num_clients: int) -> int:
