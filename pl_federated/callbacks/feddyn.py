@@ -13,6 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pl_federated.callbacks.aggregator import Aggregator, Upload, WeightedSum
+from pl_federated.callbacks.fedprox import ProximalTerm
 from pl_federated.store import SHARED_ROLE
 from pl_federated.validation import Real, arguments
 
@@ -49,6 +50,7 @@ class FedDyn(Aggregator):
     @arguments(alpha=Real(gt=0))
     def __init__(self, alpha: float = 0.01) -> None:
         self.alpha = float(alpha)
+        self.proximal = ProximalTerm(self.alpha)  # (alpha / 2) ||w - theta||^2, theta received
         self.h: dict[str, Tensor] | None = None
         self._sum = WeightedSum()
 
@@ -65,9 +67,8 @@ class FedDyn(Aggregator):
 
     @override
     def on_client_start(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
-        params = dict(fed.shared_worker.named_parameters())
-        self._params = [params[n] for n in self._names]
-        self._received = [p.detach().clone() for p in self._params]
+        self.proximal.start(fed.shared_worker, dict(fed.shared_worker.named_parameters()))
+        self._params, self._received = self.proximal.params, self.proximal.anchor
         received = dict(zip(self._names, self._received, strict=True))
         stored = fed.store.get_or_zeros(ROLE, client, received)
         self._grad_state = [stored[n] for n in self._names]
@@ -84,10 +85,7 @@ class FedDyn(Aggregator):
         if role != SHARED_ROLE:
             return None
         linear = sum((p * g).sum() for p, g in zip(self._params, self._grad_state, strict=True))
-        quadratic = sum(
-            (p - r).pow(2).sum() for p, r in zip(self._params, self._received, strict=True)
-        )
-        return -linear + 0.5 * self.alpha * quadratic
+        return -linear + self.proximal.loss()
 
     @override
     @torch.no_grad()
