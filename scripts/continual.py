@@ -1,8 +1,9 @@
 """A task sequence (federated continual learning): MNIST-10k over 20 IID clients, its classes in
 5 tasks of 2 (0-1, 2-3, ...), 4 rounds each (MLP 784-200-10, SGD lr 0.05 momentum 0.9, half the
-clients per round, 2 local epochs), 3 seeds; FedAvg and FedProx (mu 0.1). After each task: the
-global model's average accuracy over the tasks seen so far and its forgetting, class-incremental
-(argmax over all classes) and task-incremental (argmax within the task's classes).
+clients per round, 2 local epochs), 3 seeds; FedAvg, FedProx (mu 0.1) and FedWeIT. After each
+task: the average accuracy over the tasks seen so far and the forgetting, class-incremental
+(argmax over all classes) and task-incremental (argmax within the task's classes), of the global
+model (FedAvg, FedProx) or of each client's model of the task (FedWeIT, pooled over clients).
 
   .venv/bin/python scripts/continual.py --seeds 0 1 2
 """
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 from common import experiment_args, fit, mnist_dirichlet, mnist_mlp, stat_row, write_table
 
-from pl_federated.callbacks import FedAvg, FedProx, TaskSequence
+from pl_federated.callbacks import FedAvg, FedProx, FedWeIT, TaskSequence
 
 TASKS, ROUNDS_PER_TASK = 5, 4
 VARIANTS = {
     "fedavg": ("FedAvg", lambda: [FedAvg()]),
     "fedprox": ("FedProx (mu 0.1)", lambda: [FedAvg(), FedProx(mu=0.1)]),
+    "fedweit": ("FedWeIT (lambda_l2 10)", lambda: [FedWeIT()]),
+    "fedweit_l2_100": ("FedWeIT (lambda_l2 100, the paper's)", lambda: [FedWeIT(lambda_l2=100.0)]),
 }
 SETTINGS = {
     "split_mnist": dict(

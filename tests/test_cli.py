@@ -80,7 +80,7 @@ def test_the_shipped_runs_are_every_config_with_algorithm_parts_on_the_shared_fe
     files = {p for p in configs.rglob("*.yaml") if "sweeps" not in p.parts}
     assert {p for paths in RUNS.values() for p in paths} == files  # every file is run
     parts = [name for name in RUNS if name.startswith("algorithms/")]
-    assert "algorithms/fedavg" in parts and len(parts) == 55
+    assert "algorithms/fedavg" in parts and len(parts) == 56
     assert all(RUNS[name] == [FEDERATION, configs / f"{name}.yaml"] for name in parts)
 
 

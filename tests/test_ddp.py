@@ -107,6 +107,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("gossip", marks=pytest.mark.slow),  # per-client mixtures, as fedamp
         pytest.param("fetchsgd", marks=pytest.mark.slow),  # summed sketches, as fedavg
         pytest.param("mocha", marks=pytest.mark.slow),  # gathered task models, Omega
+        pytest.param("fedweit", marks=pytest.mark.slow),  # masked sums, gathered A's
         pytest.param("fedproto", marks=pytest.mark.slow),
         pytest.param("kd3a", marks=pytest.mark.slow),
         pytest.param("poisoning", marks=pytest.mark.slow),
@@ -144,6 +145,7 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         "fedgkt",
         "fetchsgd",
         "mocha",
+        "fedweit",
     ):  # server knowledge exists, was compared
         assert len(one["server_knowledge"]) == 1
     if algo == "kd3a":  # the targets had pseudo-labels from the sources of both ranks

@@ -47,7 +47,7 @@ CLASSES = [
     cb.FederatedDistillation, cb.MutualLearning, cb.KD3A, cb.ModelPoisoning,
     cb.ProgressiveFourierAggregation, cb.FedProto, cb.RetrogressMonitor, cb.FedMD, cb.Krum,
     cb.TrimmedMean, cb.FederatedSummary, cb.NoisyMedian, cb.FedDyn, cb.FedIR, cb.SiloBN, cb.MOON, cb.PowerOfChoice, cb.ClusteredSampling, cb.FedDF, cb.FedBE, cb.FedAwS, cb.FedGen,
-    cb.FedGKT, cb.Gossip, cb.FetchSGD, cb.MOCHA, cb.DPSGD,
+    cb.FedGKT, cb.Gossip, cb.FetchSGD, cb.MOCHA, cb.DPSGD, cb.FedWeIT,
     cb.TaskSequence,
     FederatedDataModule, IID, Dirichlet,
     Domains, FeatureNoise, LongTail, Pathological, QuantitySkew, MLPClassifier, CNNClassifier,

@@ -5,7 +5,7 @@ model is scored on every task seen so far, and forgetting is what it lost on the
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -48,6 +48,29 @@ def forgetting(history: Sequence[Sequence[float]]) -> float:
     return sum(drops) / len(drops) if drops else 0.0
 
 
+def task_correct(logits: Tensor, y: Tensor, group: Sequence[int]) -> tuple[int, int, int]:
+    """On the rows of ``y`` whose class is in ``group``: how many the argmax over all classes
+    gets right (class-incremental), how many the argmax within the group's classes gets
+    right (task-incremental), and how many rows there are."""
+    classes = torch.tensor(list(group), device=y.device)
+    rows = torch.isin(y, classes)
+    scores, labels = logits[rows], y[rows]
+    class_il = int((scores.argmax(-1) == labels).sum())
+    within = classes[scores[:, classes].argmax(-1)] if len(labels) else labels
+    return class_il, int((within == labels).sum()), len(labels)
+
+
+def task_accuracy(logits: Tensor, y: Tensor, group: Sequence[int]) -> tuple[float, float]:
+    """Class- and task-incremental accuracy (:func:`task_correct`); ``(nan, nan)`` without
+    rows of the group."""
+    class_il, task_il, n = task_correct(logits, y, group)
+    return (class_il / n, task_il / n) if n else (float("nan"), float("nan"))
+
+
+TaskScorer = Callable[["FederatedModule"], tuple[list[float], list[float]]]
+"""``scorer(fed) -> (class_il, task_il)``: the accuracies on each task seen so far."""
+
+
 class TaskSequence(FederatedCallback):
     """Trains the federation on a sequence of tasks: task ``t`` (a group of classes, by
     default :func:`split_classes`) during rounds ``[t R, (t + 1) R)`` (``R =
@@ -86,8 +109,10 @@ class TaskSequence(FederatedCallback):
         rounds_per_task: int = 5,
         tasks: list[list[int]] | None = None,
     ) -> None:
-        self.num_tasks, self.rounds_per_task = num_tasks, rounds_per_task
         self._given = [list(map(int, t)) for t in tasks] if tasks is not None else None
+        self.num_tasks = len(self._given) if self._given is not None else num_tasks
+        self.rounds_per_task = rounds_per_task
+        self.scorer: TaskScorer = self.scores
         self.tasks: list[list[int]] = []
         self.history: list[list[float]] = []  # class-incremental accuracy per evaluation
         self.task_il_history: list[list[float]] = []
@@ -95,6 +120,15 @@ class TaskSequence(FederatedCallback):
     def task_of(self, server_round: int) -> int:
         """The task trained in ``server_round``."""
         return min(server_round // self.rounds_per_task, len(self.tasks) - 1)
+
+    def is_task_end(self, server_round: int) -> bool:
+        """Whether ``server_round`` is the last round of a task that another one follows."""
+        return self.task_of(server_round + 1) != self.task_of(server_round)
+
+    def use_scorer(self, scorer: TaskScorer) -> None:
+        """Score the seen tasks with ``scorer`` instead of the server model (:meth:`scores`);
+        a continual method calls this from its ``setup``."""
+        self.scorer = scorer
 
     @override
     def setup(self, trainer: pl.Trainer, fed: FederatedModule, stage: str) -> None:
@@ -134,24 +168,18 @@ class TaskSequence(FederatedCallback):
         self.model.to(fed.device).load_state_dict(fed.server_state)
         x, y, _ = fed.datamodule.pooled_test()
         logits = fed.forward_batched(self.model, x).cpu()
-        class_il, task_il = [], []
-        for group in self.tasks[: self.task_of(fed.current_round) + 1]:
-            classes = torch.tensor(group)
-            rows = torch.isin(y, classes)
-            if not rows.any():
-                class_il.append(float("nan"))
-                task_il.append(float("nan"))
-                continue
-            class_il.append(float((logits[rows].argmax(-1) == y[rows]).float().mean()))
-            within = classes[logits[rows][:, classes].argmax(-1)]
-            task_il.append(float((within == y[rows]).float().mean()))
-        return class_il, task_il
+        pairs = [task_accuracy(logits, y, g) for g in self.tasks[: self.seen(fed.current_round)]]
+        return [a for a, _ in pairs], [b for _, b in pairs]
+
+    def seen(self, server_round: int) -> int:
+        """How many tasks have been trained by the end of ``server_round``."""
+        return self.task_of(server_round) + 1
 
     @override
     def on_round_end(self, trainer: pl.Trainer, fed: FederatedModule, server_round: int) -> None:
         metrics: dict[str, float] = {"continual/task": float(self.task_of(server_round))}
         if fed.is_eval_round:
-            class_il, task_il = self.scores(fed)
+            class_il, task_il = self.scorer(fed)
             self.history.append(class_il)
             self.task_il_history.append(task_il)
             for t, (a, b) in enumerate(zip(class_il, task_il, strict=True)):

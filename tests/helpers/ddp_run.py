@@ -44,6 +44,7 @@ from pl_federated.callbacks import (
     FedPAC,
     FedProto,
     FedProx,
+    FedWeIT,
     FetchSGD,
     Gossip,
     Krum,
@@ -54,8 +55,9 @@ from pl_federated.callbacks import (
     PFedHN,
     ProgressiveFourierAggregation,
     RetrogressMonitor,
+    TaskSequence,
 )
-from pl_federated.data import Dirichlet
+from pl_federated.data import IID, Dirichlet
 from pl_federated.models import CNNClassifier, MLPClassifier
 
 
@@ -69,6 +71,12 @@ class Unverified(FederatedCallback):
 def hypernetwork_embeddings(cb):
     hypernetwork = getattr(cb, "hypernetwork", None)
     return None if hypernetwork is None else hypernetwork.embeddings.weight.detach().clone()
+
+
+def fedweit_kb(cb):
+    if not isinstance(cb, FedWeIT) or not cb.kb:
+        return None
+    return torch.cat([t.flatten() for t in cb.kb.values()])
 
 
 def dp_clip_norm(cb):
@@ -166,6 +174,10 @@ def build(algo: str) -> tuple[pl.LightningModule, list, dict]:
     if algo == "mocha":  # the task models gathered, Omega identical on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [MOCHA(lam=0.01)], dict(local_steps=3)
+    if algo == "fedweit":  # the masked base sums over ranks, the gathered A's (knowledge base)
+        client = MLPClassifier(hidden=(32,), lr=0.05)
+        tasks = TaskSequence(tasks=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], rounds_per_task=1)
+        return client, [FedWeIT(lambda_l2=1.0), tasks], dict(local_steps=3)
     if algo == "poisoning":  # a scaled attacker on rank 1, robust aggregation on every rank
         client = MLPClassifier(hidden=(32,), lr=0.05)
         return client, [Median(), ModelPoisoning(clients=[1], attack="scale")], dict(local_steps=3)
@@ -232,7 +244,7 @@ def _fit(
     data = FederatedDataModule(
         "digits",
         num_clients=5,
-        partition=Dirichlet(0.5, min_size=20),
+        partition=IID() if algo == "fedweit" else Dirichlet(0.5, min_size=20),  # every task
         max_train_samples=40,
         public_fraction=0.1 if algo == "fedbe" else 0.0,  # the server's unlabeled data
     )
@@ -287,6 +299,7 @@ def _fit(
                     fedgkt_server(cb),  # FedGKT's server model
                     getattr(cb, "error_sketch", None),  # FetchSGD's error accumulation
                     getattr(cb, "omega", None),  # MOCHA's task relationships
+                    fedweit_kb(cb),  # FedWeIT's knowledge base
                 )
                 if t is not None
             ],
