@@ -123,7 +123,7 @@ class FedWeIT(Aggregator):
     settings, its weight decay included.
 
     Shared: ``B``. Local: everything else (store roles ``fedweit`` and ``fedweit_task<i>``).
-    ``personal/*`` evaluates the current task's model; ``continual/*`` (TaskSequence's
+    No ``global/*`` metrics (``B`` alone is no model any client uses); ``personal/*`` evaluates the current task's model; ``continual/*`` (TaskSequence's
     metrics) scores, for every seen task, each client's model of that task on the client's
     own test samples of it, pooled over clients (a client that has not trained a task yet is
     scored with the task's initial decomposition of the current base).
@@ -150,6 +150,7 @@ class FedWeIT(Aggregator):
     supports_distributed = True  # per-client state in the store; sums and A's merged per round
     needs_tensor_data = True  # scores each client's test samples per task
     encodes_upload = True  # transform_upload counts the sparse base itself
+    has_global_model = False  # the server state is the base B, no model any client uses
 
     @arguments(
         lambda_l1=Real(ge=0),
