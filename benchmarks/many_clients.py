@@ -26,13 +26,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from scaling import Prefill, status_mib  # the same prefill and memory counters
 
 from pl_federated import FederatedDataModule, FederatedModule
-from pl_federated.callbacks import (
-    DeputyEnhancedTransfer,
-    FederatedCallback,
-    ProgressiveFourierAggregation,
-)
+from pl_federated.callbacks import DeputyEnhancedTransfer, ProgressiveFourierAggregation
 from pl_federated.data import IID
 from pl_federated.models import CNNClassifier, MLPClassifier
 
@@ -42,34 +39,6 @@ STORES = {
     "ram-float16": dict(store_dtype="float16"),
     "mmap": dict(store_dtype="float32"),
 }
-
-
-def status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class Prefill(FederatedCallback):
-    """Write every client's ``personal`` and ``server`` rows (as if all had trained), releasing
-    memory-mapped pages chunk by chunk, then reset the peak-RSS counter."""
-
-    def on_fit_start(self, trainer: pl.Trainer, fed: FederatedModule) -> None:
-        self.rss_before = status_mib("VmRSS")
-        template = {k: v.clone() for k, v in fed.worker_state("model").items()}
-        chunk = 100
-        for role in ("personal", "server"):
-            for start in range(0, fed.num_clients, chunk):
-                clients = list(range(start, min(start + chunk, fed.num_clients)))
-                rows = {
-                    k: v.unsqueeze(0).expand(len(clients), *v.shape) for k, v in template.items()
-                }
-                fed.store.put_rows(role, clients, rows)
-                fed.store.release_memory()
-        self.state_mib = fed.store.nbytes() / 2**20
-        self.rss_after_prefill = status_mib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS)
 
 
 def run_one(model: str, store: str, rounds: int, selected: int, clients: int | None) -> dict:
@@ -104,7 +73,7 @@ def run_one(model: str, store: str, rounds: int, selected: int, clients: int | N
         fed = FederatedModule(
             client, clients_per_round=selected, local_epochs=3, eval_every_n_rounds=0, **options
         )
-        prefill = Prefill()
+        prefill = Prefill(["personal", "server"], chunk=100)
         trainer = pl.Trainer(
             max_epochs=rounds,
             accelerator="cpu",

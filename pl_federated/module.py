@@ -82,6 +82,12 @@ class FederatedModule(pl.LightningModule):
         accumulate_grad_batches: one local step (optimizer step) per this many batches, their
             losses divided by it (Lightning's meaning; a local epoch's last, shorter group
             steps too). ``local_steps`` counts optimizer steps.
+        eval_clients_per_batch: at evaluation rounds, the models clients hold (a personal
+            role, local keys, own server states) are scored this many clients at a time: their
+            states stacked from the store through one ``torch.vmap``-ed forward (at most 256
+            MiB of state per call; a forward that cannot be vmapped falls back to one client
+            at a time, warned). 1: one client at a time. The predictions equal the one-client
+            ones up to float rounding of the batched products (an exact tie could flip).
 
     Raises:
         ValueError: invalid arguments (named), before any training.
@@ -122,6 +128,7 @@ class FederatedModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
         accumulate_grad_batches: int = 1,
+        eval_clients_per_batch: int = 64,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (client as class_path/init_args),
@@ -133,7 +140,7 @@ class FederatedModule(pl.LightningModule):
             num_clients, clients_per_round, local_epochs, local_steps, seed, persist_optimizer,
             clients_per_step, eval_every_n_rounds, eval_batch_size, store_device, store_dtype,
             store_path, vectorize_clients, gradient_clip_val, gradient_clip_algorithm,
-            accumulate_grad_batches,
+            accumulate_grad_batches, eval_clients_per_batch,
         )  # fmt: skip
         self.automatic_optimization = False
         self.num_clients = num_clients or 0

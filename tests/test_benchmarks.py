@@ -33,3 +33,35 @@ def test_gpu_check_runs_on_the_cpu_and_prints_every_check():
     assert sum("vectorized" in c or "sequential" in c for c in checks) == 2
     assert sum("store on" in c for c in checks) == 2
     assert "skipped" in measured["fed_ddp on 2 GPUs"]
+
+
+def _benchmark(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_scaling_points_measure_and_plot(tmp_path):
+    """One small point per store kind, in process, and both plots from them."""
+    scaling = _benchmark("scaling")
+    results = []
+    for store in scaling.STORES:
+        r = scaling.run_point("PFA+DET", 40, 5, store, rounds=2)
+        assert r["seconds_per_round"] > 0 and r["peak_rss_mib"] > 0
+        assert r["state_mib"] > 0  # both roles of all 40 clients were written
+        results += [{**r, "axis": "total"}, {**r, "axis": "per_round"}]
+    half = {r["store"]: r["state_mib"] for r in results}
+    assert half["ram-float16"] < half["ram"]
+    scaling.plot(results, tmp_path, [5], [40])
+    assert (tmp_path / "scaling_total_clients.png").stat().st_size > 0
+    assert (tmp_path / "scaling_clients_per_round.png").stat().st_size > 0
+
+
+def test_eval_scale_measures_the_batched_and_the_one_client_evaluation():
+    eval_scale = _benchmark("eval_scale")
+    batched = eval_scale.run_one("eval (batched, default 64 clients per call)", 60, 2)
+    one = eval_scale.run_one("eval (per client)", 60, 2)
+    assert batched["personal_acc_mean"] == one["personal_acc_mean"]
+    assert batched["personal_f1_mean"] == one["personal_f1_mean"]

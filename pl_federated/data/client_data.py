@@ -161,9 +161,19 @@ class ClientDataModule(pl.LightningDataModule, ABC):
         return x, y
 
     def pooled_test(self) -> tuple[Tensor, Tensor, Tensor]:
-        """All clients' test splits concatenated, plus each sample's client id."""
-        owner = torch.repeat_interleave(torch.arange(self.num_clients), self.num_test)
-        return torch.cat(self.test_x), torch.cat(self.test_y), owner
+        """All clients' test splits concatenated, plus each sample's client id (built once
+        once: every evaluation round reads it; :meth:`forget_pooled_test` after replacing
+        the test splits)."""
+        cached = self.__dict__.get("_pooled_test")
+        if cached is None:
+            owner = torch.repeat_interleave(torch.arange(self.num_clients), self.num_test)
+            cached = (torch.cat(self.test_x), torch.cat(self.test_y), owner)
+            self.__dict__["_pooled_test"] = cached
+        return cached
+
+    def forget_pooled_test(self) -> None:
+        """Drop :meth:`pooled_test`'s cache (the test splits were replaced)."""
+        self.__dict__.pop("_pooled_test", None)
 
     # -------------------------------------------------------- dataloaders
     def train_dataloader(self) -> Iterable[list[int]]:

@@ -276,6 +276,7 @@ class ClientDatasets(ClientDataModule):
             self.split = None
             empty = [torch.empty(0)] * self.num_clients
             self.test_x, self.test_y, self.val_x, self.val_y = empty, empty, empty, empty
+        self.forget_pooled_test()
         self.num_train = torch.tensor([len(ds) for ds in self.train_sets])
         self.num_val = torch.tensor(sizes["val"])
         self.num_test = torch.tensor(sizes["test"])

@@ -185,6 +185,7 @@ class FederatedDataModule(ClientDataModule):
         )
         rng = np.random.default_rng(self.seed + 1)
         self.train_x, self.train_y, self.test_x, self.test_y = [], [], [], []
+        self.forget_pooled_test()
         self.val_x, self.val_y = [], []
         for k, idx in enumerate(self.split.indices):
             test, val, train = self._client_split(k, rng.permutation(idx), y.numpy())

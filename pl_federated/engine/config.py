@@ -30,6 +30,7 @@ FEDERATION_RULES = {
     "gradient_clip_val": Real(gt=0, optional=True),
     "gradient_clip_algorithm": Choice(("norm", "value")),
     "accumulate_grad_batches": Int(ge=1),
+    "eval_clients_per_batch": Int(ge=1),
 }
 """What each setting allows (checked as ``FederatedModule.<field>``)."""
 
@@ -63,6 +64,7 @@ class FederationConfig:
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str = "norm"
     accumulate_grad_batches: int = 1
+    eval_clients_per_batch: int = 64
 
     def __post_init__(self) -> None:
         check("FederatedModule", FEDERATION_RULES, vars(self))

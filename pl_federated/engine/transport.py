@@ -81,6 +81,40 @@ class StateTransport:
             initial = workers.role_initial_state.get(role, workers.initial_state)
             workers.load(role, store.get(role, client) if stored else initial)
 
+    @torch.no_grad()
+    def held_states(self, role: str, clients: list[int]) -> dict[str, Tensor]:
+        """What :meth:`download` would load into ``role``'s worker for each of ``clients``,
+        stacked ``[len(clients), ...]``: for the shared role the incoming state with each
+        client's local keys, for a local role its stored state (the initial weights where it
+        has none). Read-only: entries may be views of the store (evenly spaced clients) or
+        expanded views of one state; in the store's dtype."""
+        store, workers = self._store(), self.workers
+        if role == SHARED_ROLE:
+            base, sources = self._server_state(), [SERVER, LOCAL]
+        else:
+            base = workers.role_initial_state.get(role, workers.initial_state)
+            sources = [role]
+        n = len(clients)
+        out = {k: t.unsqueeze(0).expand(n, *t.shape) for k, t in base.items()}
+        step = clients[1] - clients[0] if n > 1 else 1
+        strided = step > 0 and clients == list(range(clients[0], clients[0] + n * step, step))
+        for source in sources:
+            rows = [i for i, c in enumerate(clients) if store.has(source, c)]
+            if not rows:
+                continue
+            for k, stacked in store.stacked(source).items():
+                if len(rows) == n and strided:  # a view, no copy
+                    out[k] = stacked[clients[0] : clients[0] + n * step : step]
+                    continue
+                index = torch.tensor([clients[i] for i in rows], device=stacked.device)
+                if len(rows) == n:
+                    out[k] = stacked[index]
+                    continue
+                mixed = out[k].clone()
+                mixed[torch.tensor(rows)] = stacked[index].to(mixed.device, mixed.dtype)
+                out[k] = mixed
+        return out
+
     def keep(self, client: int) -> None:
         """Persist what stays on ``client``: its local roles and the shared local keys."""
         store, workers = self._store(), self.workers

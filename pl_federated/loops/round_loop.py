@@ -14,11 +14,16 @@ import warnings
 from typing import Any
 
 from pl_federated.data.batches import TensorBatches
+from pl_federated.engine.evaluation import Predictions
 from pl_federated.engine.round_state import RoundState, merge_round_states
 from pl_federated.loops.local_update import train_client
 from pl_federated.loops.vectorized import check_vectorizable, group_by_samples, train_group
 from pl_federated.store import SHARED_ROLE, all_finite
 from pl_federated.validation import ConfigError
+
+STACKED_EVAL_BYTES = 256 * 2**20
+"""At most this much stacked client state per vmapped evaluation forward (fewer clients per
+chunk for large models)."""
 
 
 def engine_round_state() -> RoundState:
@@ -31,7 +36,7 @@ def engine_round_state() -> RoundState:
     state.add("local_steps", {}, reduce="gather")  # client -> local optimizer steps
     state.add("loss_sums", {}, reduce="sum")  # role -> summed training loss
     state.add("loss_counts", {}, reduce="sum")  # role -> batches in loss_sums
-    state.add("personal", {}, reduce="gather")  # client -> (acc, f1) of its personal model
+    state.add("personal", {}, reduce="gather")  # client -> Predictions of its personal model
     state.add("log_sums", {}, reduce="sum")  # (role, name) -> sum of a client's self.log
     state.add("log_counts", {}, reduce="sum")  # (role, name) -> number of values
     state.add("is_eval_round", False, reduce="local")
@@ -166,16 +171,20 @@ def aggregate(fed: Any) -> None:
     fed.log_round(aggregate_metrics)
 
 
-def evaluate_held_models(fed: Any) -> dict[int, tuple[float, float]]:
-    """At an evaluation round, ``(acc, f1)`` of the model every client not scored this round
-    holds (each rank its own clients, gathered): what a ``held_model`` callback gives, its
-    stored personal role, or the new server model with its own local keys, as it would
-    start its next round. With the clients scored
-    after local training, ``personal/*`` then covers every client of such methods."""
+def evaluate_held_models(fed: Any) -> dict[int, Any]:
+    """At an evaluation round, the :class:`~pl_federated.engine.evaluation.Predictions` of the
+    model every client not scored this round holds (each rank its own clients, gathered):
+    what a ``held_model`` callback gives, its stored personal role, or the new server model
+    with its own local keys, as it would start its next round. With the clients scored
+    after local training, ``personal/*`` then covers every client of such methods. Clients
+    without a ``held_model`` are scored ``eval_clients_per_batch`` at a time from their
+    stacked states (:func:`held_predictions`)."""
     state, store, dispatch = fed.round_state, fed.store, fed.dispatch
-    scores = {}
+    scores: dict[int, Any] = {}
+    stacked: list[int] = []
     unseen = set(fed.unseen_clients)  # they hold nothing of their own: scored as unseen/*
     holders = dispatch.implementing("held_model")
+    batched = fed.eval_clients_per_batch > 1 and fed.evaluator.task is None
     for client in store.owned(fed.collectives.rank, fed.world_size):
         if client in state.personal or client in unseen:
             continue
@@ -186,13 +195,62 @@ def evaluate_held_models(fed: Any) -> dict[int, tuple[float, float]]:
             held = held if chosen is None else chosen
         if held is None and not fed.role_registry.holds_own_model(client):
             continue
+        if held is None and batched:
+            stacked.append(client)
+            continue
         fed.transport.download(client)
         if held is not None:
             fed.role_registry.load(SHARED_ROLE, held)
         result = fed.evaluator.personal(client)
         if result is not None:
             scores[client] = result
+    scores.update(held_predictions(fed, stacked))
     return fed.collectives.gather_clients(scores)
+
+
+def held_predictions(fed: Any, clients: list[int]) -> dict[int, Predictions]:
+    """The held models' predictions of ``clients`` (this rank's), grouped by evaluated role,
+    through one vmapped forward per window of ``eval_clients_per_batch`` consecutive owned
+    clients (at most :data:`STACKED_EVAL_BYTES` of stacked state): a window's states are then
+    views of the store, not copies; the window's other clients get no inputs. A module whose
+    forward cannot be vmapped is scored one client at a time instead (warned once)."""
+    registry, dm, evaluator = fed.role_registry, fed.datamodule, fed.evaluator
+    step = fed.world_size
+    out: dict[int, Predictions] = {}
+    by_role: dict[str, list[int]] = {}
+    for client in clients:
+        if int(dm.num_test[client]):
+            by_role.setdefault(registry.evaluated_role(client), []).append(client)
+    for role, members in by_role.items():
+        module = fed.workers[role]
+        model_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        size = max(1, min(fed.eval_clients_per_batch, STACKED_EVAL_BYTES // max(model_bytes, 1)))
+        wanted, i = set(members), 0
+        while i < len(members):
+            end = min(members[i] + size * step, fed.num_clients)
+            window = list(range(members[i], end, step))
+            tests = {c: dm.client_test(c) for c in window if c in wanted}
+            xs = [tests[c][0] if c in tests else tests[members[i]][0][:0] for c in window]
+            try:
+                preds = evaluator.predict_stacked(
+                    module, fed.transport.held_states(role, window), xs
+                )
+            except RuntimeError as err:  # e.g. a forward with data-dependent control flow
+                fed.round_logger.warn_once(
+                    "eval vmap",
+                    f"Evaluating held models {fed.eval_clients_per_batch} clients at a time "
+                    f"failed ({type(err).__name__}: {str(err)[:200]}); scoring one client at a "
+                    "time instead. Set `eval_clients_per_batch: 1` to skip the attempt.",
+                )
+                for client in members[i:]:
+                    fed.transport.download(client)
+                    out[client] = evaluator.personal(client)
+                break
+            for client, p in zip(window, preds, strict=True):
+                if client in tests:
+                    out[client] = Predictions(p, tests[client][1].cpu())
+            i += len(tests)
+    return out
 
 
 def end_round(fed: Any) -> None:
@@ -220,7 +278,7 @@ def end_round(fed: Any) -> None:
     if state.is_eval_round:
         if fed.aggregator.has_global_model:  # LocalOnly & co: no global model to score
             metrics.update(fed.evaluator.evaluate_global(fed.server_state))
-        personal = {**state.personal, **evaluate_held_models(fed)}
+        personal = fed.evaluator.scores_of({**state.personal, **evaluate_held_models(fed)})
         if fed.aggregator.has_global_model:  # the others hold the new server model
             skip = {*personal, *fed.unseen_clients}
             personal.update(fed.evaluator.server_model_scores(skip=skip))
