@@ -26,13 +26,12 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  (imported before timing: the first optimizer step would)
+from scaling import quiet_trainer, random_clients
 
-from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated import FederatedModule
 from pl_federated.callbacks import Ditto, FedAvg, FederatedCallback
-from pl_federated.data import IID
 from pl_federated.models import MLPClassifier
 
 VARIANTS = {
@@ -58,32 +57,11 @@ def run_one(variant: str, clients: int, rounds: int) -> dict:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        n = clients * 30
-        path = Path(tmp) / "data.npz"
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        np.savez(path, images=images, labels=rng.integers(0, 10, size=n))
-        dm = FederatedDataModule(
-            "npz",
-            path=str(path),
-            num_clients=clients,
-            partition=IID(),
-            test_fraction=1 / 3,
-            batch_size=10,
-        )
+        dm = random_clients(Path(tmp), clients, 30, (28, 28), test_fraction=1 / 3)
         torch.manual_seed(0)
         client = MLPClassifier(input_size=784, hidden=(200, 200), lr=0.05)
         fed = FederatedModule(client, clients_per_round=0.1, local_epochs=1, **VARIANTS[variant])
-        trainer = pl.Trainer(
-            max_epochs=rounds,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[FedAvg(), Ditto(lam=0.1), Prefill()],
-        )
-        trainer.fit(fed, dm)
+        quiet_trainer(rounds, [FedAvg(), Ditto(lam=0.1), Prefill()]).fit(fed, dm)
         seconds = [h["round/seconds"] for h in fed.history[1:]]
         last = fed.history[-1]
         return {

@@ -23,14 +23,11 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
-import numpy as np
 import torch
-from scaling import Prefill, status_mib  # the same prefill and memory counters
+from scaling import Prefill, quiet_trainer, random_clients, status_mib
 
-from pl_federated import FederatedDataModule, FederatedModule
+from pl_federated import FederatedModule
 from pl_federated.callbacks import DeputyEnhancedTransfer, ProgressiveFourierAggregation
-from pl_federated.data import IID
 from pl_federated.models import CNNClassifier, MLPClassifier
 
 MODELS = {"mlp": 10_000, "cnn": 1_000}  # clients per model, as in the scale issue
@@ -48,20 +45,7 @@ def run_one(model: str, store: str, rounds: int, selected: int, clients: int | N
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     clients = clients or MODELS[model]
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        n = clients * 10
-        path = Path(tmp) / "data.npz"
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        np.savez(path, images=images, labels=rng.integers(0, 10, size=n))
-        del images
-        dm = FederatedDataModule(
-            "npz",
-            path=str(path),
-            num_clients=clients,
-            partition=IID(),
-            test_fraction=0.0,
-            batch_size=10,
-        )
+        dm = random_clients(Path(tmp), clients, 10, (28, 28))
         torch.manual_seed(0)
         if model == "mlp":
             client = MLPClassifier(input_size=784, hidden=(200, 200), lr=0.05)
@@ -74,18 +58,9 @@ def run_one(model: str, store: str, rounds: int, selected: int, clients: int | N
             client, clients_per_round=selected, local_epochs=3, eval_every_n_rounds=0, **options
         )
         prefill = Prefill(["personal", "server"], chunk=100)
-        trainer = pl.Trainer(
-            max_epochs=rounds,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[
-                ProgressiveFourierAggregation(),
-                DeputyEnhancedTransfer(split="train"),
-                prefill,
-            ],
+        trainer = quiet_trainer(
+            rounds,
+            [ProgressiveFourierAggregation(), DeputyEnhancedTransfer(split="train"), prefill],
         )
         start = time.perf_counter()
         trainer.fit(fed, dm)

@@ -88,6 +88,39 @@ class Prefill(FederatedCallback):
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS)
 
 
+def random_clients(
+    folder: Path, clients: int, per_client: int, shape: tuple[int, ...], test_fraction: float = 0.0
+) -> FederatedDataModule:
+    """``clients`` IID clients of ``per_client`` random inputs each (float features of
+    ``shape``, or 28x28 uint8 images for ``shape == (28, 28)``) and 10 random classes, from
+    an ``.npz`` written under ``folder``: benchmarks of cost, not accuracy."""
+    rng = np.random.default_rng(0)
+    n = clients * per_client
+    if shape == (28, 28):
+        images = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    else:
+        images = rng.standard_normal((n, *shape), dtype=np.float32)
+    path = folder / "data.npz"
+    np.savez(path, images=images, labels=rng.integers(0, 10, size=n))
+    return FederatedDataModule(
+        "npz", path=str(path), num_clients=clients, partition=IID(),
+        test_fraction=test_fraction, batch_size=10,
+    )  # fmt: skip
+
+
+def quiet_trainer(rounds: int, callbacks: list) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary."""
+    return pl.Trainer(
+        max_epochs=rounds,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
 def run_point(method: str, clients: int, selected: int, store: str, rounds: int) -> dict:
     """One point of a curve, in this process."""
     warnings.filterwarnings("ignore")
@@ -95,18 +128,7 @@ def run_point(method: str, clients: int, selected: int, store: str, rounds: int)
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        n = clients * 20
-        path = Path(tmp) / "data.npz"
-        np.savez(
-            path,
-            images=rng.standard_normal((n, 8, 8), dtype=np.float32),
-            labels=rng.integers(0, 10, size=n),
-        )
-        dm = FederatedDataModule(
-            "npz", path=str(path), num_clients=clients, partition=IID(), test_fraction=0.0,
-            batch_size=10,
-        )  # fmt: skip
+        dm = random_clients(Path(tmp), clients, 20, (8, 8))
         torch.manual_seed(0)
         client = MLPClassifier(input_size=64, hidden=(32,), lr=0.05)
         options = {"store_dtype": "float16" if store == "ram-float16" else "float32"}
@@ -117,16 +139,7 @@ def run_point(method: str, clients: int, selected: int, store: str, rounds: int)
         )
         build, roles = METHODS[method]
         prefill = Prefill(roles)
-        trainer = pl.Trainer(
-            max_epochs=rounds,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[*build(), prefill],
-        )
-        trainer.fit(fed, dm)
+        quiet_trainer(rounds, [*build(), prefill]).fit(fed, dm)
         seconds = [h["round/seconds"] for h in fed.history[1:]]
         return {
             "method": method,
