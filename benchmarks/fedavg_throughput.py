@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -119,7 +120,7 @@ def evaluate(model, dm) -> float:
 
 
 def make_federation(
-    w: Workload, clients_per_step: int | str, vectorize: bool = False
+    w: Workload, clients_per_step: int | str, vectorize: bool = False, compile: bool = False
 ) -> FederatedModule:
     """The FedAvg federation every pl_federated variant times (evaluation off)."""
     return FederatedModule(
@@ -129,16 +130,21 @@ def make_federation(
         clients_per_step=clients_per_step,
         eval_every_n_rounds=0,
         vectorize_clients=vectorize,
+        compile_clients=compile,
     )
 
 
 def run_pl_federated(
-    w: Workload, dm: FederatedDataModule, clients_per_step: int | str, vectorize: bool = False
+    w: Workload,
+    dm: FederatedDataModule,
+    clients_per_step: int | str,
+    vectorize: bool = False,
+    compile: bool = False,
 ) -> tuple[float, float, float]:
     """``(rounds seconds, final acc, fit seconds)``: the rounds from ``on_train_start`` to
     ``on_train_end`` (what the lean loop's timer covers), and the whole ``Trainer.fit``
     including its set-up."""
-    fed = make_federation(w, clients_per_step, vectorize)
+    fed = make_federation(w, clients_per_step, vectorize, compile)
     timer = _TrainTimer()
     t0 = time.perf_counter()
     quiet_trainer(max_epochs=w.rounds, callbacks=[FedAvg(), timer]).fit(fed, dm)
@@ -259,12 +265,18 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per variant (alternated); best time is kept"
     )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="passes over all variants first, not counted"
+    )
     parser.add_argument("--skip-trainer-per-client", action="store_true")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--ddp-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--clients-per-step", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (pinned)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default: workload's)")
+    parser.add_argument(
+        "--compile", action="store_true", help="also the compile_clients variants (a'', v')"
+    )
     args = parser.parse_args()
     # Steady state in every variant: the first optimizer step imports dynamo (~2 s), and
     # denormal floats of late rounds slow CPU math 2-3x; threads pinned for repeatable numbers.
@@ -316,14 +328,24 @@ def main() -> None:
         group = min(25, w.clients_per_round)
         label = f"pl_federated, vectorized, clients_per_step={group} (v)"
         variants.append((label, run_pl_federated, (group, True)))
+        if args.compile:
+            label = "pl_federated, default settings, compile_clients (a'')"
+            variants.append((label, run_pl_federated, ("auto", False, True)))
+            label = f"pl_federated, vectorized, clients_per_step={group}, compile_clients (v')"
+            variants.append((label, run_pl_federated, (group, True, True)))
         if not args.skip_ddp:
             label = f"pl_federated, fed_ddp 2 processes, clients_per_step={per_step} (d)"
             variants.append((label, run_ddp, (per_step,)))
         if not args.skip_trainer_per_client:
             variants.append(("Trainer per client (c)", run_trainer_per_client, ()))
         runs: dict[str, list] = {label: [] for label, _, _ in variants}
+        for _ in range(args.warmup):  # the process's first passes run slower (measured)
+            for _label, fn, extra in variants:
+                gc.collect()
+                fn(w, dm, *extra)
         for _ in range(args.repeat):  # variants alternate: A B C A B C ...
             for label, fn, extra in variants:
+                gc.collect()  # the previous variant's garbage is not collected on our clock
                 runs[label].append(fn(w, dm, *extra))
         results = {
             label: (min(r[0] for r in rs), rs[-1][1], min(r[2] for r in rs))

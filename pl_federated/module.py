@@ -61,7 +61,7 @@ class FederatedModule(pl.LightningModule):
         persist_optimizer: keep each client's optimizer state between rounds (default: a fresh
             optimizer state every round, as most papers do).
         clients_per_step: clients trained in one Lightning step; ``"auto"`` (default): at
-            most 10 steps per round and process, which amortizes Lightning's per-step cost when
+            most 4 steps per round and process, which amortizes Lightning's per-step cost when
             local updates are tiny. Each client's update, and so every number, is the same
             for any value; only the progress bar and Lightning's step counter see it.
         eval_every_n_rounds: evaluation interval in rounds (0 disables; the last round always
@@ -88,6 +88,10 @@ class FederatedModule(pl.LightningModule):
             MiB of state per call; a forward that cannot be vmapped falls back to one client
             at a time, warned). 1: one client at a time. The predictions equal the one-client
             ones up to float rounding of the batched products (an exact tie could flip).
+        compile_clients: ``torch.compile`` every worker's ``training_step`` (and, with
+            ``vectorize_clients``, the vmapped group step) before round 0. Numbers change at
+            float-rounding level (fused kernels); the first steps pay the compilation. Where
+            it pays and where not: ``benchmarks/README.md``.
 
     Raises:
         ValueError: invalid arguments (named), before any training.
@@ -129,6 +133,7 @@ class FederatedModule(pl.LightningModule):
         gradient_clip_algorithm: str = "norm",
         accumulate_grad_batches: int = 1,
         eval_clients_per_batch: int = 64,
+        compile_clients: bool = False,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (client as class_path/init_args),
@@ -140,7 +145,7 @@ class FederatedModule(pl.LightningModule):
             num_clients, clients_per_round, local_epochs, local_steps, seed, persist_optimizer,
             clients_per_step, eval_every_n_rounds, eval_batch_size, store_device, store_dtype,
             store_path, vectorize_clients, gradient_clip_val, gradient_clip_algorithm,
-            accumulate_grad_batches, eval_clients_per_batch,
+            accumulate_grad_batches, eval_clients_per_batch, compile_clients,
         )  # fmt: skip
         self.automatic_optimization = False
         self.num_clients = num_clients or 0

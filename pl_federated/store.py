@@ -283,5 +283,11 @@ def finite_rows(tensors: Iterable[Tensor], rows: int) -> Tensor:
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether every float tensor is free of NaN/Inf, with a single host synchronisation in
-    the common case (see :func:`finite_rows`)."""
-    return bool(finite_rows(tensors, 1)[0])
+    the common case: the sum of the tensors' float32 sums is finite only if every entry is
+    (a non-finite total, NaN/Inf or an overflow, is checked exactly by :func:`finite_rows`).
+    Half the cost of :func:`finite_rows` for one row; it runs once per client update."""
+    floats = [t.detach() for t in tensors if t.is_floating_point()]
+    if not floats:
+        return True
+    total = torch.stack([t.sum(dtype=torch.float32) for t in floats]).sum()
+    return math.isfinite(total.item()) or bool(finite_rows(floats, 1)[0])

@@ -79,6 +79,8 @@ def test_finite_helpers():
     big = torch.tensor([3e38, 3e38, -1.0])  # finite, but its float32 sum overflows
     assert all_finite([big, torch.zeros(0), torch.tensor(1.0)])
     assert not all_finite([big, torch.tensor([float("-inf"), float("inf")])])
+    halves = [torch.tensor([3e38]), torch.tensor([3e38])]  # each sum finite, their total not
+    assert all_finite(halves) and not all_finite([*halves, torch.tensor([float("nan")])])
 
 
 def test_finite_rows_per_client_row() -> None:

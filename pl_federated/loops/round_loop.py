@@ -13,6 +13,8 @@ import time
 import warnings
 from typing import Any
 
+import torch
+
 from pl_federated.data.batches import TensorBatches
 from pl_federated.engine.evaluation import Predictions
 from pl_federated.engine.round_state import RoundState, merge_round_states
@@ -63,10 +65,20 @@ def start_fit(fed: Any) -> None:
     fed.stepper.start(fed.trainer)
     if fed.vectorize_clients:
         check_vectorizable(fed)
+    if fed.compile_clients:
+        compile_training_steps(fed.workers)
     fed.evaluator.check_data_fits()
     fed.evaluator.warn_if_nothing_to_evaluate(fed.eval_every_n_rounds)
     if fed.trainer.ckpt_path is not None:
         fed.round_logger.replay(fed.trainer)
+
+
+def compile_training_steps(workers: Any) -> None:
+    """``torch.compile`` each worker's ``training_step`` (an instance attribute over the
+    bound method: the module, its parameters and state_dict keys stay as they are)."""
+    for worker in workers.values():
+        if "training_step" not in vars(worker):  # not compiled already (a resumed fit)
+            worker.training_step = torch.compile(worker.training_step)
 
 
 def check_tensor_data(fed: Any) -> None:

@@ -209,6 +209,8 @@ def train_group(fed: Any, clients: list[int]) -> None:
         return functional_call(module, state, (xb, yb, i))
 
     batched_loss = vmap(client_loss, in_dims=(0, 0, 0, None), randomness="different")
+    if fed.compile_clients:
+        batched_loss = torch.compile(batched_loss)
     saved_log = worker.log
     worker.log = _ignore_log
     try:

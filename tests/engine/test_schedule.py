@@ -82,7 +82,7 @@ def test_slots_pad_every_rank_to_the_busiest():
 
 
 def test_auto_clients_per_step_changes_only_the_step_count(trainer_factory):
-    """24 clients a round: "auto" trains them in 10 steps or fewer (3 per step, 8 steps);
+    """24 clients a round: "auto" trains them in 4 steps or fewer (6 per step);
     every number equals one client per step."""
     from helpers import digits, federation
 
@@ -95,7 +95,7 @@ def test_auto_clients_per_step_changes_only_the_step_count(trainer_factory):
         trainer.fit(fed, digits(num_clients=24, alpha=5.0, max_train_samples=20))
         runs[setting] = (fed, trainer)
     (one, t1), (auto, t_auto) = runs[1], runs["auto"]
-    assert auto.schedule.clients_per_step == 3 and t_auto.num_training_batches == 8
+    assert auto.schedule.clients_per_step == 6 and t_auto.num_training_batches == 4
     assert t1.num_training_batches == 24 and t1.global_step == t_auto.global_step
     for name, value in one.server_state.items():
         assert torch.equal(auto.server_state[name], value), name

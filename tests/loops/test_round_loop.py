@@ -182,3 +182,29 @@ def test_a_stateless_client_not_trained_this_round_is_scored_with_the_new_server
     )  # scored after local training: fine-tuned, not the server's
     assert not torch.equal(personal[trained], server[trained])
     assert fed.history[-1]["personal/acc_mean"] == pytest.approx(personal.mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "vectorize", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["sequential", "vmap"]
+)
+def test_compiled_clients_give_the_eager_numbers_up_to_rounding(vectorize, trainer_factory):
+    from pl_federated import FederatedDataModule
+    from pl_federated.data import IID
+
+    runs = []
+    for compile_clients in (False, True):
+        fed = federation(
+            local_steps=2, compile_clients=compile_clients, vectorize_clients=vectorize,
+            clients_per_step=4,
+        )  # fmt: skip
+        dm = FederatedDataModule("digits", num_clients=4, partition=IID(), max_train_samples=80)
+        trainer_factory(rounds=2, callbacks=[FedAvg()]).fit(fed, dm)
+        runs.append(fed)
+    eager, compiled = runs
+    assert "training_step" in vars(compiled.shared_worker)  # the compiled one
+    assert "training_step" not in vars(eager.shared_worker)
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        for key in ("train/loss", "global/acc", "personal/acc_mean"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+    for k, v in eager.server_state.items():
+        torch.testing.assert_close(compiled.server_state[k], v, rtol=1e-4, atol=1e-5)
