@@ -84,7 +84,20 @@ def test_the_shipped_runs_are_every_config_with_algorithm_parts_on_the_shared_fe
     assert all(RUNS[name] == [FEDERATION, configs / f"{name}.yaml"] for name in parts)
 
 
-@pytest.mark.parametrize("name", sorted(RUNS))
+FLAGSHIP = "experiments/prr_digit_domains/pfa_det_cpa"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        # the experiment grid's other runs (~3 s each) run in make test-all; make test keeps
+        # the flagship and every algorithm part
+        pytest.param(n, marks=pytest.mark.slow)
+        if n.startswith("experiments/") and n != FLAGSHIP
+        else n
+        for n in sorted(RUNS)
+    ],
+)
 def test_every_shipped_config_runs_one_round(name, monkeypatch, tmp_path):
     texts = "".join(path.read_text() for path in RUNS[name])
     if "../shared/data" in texts and not (ROOT.parent / "shared" / "data").is_dir():

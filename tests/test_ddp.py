@@ -84,7 +84,7 @@ def _last_store(root: Path) -> dict:
         pytest.param("fedadam", marks=pytest.mark.slow),
         pytest.param("fednova", marks=pytest.mark.slow),
         pytest.param("krum", marks=pytest.mark.slow),
-        "scaffold",
+        pytest.param("scaffold", marks=pytest.mark.slow),  # make test keeps pfa_det (time)
         "pfa_det",
         pytest.param("pfa_det_cpa", marks=pytest.mark.slow),
         pytest.param("mutual", marks=pytest.mark.slow),
@@ -154,6 +154,7 @@ def test_two_processes_equal_one_process(algo, tmp_path):
         assert "mutual/meme_acc_mean" in one["history"][-1] and "personal" in store_one["roles"]
 
 
+@pytest.mark.slow  # ~20 s; make test keeps the pfa_det equality above
 def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
     _two_processes(tmp_path / "two", "pfa_det")
     after_two_rounds = next((tmp_path / "two" / "ckpt").glob("epoch=1-*.ckpt"))

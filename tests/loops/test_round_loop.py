@@ -184,9 +184,23 @@ def test_a_stateless_client_not_trained_this_round_is_scored_with_the_new_server
     assert fed.history[-1]["personal/acc_mean"] == pytest.approx(personal.mean().item(), abs=1e-6)
 
 
-@pytest.mark.parametrize(
-    "vectorize", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["sequential", "vmap"]
-)
+def test_compile_training_steps_wraps_each_workers_step_once():
+    """The option's plumbing, without compiling (a first compilation takes ~20 s on a CPU core:
+    the numbers are checked by the slow test below)."""
+    from pl_federated.loops.round_loop import compile_training_steps
+
+    fed = federation()
+    fed.add_role("personal")
+    compile_training_steps(fed.workers)
+    steps = {role: vars(worker)["training_step"] for role, worker in fed.workers.items()}
+    assert set(steps) == {SHARED_ROLE, "personal"}
+    assert all(hasattr(step, "_torchdynamo_orig_callable") for step in steps.values())
+    compile_training_steps(fed.workers)  # a second call (a resumed fit) keeps them
+    assert all(vars(w)["training_step"] is steps[r] for r, w in fed.workers.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vectorize", [False, True], ids=["sequential", "vmap"])
 def test_compiled_clients_give_the_eager_numbers_up_to_rounding(vectorize, trainer_factory):
     from pl_federated import FederatedDataModule
     from pl_federated.data import IID
