@@ -47,6 +47,17 @@ def unit_gate(mask_logits: Tensor, like: Tensor) -> Tensor:
     return torch.sigmoid(mask_logits).view(-1, *([1] * (like.dim() - 1)))
 
 
+def gated(base: Tensor, mask_logits: Tensor) -> Tensor:
+    """``base * sigmoid(m)``, the mask scaling each output unit (first dimension)."""
+    return base * unit_gate(mask_logits, base)
+
+
+def knowledge(atten: Tensor, kb: Tensor) -> Tensor:
+    """``sum_j atten_j kb_j`` (``kb``: ``[n, *shape]``, ``atten``: ``[n]``; zeros for
+    ``n = 0``): the knowledge-base term."""
+    return torch.tensordot(atten, kb, dims=1)
+
+
 def compose(
     base: Tensor, mask_logits: Tensor, adaptive: Tensor, atten: Tensor, kb: Tensor
 ) -> Tensor:
@@ -58,9 +69,9 @@ def compose(
         >>> compose(base, torch.zeros(2), torch.zeros(2, 1), torch.tensor([0.5]), kb).flatten()
         tensor([1.0000, 1.5000])
     """
-    out = base * unit_gate(mask_logits, base) + adaptive
+    out = gated(base, mask_logits) + adaptive
     if kb.shape[0]:
-        out = out + torch.tensordot(atten, kb, dims=1)
+        out = out + knowledge(atten, kb)
     return out
 
 
@@ -254,7 +265,13 @@ class FedWeIT(Aggregator):
         }
         self._atten = state["atten"].to(device).clone().requires_grad_()
         self._start = {k: state[f"start.{k}"] for k in self.decomposed}
-        self._kb = {k: t.to(device) for k, t in self.kb.items()}
+        self._base = dict(fed.shared_worker.named_parameters())  # B, trained by the client
+        self._kb = {  # [n, *shape]; n = 0 before the first task's end
+            k: self.kb[k].to(device)
+            if self.kb
+            else self._base[k].new_zeros((0, *self._base[k].shape))
+            for k in self.decomposed
+        }
         self._drift = self._drift_weights(fed, client, task)
         leaves = [*self._mask.values(), *self._adaptive.values(), self._atten]
         client_opt = fed.optimizer()
@@ -277,23 +294,17 @@ class FedWeIT(Aggregator):
         self._opt.step()
         self._opt.zero_grad(set_to_none=True)
 
-    def _composed(self, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {
-            k: compose(base[k], self._mask[k], self._adaptive[k], self._atten, self._kb[k])
-            if self._kb
-            else base[k] * unit_gate(self._mask[k], base[k]) + self._adaptive[k]
-            for k in self.decomposed
-        }
-
     @override
     def supervised_loss(
         self, fed: FederatedModule, client: int, role: str, batch: Any, output: Mapping[str, Any]
     ) -> Tensor | None:
         if role != SHARED_ROLE:
             return None
-        worker = fed.shared_worker
-        params = self._composed(dict(worker.named_parameters()))
-        return training_step_with(worker, params, batch)["loss"]
+        params = {
+            k: compose(self._base[k], self._mask[k], self._adaptive[k], self._atten, self._kb[k])
+            for k in self.decomposed
+        }
+        return training_step_with(fed.shared_worker, params, batch)["loss"]
 
     @override
     def client_loss(
@@ -306,7 +317,7 @@ class FedWeIT(Aggregator):
     ) -> Tensor | None:
         if role != SHARED_ROLE:
             return None
-        base = dict(fed.shared_worker.named_parameters())
+        base = self._base
         loss = torch.zeros((), device=fed.device)
         for k in self.decomposed:
             a, m = self._adaptive[k], self._mask[k]
@@ -321,22 +332,18 @@ class FedWeIT(Aggregator):
     @torch.no_grad()
     def on_client_end(self, trainer: pl.Trainer, fed: FederatedModule, client: int) -> None:
         self._hook.remove()
-        base = {k: t.detach() for k, t in fed.shared_worker.named_parameters()}
+        base = {k: t.detach() for k, t in self._base.items()}
         atten = torch.zeros(fed.num_clients, device=fed.device)
         atten[: len(self._atten)] = self._atten.detach()
         state: dict[str, Tensor] = {"task": torch.tensor(self._task), "atten": atten}
         personal = {k: t.clone() for k, t in fed.worker_state().items()}
         for k in self.decomposed:
             mask, adaptive = self._mask[k].detach(), self._adaptive[k].detach()
-            kbsum = (
-                torch.tensordot(self._atten.detach(), self._kb[k], dims=1)
-                if self._kb
-                else torch.zeros_like(base[k])
-            )
+            kbsum = knowledge(self._atten.detach(), self._kb[k])
             state.update({f"mask.{k}": mask, f"adaptive.{k}": adaptive, f"kbsum.{k}": kbsum})
             state[f"start.{k}"] = self._start[k]
             pruned = prune(adaptive, self.lambda_l1)
-            personal[k] = base[k] * unit_gate(mask, base[k]) + pruned + kbsum
+            personal[k] = gated(base[k], mask) + pruned + kbsum
         fed.store.put(CURRENT, client, state)
         fed.load_state(PERSONAL, personal)
         self._sent[client] = {
@@ -432,18 +439,18 @@ class FedWeIT(Aggregator):
             if fed.store.has(task_role(task), client):
                 frozen = fed.store.get(task_role(task), client)
                 for k in self.decomposed:
-                    gate = unit_gate(frozen[f"mask.{k}"].to(state[k]), state[k])
-                    state[k] = state[k] * gate + frozen[f"fixed.{k}"].to(state[k])
+                    mask = frozen[f"mask.{k}"].to(state[k])
+                    state[k] = gated(state[k], mask) + frozen[f"fixed.{k}"].to(state[k])
                 state.update({k: frozen[f"local.{k}"].to(state[k]) for k in self.local})
                 return state
             current = None  # a skipped task: its initial decomposition
         for k in self.decomposed:
-            if current is None:
-                state[k] = state[k] * 0.5 + state[k] / self.adaptive_factor  # m = 0, A = B / f
+            b = state[k]
+            if current is None:  # m = 0, A = B / adaptive_factor
+                state[k] = gated(b, b.new_zeros(len(b))) + b / self.adaptive_factor
                 continue
-            gate = unit_gate(current[f"mask.{k}"].to(state[k]), state[k])
-            adaptive = prune(current[f"adaptive.{k}"].to(state[k]), self.lambda_l1)
-            state[k] = state[k] * gate + adaptive + current[f"kbsum.{k}"].to(state[k])
+            adaptive = prune(current[f"adaptive.{k}"].to(b), self.lambda_l1)
+            state[k] = gated(b, current[f"mask.{k}"].to(b)) + adaptive + current[f"kbsum.{k}"].to(b)
         return state
 
     @torch.no_grad()

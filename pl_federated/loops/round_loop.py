@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pl_federated.data.batches import TensorBatches
+from pl_federated.engine.communication import state_bytes
 from pl_federated.engine.evaluation import Predictions
 from pl_federated.engine.round_state import RoundState, merge_round_states
 from pl_federated.loops.local_update import train_client
@@ -210,14 +211,20 @@ def evaluate_held_models(fed: Any) -> dict[int, Any]:
         if held is None and batched:
             stacked.append(client)
             continue
-        fed.transport.download(client)
-        if held is not None:
-            fed.role_registry.load(SHARED_ROLE, held)
-        result = fed.evaluator.personal(client)
+        result = score_held(fed, client, held)
         if result is not None:
             scores[client] = result
     scores.update(held_predictions(fed, stacked))
     return fed.collectives.gather_clients(scores)
+
+
+def score_held(fed: Any, client: int, held: Any = None) -> Any:
+    """One client's held model scored alone: its state downloaded into the workers (the
+    shared role replaced by a ``held_model`` state when given), then its evaluated role."""
+    fed.transport.download(client)
+    if held is not None:
+        fed.role_registry.load(SHARED_ROLE, held)
+    return fed.evaluator.personal(client)
 
 
 def held_predictions(fed: Any, clients: list[int]) -> dict[int, Predictions]:
@@ -235,7 +242,7 @@ def held_predictions(fed: Any, clients: list[int]) -> dict[int, Predictions]:
             by_role.setdefault(registry.evaluated_role(client), []).append(client)
     for role, members in by_role.items():
         module = fed.workers[role]
-        model_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        model_bytes = state_bytes(module.state_dict())
         size = max(1, min(fed.eval_clients_per_batch, STACKED_EVAL_BYTES // max(model_bytes, 1)))
         wanted, i = set(members), 0
         while i < len(members):
@@ -254,9 +261,7 @@ def held_predictions(fed: Any, clients: list[int]) -> dict[int, Predictions]:
                     f"failed ({type(err).__name__}: {str(err)[:200]}); scoring one client at a "
                     "time instead. Set `eval_clients_per_batch: 1` to skip the attempt.",
                 )
-                for client in members[i:]:
-                    fed.transport.download(client)
-                    out[client] = evaluator.personal(client)
+                out.update({client: score_held(fed, client) for client in members[i:]})
                 break
             for client, p in zip(window, preds, strict=True):
                 if client in tests:
