@@ -14,7 +14,13 @@ Workloads:
   device - 500 clients x 20 samples (IID), 50 clients per round, 784-200-200-10 MLP,
            batch 10, 1 local epoch, SGD lr 0.05, 10 rounds.
 
+Pairing: the variants alternate whole runs (A B A B, ``--repeat``), and with ``--interleave N``
+N more fits per setting run the lean loop's round r right before pl_federated's round r inside
+the fit (:func:`run_interleaved`), so both see the same machine state within ~0.1 s: on a VM
+whose speed drifts by +-15% between runs this pairing resolves a few percent, whole runs do not.
+
 Usage: python benchmarks/fedavg_throughput.py [--workload silo|device|both] [--repeat N]
+       [--interleave N [--interleave-only]]
 """
 
 from __future__ import annotations
@@ -212,26 +218,41 @@ def selections(w: Workload) -> list[list[int]]:
     return [fed.select_clients(r) for r in range(w.rounds)]
 
 
+class HandFedAvg:
+    """Rounds of FedAvg around ``local_update(model, x, y)``, outside any framework, one
+    round per :meth:`round` call (so they can also be interleaved with another run's)."""
+
+    def __init__(self, w: Workload, dm: FederatedDataModule, local_update) -> None:
+        self.w, self.dm, self.local_update = w, dm, local_update
+        self.model = make_client(w)
+        self.server = copy.deepcopy(self.model.state_dict())
+        self.picks = selections(w)
+
+    def round(self, r: int) -> None:
+        states, weights = [], []
+        for k in self.picks[r]:
+            self.model.load_state_dict(self.server)
+            self.local_update(self.model, self.dm.train_x[k], self.dm.train_y[k])
+            states.append({n: t.detach().clone() for n, t in self.model.state_dict().items()})
+            weights.append(len(self.dm.train_y[k]))
+        self.server = average(states, weights)
+
+    def accuracy(self) -> float:
+        self.model.load_state_dict(self.server)
+        return evaluate(self.model, self.dm)
+
+
 def fedavg_by_hand(w: Workload, dm: FederatedDataModule, local_update) -> tuple[float, float]:
-    """Rounds of FedAvg around ``local_update(model, x, y)``, outside any framework."""
-    model = make_client(w)
-    server = copy.deepcopy(model.state_dict())
-    picks = selections(w)
+    """``(seconds, final acc, seconds)`` of all the workload's rounds of :class:`HandFedAvg`."""
+    loop = HandFedAvg(w, dm, local_update)
     t0 = time.perf_counter()
     for r in range(w.rounds):
-        states, weights = [], []
-        for k in picks[r]:
-            model.load_state_dict(server)
-            local_update(model, dm.train_x[k], dm.train_y[k])
-            states.append({n: t.detach().clone() for n, t in model.state_dict().items()})
-            weights.append(len(dm.train_y[k]))
-        server = average(states, weights)
+        loop.round(r)
     seconds = time.perf_counter() - t0
-    model.load_state_dict(server)
-    return seconds, evaluate(model, dm), seconds
+    return seconds, loop.accuracy(), seconds
 
 
-def run_lean_loop(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
+def lean_update(w: Workload):
     """What a researcher writes by hand: plain PyTorch, index-slice batches, no framework."""
 
     def local_update(model, x, y):
@@ -244,7 +265,60 @@ def run_lean_loop(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
             loss.backward()
             opt.step()
 
-    return fedavg_by_hand(w, dm, local_update)
+    return local_update
+
+
+def run_lean_loop(w: Workload, dm: FederatedDataModule) -> tuple[float, float, float]:
+    """The lean hand-written loop (b)."""
+    return fedavg_by_hand(w, dm, lean_update(w))
+
+
+class _InterleavedLean(pl.Callback):
+    """Runs one lean-loop round before each pl_federated round and times the two apart:
+    both runs see the same machine state within ~0.1 s, which a whole-run alternation (A B A
+    B, seconds apart) does not on a VM whose speed drifts by +-15% between runs."""
+
+    def __init__(self, lean: HandFedAvg) -> None:
+        self.lean = lean
+        self.fed_rounds: list[float] = []
+        self.lean_rounds: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.mark = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        t0 = time.perf_counter()
+        if trainer.current_epoch > 0:  # the previous round: its end and this one's start
+            self.fed_rounds.append(t0 - self.mark)
+        self.lean.round(trainer.current_epoch)
+        self.mark = time.perf_counter()
+        self.lean_rounds.append(self.mark - t0)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.fed_rounds.append(time.perf_counter() - self.mark)
+
+
+def run_interleaved(
+    w: Workload, dm: FederatedDataModule, clients_per_step: int | str
+) -> dict[str, float]:
+    """pl_federated's and the lean loop's rounds alternating in one process (lean round r,
+    then pl_federated's round r, ...): summed seconds of each, the ratio of the sums and the
+    median and quartiles of the per-round ratios."""
+    fed = make_federation(w, clients_per_step)
+    pairing = _InterleavedLean(HandFedAvg(w, dm, lean_update(w)))
+    quiet_trainer(max_epochs=w.rounds, callbacks=[FedAvg(), pairing]).fit(fed, dm)
+    fed.shared_worker.load_state_dict(fed.server_state)
+    ratios = np.array(pairing.fed_rounds) / np.array(pairing.lean_rounds)
+    return {
+        "fed": sum(pairing.fed_rounds),
+        "lean": sum(pairing.lean_rounds),
+        "ratio": sum(pairing.fed_rounds) / sum(pairing.lean_rounds),
+        "median": float(np.median(ratios)),
+        "q1": float(np.quantile(ratios, 0.25)),
+        "q3": float(np.quantile(ratios, 0.75)),
+        "fed_acc": evaluate(fed.shared_worker, dm),
+        "lean_acc": pairing.lean.accuracy(),
+    }
 
 
 def run_trainer_per_client(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
@@ -268,6 +342,13 @@ def main() -> None:
     parser.add_argument(
         "--warmup", type=int, default=1, help="passes over all variants first, not counted"
     )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="also N fits whose rounds alternate with the lean loop's (see run_interleaved)",
+    )
+    parser.add_argument("--interleave-only", action="store_true", help="only the interleaved fits")
     parser.add_argument("--skip-trainer-per-client", action="store_true")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--ddp-child", action="store_true", help=argparse.SUPPRESS)
@@ -304,11 +385,12 @@ def main() -> None:
     )
     print(f"# data: {source}")
     names = ["silo", "device"] if args.workload == "both" else [args.workload]
-    print(
-        "| workload | variant | seconds (rounds) | client updates/min | final acc | ratio to lean "
-        "loop | seconds (whole fit) |"
-    )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    if not args.interleave_only:
+        print(
+            "| workload | variant | seconds (rounds) | client updates/min | final acc | ratio to "
+            "lean loop | seconds (whole fit) |"
+        )
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
         w = WORKLOADS[name]
         dm = workload_data(w, path)
@@ -339,6 +421,9 @@ def main() -> None:
         if not args.skip_trainer_per_client:
             variants.append(("Trainer per client (c)", run_trainer_per_client, ()))
         runs: dict[str, list] = {label: [] for label, _, _ in variants}
+        if args.interleave_only:
+            interleaved_table(w, dm, max(args.interleave, 1), per_step)
+            continue
         for _ in range(args.warmup):  # the process's first passes run slower (measured)
             for _label, fn, extra in variants:
                 gc.collect()
@@ -356,6 +441,31 @@ def main() -> None:
             print(
                 f"| {name} | {label} | {sec:.2f} | {updates / sec * 60:,.0f} | {acc:.3f} | "
                 f"{sec / base:.2f} | {total:.2f} |"
+            )
+        if args.interleave:
+            interleaved_table(w, dm, args.interleave, per_step)
+
+
+def interleaved_table(w: Workload, dm: FederatedDataModule, fits: int, per_step: int) -> None:
+    """``fits`` runs of :func:`run_interleaved` per setting (alternating), a row each."""
+    settings = [("default settings (auto)", "auto"), ("clients_per_step=1", 1)]
+    if per_step > 1:
+        settings.append((f"clients_per_step={per_step}", per_step))
+    print(f"\n{w.name}: rounds interleaved with the lean loop's (one fit each)\n")
+    print(
+        "| workload | pl_federated | fit | pl_federated s | lean loop s | ratio of sums | "
+        "median round ratio (quartiles) | final acc (lean) |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for fit in range(fits):
+        for label, clients_per_step in settings:
+            gc.collect()
+            r = run_interleaved(w, dm, clients_per_step)
+            print(
+                f"| {w.name} | {label} | {fit + 1} | {r['fed']:.2f} | {r['lean']:.2f} | "
+                f"{r['ratio']:.3f} | {r['median']:.3f} ({r['q1']:.3f}-{r['q3']:.3f}) | "
+                f"{r['fed_acc']:.3f} ({r['lean_acc']:.3f}) |",
+                flush=True,
             )
 
 

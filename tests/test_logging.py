@@ -30,8 +30,12 @@ class CustomPrefix(FederatedCallback):
 def test_csv_logger_gets_round_metrics_and_tables(trainer_factory, tmp_path, capsys):
     fed, trainer = fit(trainer_factory, CSVLogger(tmp_path, name="run"), rounds=3)
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("global/acc")]
+        rows = [r for r in csv.DictReader(f) if r.get("round")]
+    # one line per round: the model metrics and the bookkeeping columns together
     assert [float(r["round"]) for r in rows] == [0.0, 1.0, 2.0]
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert all(r["global/acc"] and r["comm/upload_bytes"] and r["round/seconds"] for r in rows)
+    assert float(rows[1]["comm/upload_bytes"]) == fed.history[1]["comm/upload_bytes"]
     assert float(rows[-1]["global/acc"]) == pytest.approx(fed.history[-1]["global/acc"])
     assert "client/my_loss" in rows[0]
     with open(tmp_path / "run" / "version_0" / "clients.csv") as f:

@@ -94,8 +94,9 @@ class WeightedSum:
         self.weight = 0.0
         self.count = 0
 
-    @torch.no_grad()
     def update(self, state: Mapping[str, Tensor], weight: float) -> None:
+        """Add ``weight * state`` (no autograd: the entries are detached and the sums never
+        require grad; once per client update, so no ``no_grad`` context either)."""
         if self.sums is None:
             self.sums = {
                 k: torch.zeros_like(t, dtype=t.dtype if t.is_floating_point() else torch.float64)

@@ -5,6 +5,15 @@ A client module has no Trainer of its own, so its ``self.log`` calls go to a
 :class:`LogRouter` and come out as per-round means under ``client/<name>``
 (``client/<role>/<name>`` for local roles). Every metric of a round row is plotted against
 ``round`` in W&B, whatever its prefix (Lightning's default x-axis counts local steps).
+
+A round row goes to the loggers as one ``log_metrics`` call (:func:`write_row`, what
+Lightning's logger connector calls; the same call replays the rows of a resumed run), and its
+model metrics also through ``self.log`` (``logger=False``) into ``trainer.callback_metrics``
+and the progress bar, for monitoring callbacks. The bookkeeping columns (:func:`is_bookkeeping`:
+``round``, ``round/*``, ``comm/*``) are not ``self.log``-ged: Lightning's result collection
+costs ~1 ms per key and round (measured, ``benchmarks/README.md``: 5 such keys were ~2% of a
+round of 50 small clients), and nothing monitors them; they are in the logs and
+``fed.history``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,34 @@ from pl_federated.store import SHARED_ROLE
 
 PROGRESS_BAR_METRICS = ("global/acc", "personal/acc_mean")
 """Round metrics shown in Lightning's progress bar (all are logged)."""
+
+BOOKKEEPING_PREFIXES = ("round/", "comm/")
+"""Row columns under these prefixes (and ``round``) describe the round, not the model."""
+
+
+def is_bookkeeping(key: str) -> bool:
+    """Whether row column ``key`` is bookkeeping (``round``, ``round/*``, ``comm/*``): written
+    to the loggers and the history, not to ``trainer.callback_metrics``.
+
+    Example:
+        >>> [is_bookkeeping(k) for k in ("round", "comm/upload_bytes", "train/loss")]
+        [True, True, False]
+    """
+    return key == "round" or key.startswith(BOOKKEEPING_PREFIXES)
+
+
+def write_row(trainer: pl.Trainer, row: Mapping[str, float], step: int) -> None:
+    """Write one round row to every logger of ``trainer`` (rank zero), as Lightning's logger
+    connector writes logged metrics: values as ``self.log`` stores a float (a tensor of the
+    default dtype), plus ``epoch``, then ``save()``."""
+    if not trainer.is_global_zero or not trainer.loggers:
+        return
+    dtype = torch.get_default_dtype()
+    values = {k: torch.tensor(v, dtype=dtype).item() for k, v in row.items()}
+    values["epoch"] = int(row["round"])
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=step)
+        logger.save()
 
 
 class LogRouter:
@@ -139,15 +176,18 @@ class RoundLogger:
             bar.train_progress_bar.set_description(f"Round {round}")
 
     def log_row(self, module: pl.LightningModule, metrics: dict[str, Any]) -> None:
-        """Append ``metrics`` to the history and log them (the progress-bar ones to the bar),
-        each plotted against ``round`` in W&B."""
+        """Append ``metrics`` to the history, write them to the loggers (each plotted against
+        ``round`` in W&B) and ``self.log`` the model metrics (the progress-bar ones to the
+        bar) for callbacks; see the module docstring."""
         self.history.append(metrics)
-        self.row_steps.append(self.batches - 1)  # Lightning logs a row at its last batch
+        self.row_steps.append(self.batches - 1)  # the step Lightning gives a round's logs
         self._use_round_axis(module.trainer, metrics)
-        bar = {k: v for k, v in metrics.items() if k in PROGRESS_BAR_METRICS}
-        rest = {k: v for k, v in metrics.items() if k not in PROGRESS_BAR_METRICS}
-        module.log_dict(rest, on_epoch=True, prog_bar=False, sync_dist=False)
-        module.log_dict(bar, on_epoch=True, prog_bar=True, sync_dist=False)
+        write_row(module.trainer, metrics, self.row_steps[-1])
+        monitored = {k: v for k, v in metrics.items() if not is_bookkeeping(k)}
+        bar = {k: v for k, v in monitored.items() if k in PROGRESS_BAR_METRICS}
+        rest = {k: v for k, v in monitored.items() if k not in PROGRESS_BAR_METRICS}
+        module.log_dict(rest, on_epoch=True, prog_bar=False, logger=False, sync_dist=False)
+        module.log_dict(bar, on_epoch=True, prog_bar=True, logger=False, sync_dist=False)
 
     def count_batch(self) -> None:
         """One training batch (slot) ran (Lightning logs a round's row at its last one)."""
@@ -160,14 +200,9 @@ class RoundLogger:
         rounds before the resume makes its metric logs those of an uninterrupted run. (A
         logger that resumes the very same W&B run sees the old steps again and drops them.)
         """
-        if not trainer.is_global_zero:
-            return
-        dtype = torch.get_default_dtype()  # what `self.log` turns a float into, as live
         for row, step in zip(self.history, self.row_steps, strict=False):
             self._use_round_axis(trainer, row)
-            values = {k: torch.tensor(v, dtype=dtype).item() for k, v in row.items()}
-            for logger in trainer.loggers:
-                logger.log_metrics({**values, "epoch": int(row["round"])}, step=step)
+            write_row(trainer, row, step)
 
     def _use_round_axis(self, trainer: pl.Trainer, metrics: Mapping[str, Any]) -> None:
         """Define ``round`` as the W&B step metric of every metric group in ``metrics``

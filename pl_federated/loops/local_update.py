@@ -35,7 +35,6 @@ from pl_federated.data.batches import (
     batches_per_epoch,
     local_epoch_lengths,
     move_batch,
-    overrides_transfer_hooks,
     steps_at,
 )
 from pl_federated.engine.communication import state_bytes
@@ -115,7 +114,7 @@ def train_client(fed: Any, client: int) -> None:
     dispatch.call("on_client_start", fed.trainer, fed, client)
     device, workers = fed.device, fed.workers
     shared = workers[SHARED_ROLE]  # its transfer hooks move the batch
-    own_transfer = overrides_transfer_hooks(shared)
+    own_transfer = stepper.hooks.own_transfer[SHARED_ROLE]
     sup = next(iter(dispatch.implementing("supervised_loss")), None)
     weighters = dispatch.implementing("supervised_weight")
     adders = dispatch.implementing("client_loss")
