@@ -310,6 +310,7 @@ def run_interleaved(
     fed.shared_worker.load_state_dict(fed.server_state)
     ratios = np.array(pairing.fed_rounds) / np.array(pairing.lean_rounds)
     return {
+        "rounds": len(pairing.fed_rounds),
         "fed": sum(pairing.fed_rounds),
         "lean": sum(pairing.lean_rounds),
         "ratio": sum(pairing.fed_rounds) / sum(pairing.lean_rounds),

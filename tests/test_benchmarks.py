@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,3 +67,18 @@ def test_eval_scale_measures_the_batched_and_the_one_client_evaluation():
     one = eval_scale.run_one("eval (per client)", 60, 2)
     assert batched["personal_acc_mean"] == one["personal_acc_mean"]
     assert batched["personal_f1_mean"] == one["personal_f1_mean"]
+
+
+def test_interleaved_pairing_times_both_loops_round_by_round(tmp_path):
+    """fedavg_throughput --interleave: one lean-loop round before each pl_federated round,
+    both timed apart; both loops train the same clients to the same kind of model."""
+    bench = _benchmark("fedavg_throughput")
+    w = bench.Workload("device", 20, 5, 3, 10, 0.05, bench.IID(min_size=20), "mlp")
+    path, _ = bench.mnist_npz(tmp_path)
+    dm = bench.workload_data(w, path)
+    dm.setup("fit")
+    r = bench.run_interleaved(w, dm, "auto")
+    assert r["rounds"] == 3 and r["fed"] > 0 and r["lean"] > 0
+    assert r["ratio"] == pytest.approx(r["fed"] / r["lean"])
+    assert r["q1"] <= r["median"] <= r["q3"]
+    assert 0.0 <= r["fed_acc"] <= 1.0 and 0.0 <= r["lean_acc"] <= 1.0
