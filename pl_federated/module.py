@@ -92,6 +92,11 @@ class FederatedModule(pl.LightningModule):
             ``vectorize_clients``, the vmapped group step) before round 0. Numbers change at
             float-rounding level (fused kernels); the first steps pay the compilation. Where
             it pays and where not: ``benchmarks/README.md``.
+        flush_denormal: ``torch.set_flush_denormal(True)`` during the fit (CPU: denormal
+            floats, which small weights and gradients of late rounds produce, are computed as
+            zero; they otherwise slow CPU math 2-3x, measured). Off by default because it
+            changes numbers wherever a denormal occurs; the benchmarks set it. Process-wide,
+            set back to off at the end of the fit.
 
     Raises:
         ValueError: invalid arguments (named), before any training.
@@ -134,6 +139,7 @@ class FederatedModule(pl.LightningModule):
         accumulate_grad_batches: int = 1,
         eval_clients_per_batch: int = 64,
         compile_clients: bool = False,
+        flush_denormal: bool = False,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (client as class_path/init_args),
@@ -145,7 +151,7 @@ class FederatedModule(pl.LightningModule):
             num_clients, clients_per_round, local_epochs, local_steps, seed, persist_optimizer,
             clients_per_step, eval_every_n_rounds, eval_batch_size, store_device, store_dtype,
             store_path, vectorize_clients, gradient_clip_val, gradient_clip_algorithm,
-            accumulate_grad_batches, eval_clients_per_batch, compile_clients,
+            accumulate_grad_batches, eval_clients_per_batch, compile_clients, flush_denormal,
         )  # fmt: skip
         self.automatic_optimization = False
         self.num_clients = num_clients or 0

@@ -32,6 +32,7 @@ FEDERATION_RULES = {
     "accumulate_grad_batches": Int(ge=1),
     "eval_clients_per_batch": Int(ge=1),
     "compile_clients": Flag(),
+    "flush_denormal": Flag(),
 }
 """What each setting allows (checked as ``FederatedModule.<field>``)."""
 
@@ -70,6 +71,7 @@ class FederationConfig:
     accumulate_grad_batches: int = 1
     eval_clients_per_batch: int = 64
     compile_clients: bool = False
+    flush_denormal: bool = False
 
     def __post_init__(self) -> None:
         check("FederatedModule", FEDERATION_RULES, vars(self))

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from pl_federated.checkpoint_io import use_atomic_checkpoints
 from pl_federated.engine.dispatch import HookDispatch, federated_callbacks
 from pl_federated.strategy import check_fed_ddp
@@ -28,17 +30,22 @@ class FitSettings:
       in-epoch validation loop would run before ``on_train_epoch_end``, i.e. before it.
     * ``log_every_n_steps`` -> at most the slots of a round: rows are logged once a round, and
       Lightning warns when the interval exceeds the steps of an epoch.
+    * with ``flush_denormal``: ``torch.set_flush_denormal(True)`` for the fit (process-wide;
+      torch has no getter, so teardown sets it back to ``False``, torch's default).
     """
 
     limit_val_batches: Any = None
     log_every_n_steps: int | None = None
+    flushing: bool = False
 
-    def apply(self, trainer: Any, slots_per_round: int) -> None:
+    def apply(self, trainer: Any, slots_per_round: int, flush_denormal: bool = False) -> None:
         """Save the trainer's values and set the fit-time ones."""
         self.limit_val_batches = trainer.limit_val_batches
         self.log_every_n_steps = trainer.log_every_n_steps
         trainer.limit_val_batches = 0
         trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, slots_per_round))
+        if flush_denormal:
+            self.flushing = torch.set_flush_denormal(True)  # False: the CPU cannot
 
     def restore(self, trainer: Any) -> None:
         """Give back the values saved by :meth:`apply` (nothing if it did not run)."""
@@ -47,6 +54,9 @@ class FitSettings:
         trainer.limit_val_batches = self.limit_val_batches
         trainer.log_every_n_steps = self.log_every_n_steps
         self.limit_val_batches = self.log_every_n_steps = None
+        if self.flushing:
+            torch.set_flush_denormal(False)
+            self.flushing = False
 
 
 def setup_stage(fed: Any, stage: str) -> None:
@@ -72,7 +82,7 @@ def setup_stage(fed: Any, stage: str) -> None:
     if stage == "fit":
         use_atomic_checkpoints(trainer.strategy)  # a kill never half-writes one
         slots = math.ceil(fed.num_selected / (fed.schedule.clients_per_step * fed.world_size))
-        fed.fit_settings.apply(trainer, slots)
+        fed.fit_settings.apply(trainer, slots, fed.flush_denormal)
     fed.evaluator.bind(dm)
     if fed.store is None:
         fed.store = fed.config.new_store(fed.num_clients, fed.root_device)
