@@ -242,7 +242,9 @@ class HandFedAvg:
         return evaluate(self.model, self.dm)
 
 
-def fedavg_by_hand(w: Workload, dm: FederatedDataModule, local_update) -> tuple[float, float]:
+def fedavg_by_hand(
+    w: Workload, dm: FederatedDataModule, local_update
+) -> tuple[float, float, float]:
     """``(seconds, final acc, seconds)`` of all the workload's rounds of :class:`HandFedAvg`."""
     loop = HandFedAvg(w, dm, local_update)
     t0 = time.perf_counter()
@@ -322,7 +324,7 @@ def run_interleaved(
     }
 
 
-def run_trainer_per_client(w: Workload, dm: FederatedDataModule) -> tuple[float, float]:
+def run_trainer_per_client(w: Workload, dm: FederatedDataModule) -> tuple[float, float, float]:
     """The common pattern: a new Trainer + fit per client per round."""
 
     def local_update(model, x, y):
