@@ -5,8 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, digits, federation
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import TrainedStateSpy, assert_resume_equal, checkpointed_trainer, digits, federation
 from scipy.cluster.hierarchy import ClusterWarning, linkage
 
 from pl_federated.callbacks import ClusteredSampling
@@ -94,9 +93,8 @@ def test_a_round_selects_the_draws_and_weights_them(variant, trainer_factory):
 def test_clustered_sampling_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(local_steps=1, clients_per_round=0.5)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [ClusteredSampling(variant="similarity"), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [ClusteredSampling(variant="similarity")]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, digits(num_clients=6), ckpt_path=ckpt_path)
         return fed
 

@@ -5,8 +5,13 @@ import math
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, UploadSpy, assert_resume_equal, federation
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    TrainedStateSpy,
+    UploadSpy,
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+)
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import QSGD, FedAvg, FedPer, TopK
@@ -124,9 +129,8 @@ def test_qsgd_counts_its_encoding_and_is_seeded(trainer_factory):
 def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path, compressor):
     def fit(rounds, root, ckpt_path=None):
         fed = federation(_client(), local_steps=2, clients_per_round=0.5)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAvg(), compressor(), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAvg(), compressor()]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, _data(), ckpt_path=ckpt_path)
         return fed
 

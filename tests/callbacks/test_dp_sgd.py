@@ -6,11 +6,11 @@ from helpers import (
     TrainedStateSpy,
     assert_resume_equal,
     bn_cnn,
+    checkpointed_trainer,
     federation,
     full_batch_digits,
     linear_client,
 )
-from lightning.pytorch.callbacks import ModelCheckpoint
 from opacus.accountants import RDPAccountant
 from torch.nn import functional as F
 
@@ -67,9 +67,8 @@ def test_dpsgd_refuses_what_it_cannot_privatize(trainer_factory):
 def test_dpsgd_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=linear_client(0.1), local_steps=2, clients_per_round=0.5)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAvg(), DPSGD(noise_multiplier=1.0), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAvg(), DPSGD(noise_multiplier=1.0)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, full_batch_digits(), ckpt_path=ckpt_path)
         return fed
 

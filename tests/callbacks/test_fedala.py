@@ -3,8 +3,7 @@ against a hand-computed reference."""
 
 import pytest
 import torch
-from helpers import assert_resume_equal, federation
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import assert_resume_equal, checkpointed_trainer, federation
 from torch.nn import functional as F
 
 from pl_federated import FederatedDataModule
@@ -101,9 +100,8 @@ def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         torch.manual_seed(0)
         fed = federation(MLPClassifier(hidden=(8,), lr=0.1), local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAvg(), FedALA(sample_fraction=0.5, window=2), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAvg(), FedALA(sample_fraction=0.5, window=2)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, _data(), ckpt_path=ckpt_path)
         return fed
 

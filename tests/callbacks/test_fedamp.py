@@ -4,8 +4,13 @@ against a hand-computed reference."""
 import pytest
 import torch
 from helpers import TrainedStateSpy as Spy
-from helpers import assert_resume_equal, federation, linear_client, linear_grads
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    linear_client,
+    linear_grads,
+)
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedAMP
@@ -84,9 +89,8 @@ def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         torch.manual_seed(0)
         fed = federation(MLPClassifier(hidden=(8,), lr=0.1), local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAMP(ALPHA, SIGMA, LAM), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAMP(ALPHA, SIGMA, LAM)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, _data(), ckpt_path=ckpt_path)
         return fed
 

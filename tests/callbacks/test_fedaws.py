@@ -4,8 +4,13 @@ import itertools
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, federation, linear_client
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    TrainedStateSpy,
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    linear_client,
+)
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedAwS
@@ -88,9 +93,8 @@ def test_fedaws_refuses_an_unknown_embedding_key(trainer_factory):
 def test_fedaws_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=linear_client(0.1), local_steps=1, clients_per_round=0.5)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAwS(), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAwS()]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, _one_class_clients(), ckpt_path=ckpt_path)
         return fed
 

@@ -4,12 +4,12 @@ import torch
 from helpers import (
     TrainedStateSpy,
     assert_resume_equal,
+    checkpointed_trainer,
     federation,
     linear_client,
     linear_grads,
     two_iid_clients,
 )
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pl_federated.callbacks import FedDyn
 
@@ -60,9 +60,8 @@ def test_two_rounds_by_hand(trainer_factory):
 def test_feddyn_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=linear_client(0.1), local_steps=2, clients_per_round=0.5)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedDyn(alpha=0.05), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedDyn(alpha=0.05)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, two_iid_clients(), ckpt_path=ckpt_path)
         return fed
 

@@ -5,8 +5,13 @@ import types
 
 import pytest
 import torch
-from helpers import assert_resume_equal, federation, linear_client, linear_grads
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    linear_client,
+    linear_grads,
+)
 from torch.nn import functional as F
 
 from pl_federated import FederatedDataModule
@@ -118,9 +123,8 @@ def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         torch.manual_seed(0)
         fed = federation(MLPClassifier(hidden=(8,), lr=0.1), local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedFomo(models_per_round=1, epsilon=0.5), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedFomo(models_per_round=1, epsilon=0.5)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, _data(val_fraction=0.2), ckpt_path=ckpt_path)
         return fed
 

@@ -4,8 +4,13 @@ import copy
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, federation, full_batch_digits
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    TrainedStateSpy,
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    full_batch_digits,
+)
 from torch import nn
 from torch.nn import functional as F
 
@@ -113,9 +118,8 @@ def test_fedgen_needs_forward_features(trainer_factory):
 def test_fedgen_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=_client(), local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedGen(generator_steps=3, generator_batch=8), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedGen(generator_steps=3, generator_batch=8)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, full_batch_digits(alpha=0.3, max_train_samples=40), ckpt_path=ckpt_path)
         return fed, callbacks[0]
 

@@ -4,8 +4,13 @@ import copy
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, federation, full_batch_digits
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    TrainedStateSpy,
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    full_batch_digits,
+)
 from torch.nn import functional as F
 
 from pl_federated.callbacks import FedGKT
@@ -103,9 +108,8 @@ def test_fedgkt_needs_forward_features(trainer_factory):
 def test_fedgkt_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=_client(), local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedGKT(server_hidden=[8], server_batch_size=16), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedGKT(server_hidden=[8], server_batch_size=16)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, full_batch_digits(), ckpt_path=ckpt_path)
         fed.server_model_state = copy.deepcopy(callbacks[0].server_model.state_dict())
         return fed

@@ -3,8 +3,7 @@ identity-initialized alignment layer and a CORAL loss toward the server's public
 
 import pytest
 import torch
-from helpers import assert_resume_equal, federation
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import assert_resume_equal, checkpointed_trainer, federation
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -119,9 +118,8 @@ def test_training_is_untouched_and_unseen_clients_are_reported_apart(trainer_fac
 def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path=None):
         fed = federation(_client(), local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAvg(), FedHealth(epochs=1), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAvg(), FedHealth(epochs=1)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, _data(batch_size=8), ckpt_path=ckpt_path)
         return fed
 

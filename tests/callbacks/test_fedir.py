@@ -1,8 +1,14 @@
 """FedIR: the importance weights and one local step by hand."""
 
 import torch
-from helpers import UploadSpy, assert_resume_equal, federation, full_batch_digits, linear_client
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    UploadSpy,
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    full_batch_digits,
+    linear_client,
+)
 from torch.nn import functional as F
 
 from pl_federated.callbacks import FedAvg, FedIR
@@ -52,9 +58,8 @@ def test_one_full_batch_step_follows_the_weighted_cross_entropy(trainer_factory)
 def test_fedir_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=linear_client(0.1), local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAvg(), FedIR(), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAvg(), FedIR()]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, full_batch_digits(alpha=0.3, max_train_samples=60), ckpt_path=ckpt_path)
         return fed
 

@@ -7,8 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TrainedStateSpy as Spy
-from helpers import assert_resume_equal, federation, linear_client, two_iid_clients
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    linear_client,
+    two_iid_clients,
+)
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedAvg, FederatedCallback, FedWeIT, TaskSequence
@@ -225,9 +230,8 @@ def test_resume_is_exact(tmp_path, trainer_factory):
     def fit(rounds, root, ckpt):
         fed = federation(local_steps=2, clients_per_round=0.5)
         dm = FederatedDataModule("digits", num_clients=4, partition=IID(), max_train_samples=200)
-        ckpt_cb = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedWeIT(), TaskSequence(num_tasks=2, rounds_per_task=2), ckpt_cb]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedWeIT(), TaskSequence(num_tasks=2, rounds_per_task=2)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, dm, ckpt_path=ckpt)
         return fed
 

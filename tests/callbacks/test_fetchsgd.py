@@ -1,8 +1,14 @@
 """FetchSGD: the count sketch, two server rounds by hand (momentum, error, top-k, zeroing)."""
 
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, digits, federation, linear_client
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    TrainedStateSpy,
+    assert_resume_equal,
+    checkpointed_trainer,
+    digits,
+    federation,
+    linear_client,
+)
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FetchSGD
@@ -93,9 +99,8 @@ def test_two_rounds_by_hand(trainer_factory):
 def test_fetchsgd_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(local_steps=2, clients_per_round=0.5)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FetchSGD(cols=500, topk_ratio=0.1), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FetchSGD(cols=500, topk_ratio=0.1)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, digits(num_clients=4), ckpt_path=ckpt_path)
         fed.error_sketch = callbacks[0].error_sketch.clone()
         return fed

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, digits, federation
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import TrainedStateSpy, assert_resume_equal, checkpointed_trainer, digits, federation
 
 from pl_federated.callbacks import FedAvg, Gossip
 from pl_federated.callbacks.gossip import (
@@ -88,9 +87,8 @@ def test_gossip_needs_every_client_every_round(trainer_factory):
 def test_gossip_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [Gossip(topology="erdos_renyi", edge_probability=0.5), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [Gossip(topology="erdos_renyi", edge_probability=0.5)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, digits(num_clients=5), ckpt_path=ckpt_path)
         return fed
 

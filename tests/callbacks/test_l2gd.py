@@ -3,8 +3,14 @@ reference; the engine's local_step_count hook."""
 
 import pytest
 import torch
-from helpers import assert_resume_equal, federation, linear_client, linear_grads, two_iid_clients
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    linear_client,
+    linear_grads,
+    two_iid_clients,
+)
 
 from pl_federated.callbacks import L2GD, FedAvg, FederatedCallback
 from pl_federated.callbacks.l2gd import geometric
@@ -89,9 +95,8 @@ def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         torch.manual_seed(0)
         fed = federation(MLPClassifier(hidden=(8,), lr=0.1))
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [L2GD(lam=LAM, p=P), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [L2GD(lam=LAM, p=P)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, two_iid_clients(), ckpt_path=ckpt_path)
         return fed
 

@@ -4,8 +4,14 @@
 import pytest
 import torch
 from helpers import TrainedStateSpy as Spy
-from helpers import assert_resume_equal, federation, linear_client, linear_grads, two_iid_clients
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    linear_client,
+    linear_grads,
+    two_iid_clients,
+)
 from torch.nn import functional as F
 
 from pl_federated.callbacks import (
@@ -151,9 +157,8 @@ def test_meta_sgd_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path)
     def fit(rounds, root, ckpt_path):
         torch.manual_seed(0)
         fed = federation(MLPClassifier(hidden=(8,), lr=0.1), local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAvg(), FedMeta("meta_sgd"), FineTuneEvaluation(steps=1), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAvg(), FedMeta("meta_sgd"), FineTuneEvaluation(steps=1)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, two_iid_clients(), ckpt_path=ckpt_path)
         return fed
 

@@ -5,12 +5,12 @@ import torch
 from helpers import (
     TrainedStateSpy,
     assert_resume_equal,
+    checkpointed_trainer,
     federation,
     full_batch_digits,
     linear_client,
     linear_grads,
 )
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pl_federated.callbacks import MOCHA
 from pl_federated.callbacks.mocha import task_covariance
@@ -70,9 +70,8 @@ def test_two_rounds_by_hand(trainer_factory):
 def test_mocha_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=linear_client(0.1), local_steps=2, clients_per_round=0.7)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [MOCHA(lam=0.01), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [MOCHA(lam=0.01)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, full_batch_digits(num_clients=3), ckpt_path=ckpt_path)
         fed.omega = callbacks[0].omega.clone()
         return fed

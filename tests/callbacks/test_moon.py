@@ -5,8 +5,13 @@ import math
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, federation, two_iid_clients
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    TrainedStateSpy,
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    two_iid_clients,
+)
 from torch.nn import functional as F
 
 from pl_federated.callbacks import MOON, FedAvg
@@ -90,9 +95,8 @@ def test_moon_needs_features(trainer_factory):
 def test_moon_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=_client(), local_steps=2, clients_per_round=0.5)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAvg(), MOON(), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAvg(), MOON()]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, two_iid_clients(), ckpt_path=ckpt_path)
         return fed
 

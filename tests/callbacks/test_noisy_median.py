@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, digits, federation
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import TrainedStateSpy, assert_resume_equal, checkpointed_trainer, digits, federation
 
 from pl_federated.callbacks import Median, NoisyMedian
 from pl_federated.callbacks.noisy_median import perturb
@@ -73,9 +72,8 @@ def test_without_noise_it_is_the_median(trainer_factory):
 def test_noisy_median_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [NoisyMedian(noise_std=0.02), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [NoisyMedian(noise_std=0.02)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, digits(num_clients=4), ckpt_path=ckpt_path)
         return fed
 

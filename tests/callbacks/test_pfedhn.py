@@ -3,8 +3,14 @@
 
 import pytest
 import torch
-from helpers import assert_resume_equal, federation, linear_client, linear_grads, two_iid_clients
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    linear_client,
+    linear_grads,
+    two_iid_clients,
+)
 from torch.func import functional_call, jacrev
 
 from pl_federated.callbacks import FederatedCallback, PFedHN
@@ -90,9 +96,8 @@ def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         torch.manual_seed(0)
         fed = federation(MLPClassifier(hidden=(8,), lr=0.1), local_steps=2, clients_per_round=1)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [PFedHN(optimizer="adam", **HN), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [PFedHN(optimizer="adam", **HN)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, two_iid_clients(), ckpt_path=ckpt_path)
         return fed, callbacks[0]
 

@@ -3,8 +3,14 @@ step, against a hand-computed reference."""
 
 import pytest
 import torch
-from helpers import assert_resume_equal, federation, linear_client, linear_grads, two_iid_clients
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import (
+    assert_resume_equal,
+    checkpointed_trainer,
+    federation,
+    linear_client,
+    linear_grads,
+    two_iid_clients,
+)
 
 from pl_federated.callbacks import PFedMe
 from pl_federated.callbacks.pfedme import beta_mix
@@ -54,9 +60,8 @@ def test_resume_equals_the_uninterrupted_run(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         torch.manual_seed(0)
         fed = federation(MLPClassifier(hidden=(8,), lr=0.1), local_steps=2)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [PFedMe(lam=LAM, inner_steps=2, beta=BETA), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [PFedMe(lam=LAM, inner_steps=2, beta=BETA)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, two_iid_clients(), ckpt_path=ckpt_path)
         return fed
 

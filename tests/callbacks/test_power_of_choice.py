@@ -4,8 +4,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_resume_equal, digits, federation
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import assert_resume_equal, checkpointed_trainer, digits, federation
 from torch.nn import functional as F
 
 from pl_federated.callbacks import FedAvg, PowerOfChoice
@@ -94,9 +93,8 @@ def test_power_of_choice_refuses_d_outside_m_and_k(trainer_factory):
 def test_power_of_choice_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=_model(), local_steps=2, clients_per_round=0.4)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAvg(weighting="uniform"), PowerOfChoice(d=3), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAvg(weighting="uniform"), PowerOfChoice(d=3)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, digits(num_clients=5), ckpt_path=ckpt_path)
         return fed
 

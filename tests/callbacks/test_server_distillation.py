@@ -5,8 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import TrainedStateSpy, assert_resume_equal, federation
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import TrainedStateSpy, assert_resume_equal, checkpointed_trainer, federation
 from torch.nn import functional as F
 
 from pl_federated import FederatedDataModule
@@ -159,9 +158,8 @@ def test_server_distillation_needs_a_public_split(trainer_factory):
 def test_fedbe_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(client=_client(), local_steps=1, clients_per_round=0.7)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedBE(num_samples=2, distill_steps=3), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedBE(num_samples=2, distill_steps=3)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, _data(), ckpt_path=ckpt_path)
         return fed
 

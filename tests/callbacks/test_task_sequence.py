@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_resume_equal, federation
-from lightning.pytorch.callbacks import ModelCheckpoint
+from helpers import assert_resume_equal, checkpointed_trainer, federation
 
 from pl_federated import FederatedDataModule
 from pl_federated.callbacks import FedAvg, FederatedCallback, TaskSequence
@@ -83,9 +82,8 @@ def test_task_sequence_refuses_clients_without_a_task_and_bad_groups(trainer_fac
 def test_task_sequence_resumes_exactly(trainer_factory, tmp_path):
     def fit(rounds, root, ckpt_path):
         fed = federation(local_steps=2, clients_per_round=0.5)
-        ckpt = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
-        callbacks = [FedAvg(), TaskSequence(num_tasks=2, rounds_per_task=2), ckpt]
-        trainer = trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True)
+        callbacks = [FedAvg(), TaskSequence(num_tasks=2, rounds_per_task=2)]
+        trainer = checkpointed_trainer(trainer_factory, root, rounds, callbacks)
         trainer.fit(fed, _iid(), ckpt_path=ckpt_path)
         return fed
 

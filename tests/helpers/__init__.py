@@ -1,6 +1,7 @@
 """Small client modules and builders shared by the tests."""
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn import functional as F
 
 from pl_federated import FederatedDataModule, FederatedModule
@@ -123,6 +124,14 @@ def dm(**kwargs):
 def without_timing(history):
     """History rows without ``round/seconds`` (the one value a rerun may change)."""
     return [{k: v for k, v in row.items() if k != "round/seconds"} for row in history]
+
+
+def checkpointed_trainer(trainer_factory, root, rounds, callbacks, **kwargs):
+    """``trainer_factory``'s Trainer of ``rounds`` rounds with ``callbacks`` and a checkpoint of
+    every round in ``root`` (last in the callbacks), for :func:`assert_resume_equal`'s fits."""
+    every_round = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1)
+    callbacks = [*callbacks, every_round]
+    return trainer_factory(rounds=rounds, callbacks=callbacks, enable_checkpointing=True, **kwargs)
 
 
 def assert_resume_equal(fit, tmp_path, rounds=3):
