@@ -400,6 +400,9 @@ def main() -> None:
         dm.setup("fit")
         updates = w.rounds * w.clients_per_round
         per_step = 1 if name == "silo" else w.clients_per_round
+        if args.interleave_only:
+            interleaved_table(w, dm, max(args.interleave, 1), per_step)
+            continue
         variants = [
             ("lean loop (b)", run_lean_loop, ()),
             ("pl_federated, default settings (clients_per_step auto)", run_pl_federated, ("auto",)),
@@ -424,9 +427,6 @@ def main() -> None:
         if not args.skip_trainer_per_client:
             variants.append(("Trainer per client (c)", run_trainer_per_client, ()))
         runs: dict[str, list] = {label: [] for label, _, _ in variants}
-        if args.interleave_only:
-            interleaved_table(w, dm, max(args.interleave, 1), per_step)
-            continue
         for _ in range(args.warmup):  # the process's first passes run slower (measured)
             for _label, fn, extra in variants:
                 gc.collect()

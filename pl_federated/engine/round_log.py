@@ -181,8 +181,7 @@ class RoundLogger:
         bar) for callbacks; see the module docstring."""
         self.history.append(metrics)
         self.row_steps.append(self.batches - 1)  # the step Lightning gives a round's logs
-        self._use_round_axis(module.trainer, metrics)
-        write_row(module.trainer, metrics, self.row_steps[-1])
+        self._write(module.trainer, metrics, self.row_steps[-1])
         monitored = {k: v for k, v in metrics.items() if not is_bookkeeping(k)}
         bar = {k: v for k, v in monitored.items() if k in PROGRESS_BAR_METRICS}
         rest = {k: v for k, v in monitored.items() if k not in PROGRESS_BAR_METRICS}
@@ -201,8 +200,13 @@ class RoundLogger:
         logger that resumes the very same W&B run sees the old steps again and drops them.)
         """
         for row, step in zip(self.history, self.row_steps, strict=False):
-            self._use_round_axis(trainer, row)
-            write_row(trainer, row, step)
+            self._write(trainer, row, step)
+
+    def _write(self, trainer: pl.Trainer, row: Mapping[str, float], step: int) -> None:
+        """``row`` to the loggers at ``step`` (:func:`write_row`), its metric groups put on
+        W&B's ``round`` axis first: the one path of a live round and of a replayed one."""
+        self._use_round_axis(trainer, row)
+        write_row(trainer, row, step)
 
     def _use_round_axis(self, trainer: pl.Trainer, metrics: Mapping[str, Any]) -> None:
         """Define ``round`` as the W&B step metric of every metric group in ``metrics``
